@@ -1,0 +1,19 @@
+"""SMS gateways behind one small interface (``Gateway``): a local outbox and Vonage."""
+
+from processors.gateways.base import (
+    Gateway,
+    GatewayError,
+    PermanentGatewayError,
+    RetryableGatewayError,
+    SendResult,
+    SmsMessage,
+)
+
+__all__ = [
+    "Gateway",
+    "GatewayError",
+    "PermanentGatewayError",
+    "RetryableGatewayError",
+    "SendResult",
+    "SmsMessage",
+]

@@ -1,0 +1,317 @@
+"""The campaign file: what counts as an abandoned cart, a strong revisit, a dropped form…
+
+Loaded from YAML and validated once; every error names the campaign and the field, e.g.
+``campaign 'cart-recovery': trigger.after: invalid duration 'soon'``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from processors.core.durations import parse_duration
+
+
+class CampaignError(ValueError):
+    """An invalid campaign file; the message names the campaign and the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class AbsenceTrigger:
+    """A ``start`` event not followed by a ``cancel`` event within ``after``."""
+
+    start: frozenset[str]
+    cancel: frozenset[str]
+    after_ms: int
+    where: dict[str, str] = field(default_factory=dict)
+    type: str = "absence"
+
+
+@dataclass(frozen=True, slots=True)
+class RepeatTrigger:
+    """``count`` matching events within ``within`` (per ``group_by`` value when set)."""
+
+    event: str
+    count: int
+    within_ms: int
+    cooldown_ms: int
+    delay_ms: int = 0
+    group_by: str | None = None
+    where: dict[str, str] = field(default_factory=dict)
+    type: str = "repeat"
+
+
+@dataclass(frozen=True, slots=True)
+class EventTrigger:
+    """Each matching event, at once or after ``delay`` / ``before`` a time in a property."""
+
+    event: str
+    delay_ms: int = 0
+    wait_until: str | None = None
+    before_ms: int = 0
+    cancel: frozenset[str] = frozenset()
+    cooldown_ms: int = 0
+    where: dict[str, str] = field(default_factory=dict)
+    type: str = "event"
+
+
+Trigger = AbsenceTrigger | RepeatTrigger | EventTrigger
+
+
+@dataclass(frozen=True, slots=True)
+class Audience:
+    """Journey-stage condition evaluated at fire time (see ``processors.core.segment``)."""
+
+    stage: str | None = None
+    days: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    template: str
+    footer: str | None = "Reply STOP to opt out"
+
+
+@dataclass(frozen=True, slots=True)
+class Campaign:
+    id: str
+    trigger: Trigger
+    message: Message
+    enabled: bool = True
+    priority: int = 0
+    audience: Audience | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def event_types(self) -> frozenset[str]:
+        """Every event type this campaign reacts to."""
+        t = self.trigger
+        if isinstance(t, AbsenceTrigger):
+            return t.start | t.cancel
+        if isinstance(t, EventTrigger):
+            return frozenset({t.event}) | t.cancel
+        return frozenset({t.event})
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignSet:
+    campaigns: tuple[Campaign, ...]
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def enabled(self) -> tuple[Campaign, ...]:
+        return tuple(c for c in self.campaigns if c.enabled)
+
+    def get(self, campaign_id: str) -> Campaign | None:
+        return next((c for c in self.campaigns if c.id == campaign_id), None)
+
+    @property
+    def event_types(self) -> frozenset[str]:
+        out: frozenset[str] = frozenset()
+        for c in self.enabled:
+            out |= c.event_types
+        return out
+
+
+STAGES = {"prospect", "first_time_buyer", "repeat_customer", "inactive", "high_intent"}
+_TRIGGER_KEYS = {
+    "absence": {"type", "start", "cancel", "after", "where"},
+    "repeat": {"type", "event", "count", "within", "group_by", "cooldown", "delay", "where"},
+    "event": {"type", "event", "delay", "wait_until", "before", "cancel", "cooldown", "where"},
+}
+_CAMPAIGN_KEYS = {
+    "id", "trigger", "message", "enabled", "priority", "audience", "variants", "holdout",
+    "caps", "quiet_hours", "max_defer", "max_segments",
+}  # fmt: skip
+
+
+class _Ctx:
+    """Builds error messages that name the campaign and the field."""
+
+    def __init__(self, campaign_id: str) -> None:
+        self.cid = campaign_id
+
+    def error(self, where: str, what: str) -> CampaignError:
+        return CampaignError(f"campaign {self.cid!r}: {where}: {what}")
+
+    def duration(
+        self, raw: dict[str, Any], key: str, where: str, default: int | None = None
+    ) -> int:
+        if key not in raw or raw[key] is None:
+            if default is None:
+                raise self.error(f"{where}.{key}", "is required (e.g. 30m)")
+            return default
+        try:
+            return parse_duration(raw[key])
+        except ValueError as exc:
+            raise self.error(f"{where}.{key}", str(exc)) from None
+
+    def names(self, raw: dict[str, Any], key: str, where: str, required: bool) -> frozenset[str]:
+        value = raw.get(key)
+        if value is None:
+            if required:
+                raise self.error(f"{where}.{key}", "is required (an event type or a list)")
+            return frozenset()
+        if isinstance(value, str):
+            value = [value]
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(v, str) and v for v in value)
+        ):
+            raise self.error(f"{where}.{key}", "must be an event type or a list of event types")
+        return frozenset(value)
+
+    def event(self, raw: dict[str, Any], where: str) -> str:
+        value = raw.get("event")
+        if not isinstance(value, str) or not value:
+            raise self.error(f"{where}.event", "is required (an event type)")
+        return value
+
+    def where(self, raw: dict[str, Any], where: str) -> dict[str, str]:
+        value = raw.get("where") or {}
+        if not isinstance(value, dict):
+            raise self.error(f"{where}.where", "must be a mapping of property: value")
+        return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()}
+
+
+def _trigger(ctx: _Ctx, raw: Any) -> Trigger:
+    if not isinstance(raw, dict):
+        raise ctx.error("trigger", "is required (a mapping with a type)")
+    kind = raw.get("type")
+    if kind not in _TRIGGER_KEYS:
+        raise ctx.error("trigger.type", f"must be one of absence, repeat, event (got {kind!r})")
+    unknown = set(raw) - _TRIGGER_KEYS[kind]
+    if unknown:
+        raise ctx.error("trigger", f"unknown field(s) for {kind}: {', '.join(sorted(unknown))}")
+    w = "trigger"
+    if kind == "absence":
+        start = ctx.names(raw, "start", w, required=True)
+        cancel = ctx.names(raw, "cancel", w, required=True)
+        if start & cancel:
+            raise ctx.error("trigger.cancel", "an event type cannot both start and cancel")
+        after = ctx.duration(raw, "after", w)
+        if after <= 0:
+            raise ctx.error("trigger.after", "must be greater than 0")
+        return AbsenceTrigger(start, cancel, after, ctx.where(raw, w))
+    if kind == "repeat":
+        count = raw.get("count")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ctx.error("trigger.count", "must be a positive integer")
+        within = ctx.duration(raw, "within", w)
+        group_by = raw.get("group_by")
+        if group_by is not None and (not isinstance(group_by, str) or not group_by):
+            raise ctx.error("trigger.group_by", "must be a property name")
+        return RepeatTrigger(
+            event=ctx.event(raw, w),
+            count=count,
+            within_ms=within,
+            cooldown_ms=ctx.duration(raw, "cooldown", w, default=within),
+            delay_ms=ctx.duration(raw, "delay", w, default=0),
+            group_by=group_by,
+            where=ctx.where(raw, w),
+        )
+    wait_until = raw.get("wait_until")
+    if wait_until is not None and (not isinstance(wait_until, str) or not wait_until):
+        raise ctx.error("trigger.wait_until", "must be the name of a property holding an ISO time")
+    if wait_until is not None and "delay" in raw:
+        raise ctx.error("trigger", "use either delay or wait_until, not both")
+    if "before" in raw and wait_until is None:
+        raise ctx.error("trigger.before", "only applies with wait_until")
+    return EventTrigger(
+        event=ctx.event(raw, w),
+        delay_ms=ctx.duration(raw, "delay", w, default=0),
+        wait_until=wait_until,
+        before_ms=ctx.duration(raw, "before", w, default=0),
+        cancel=ctx.names(raw, "cancel", w, required=False),
+        cooldown_ms=ctx.duration(raw, "cooldown", w, default=0),
+        where=ctx.where(raw, w),
+    )
+
+
+def _audience(ctx: _Ctx, raw: Any) -> Audience | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or "stage" not in raw:
+        raise ctx.error("audience", f"must be a mapping with a stage ({', '.join(sorted(STAGES))})")
+    stage = raw["stage"]
+    if stage not in STAGES:
+        raise ctx.error("audience.stage", f"unknown stage {stage!r}; one of {sorted(STAGES)}")
+    days = raw.get("days")
+    if stage == "inactive":
+        if not isinstance(days, int) or isinstance(days, bool) or days < 1:
+            raise ctx.error("audience.days", "inactive needs days: a positive integer")
+    elif days is not None:
+        raise ctx.error("audience.days", "only applies to stage inactive")
+    unknown = set(raw) - {"stage", "days"}
+    if unknown:
+        raise ctx.error("audience", f"unknown field(s): {', '.join(sorted(unknown))}")
+    return Audience(stage=stage, days=days)
+
+
+def _message(ctx: _Ctx, raw: Any) -> Message:
+    if raw is None:
+        raise ctx.error("message", "is required (a mapping with a template)")
+    if not isinstance(raw, dict) or not isinstance(raw.get("template"), str):
+        raise ctx.error("message.template", "is required (a string)")
+    footer = raw.get("footer", "Reply STOP to opt out")
+    if footer is not None and not isinstance(footer, str):
+        raise ctx.error("message.footer", "must be a string")
+    unknown = set(raw) - {"template", "footer"}
+    if unknown:
+        raise ctx.error("message", f"unknown field(s): {', '.join(sorted(unknown))}")
+    return Message(template=raw["template"], footer=footer)
+
+
+def parse_campaign(raw: Any, index: int) -> Campaign:
+    if not isinstance(raw, dict):
+        raise CampaignError(f"campaign #{index + 1}: must be a mapping")
+    cid = raw.get("id")
+    if not isinstance(cid, str) or not cid.strip():
+        raise CampaignError(f"campaign #{index + 1}: id: is required (a non-empty string)")
+    ctx = _Ctx(cid)
+    unknown = set(raw) - _CAMPAIGN_KEYS
+    if unknown:
+        raise ctx.error("campaign", f"unknown field(s): {', '.join(sorted(unknown))}")
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ctx.error("enabled", "must be true or false")
+    priority = raw.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise ctx.error("priority", "must be an integer")
+    return Campaign(
+        id=cid,
+        trigger=_trigger(ctx, raw.get("trigger")),
+        message=_message(ctx, raw.get("message")),
+        enabled=enabled,
+        priority=priority,
+        audience=_audience(ctx, raw.get("audience")),
+        raw=raw,
+    )
+
+
+def parse_campaigns(doc: Any) -> CampaignSet:
+    if not isinstance(doc, dict) or not isinstance(doc.get("campaigns"), list):
+        raise CampaignError("campaign file: must be a mapping with a 'campaigns' list")
+    campaigns = tuple(parse_campaign(c, i) for i, c in enumerate(doc["campaigns"]))
+    seen: set[str] = set()
+    for c in campaigns:
+        if c.id in seen:
+            raise CampaignError(f"campaign {c.id!r}: id: is used twice")
+        seen.add(c.id)
+    return CampaignSet(campaigns=campaigns, raw=doc)
+
+
+def load_campaigns(path: str | Path) -> CampaignSet:
+    """Read and validate a campaign file (YAML)."""
+    p = Path(path)
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CampaignError(f"campaign file {p}: not found") from None
+    except yaml.YAMLError as exc:
+        raise CampaignError(f"campaign file {p}: not valid YAML: {exc}") from None
+    return parse_campaigns(doc)

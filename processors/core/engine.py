@@ -1,0 +1,312 @@
+"""The per-user trigger engine: one code path for the Faust worker and ``nudgeflow backtest``.
+
+Time model (see docs/design.md). Per user, events are de-duplicated by ``event_id`` and applied
+in ``(ts, arrival)`` order. ``max_ts - allowed_lateness`` is the user's watermark: an event older
+than it is *late* (rejected, dead-lettered by the shell). Everything before the watermark is
+*committed*; events at or after it sit in a short *tail*.
+
+* Timer firings (absence deadlines, delayed events) come only from the committed state, once the
+  watermark has passed the deadline, so a cancel that arrives late-but-allowed is honoured.
+* Immediate firings (fire_at == the event's ts) come at once from the *head* state (committed +
+  tail). An out-of-order event rebuilds the head; decisions it no longer supports are withdrawn
+  with ``DecisionCancelled(reason="reordered")`` and new ones are emitted. The final decision set
+  therefore equals the time-sorted stream's, whatever the arrival order within the lateness.
+* ``on_time`` moves the watermark without an event: the live clock's ticks (wall clock minus
+  lateness) and the end-of-input flush of replays (``FLUSH_MS``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from processors.core import segment
+from processors.core.campaign import Campaign, CampaignSet
+from processors.core.clock import Clock
+from processors.core.decision import Decision, DecisionCancelled, make_decision_id
+from processors.core.events import ClickEvent
+from processors.core.trigger import Fire, Machine, machine_for
+
+FLUSH_MS = 2**62  # watermark meaning "end of input": commit everything, fire every timer
+DEDUP_WINDOW_MS = 24 * 3_600_000
+DEFAULT_STATE_TTL_MS = 30 * 86_400_000
+
+Core = dict[str, Any]  # {"f": facts, "c": {campaign_id: machine state}}
+
+
+def _clone(core: Core) -> Core:
+    return json.loads(json.dumps(core))
+
+
+@dataclass(slots=True)
+class UserState:
+    user_id: str
+    wm: int = -(2**62)  # committed watermark
+    max_ts: int = -(2**62)
+    seq: int = 0
+    committed: Core = field(default_factory=lambda: {"f": segment.new_facts(), "c": {}})
+    head: Core | None = None  # None when the tail is empty (head == committed)
+    tail: list[list[Any]] = field(default_factory=list)  # [ts, seq, event record], sorted
+    seen: dict[str, int] = field(default_factory=dict)  # event_id -> ts (de-duplication)
+    spec: dict[str, list[Any]] = field(default_factory=dict)  # emitted, not yet committed
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            [self.user_id, self.wm, self.max_ts, self.seq, self.committed, self.head,
+             self.tail, self.seen, self.spec],
+            separators=(",", ":"),
+        ).encode()  # fmt: skip
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> UserState:
+        u, wm, mx, seq, committed, head, tail, seen, spec = json.loads(data)
+        return cls(u, wm, mx, seq, committed, head, tail, seen, spec)
+
+
+@dataclass(slots=True)
+class Step:
+    """What one call produced. ``state`` None means: delete the user's state."""
+
+    state: UserState | None
+    decisions: list[Decision] = field(default_factory=list)
+    cancellations: list[DecisionCancelled] = field(default_factory=list)
+    rejected: list[tuple[ClickEvent, str]] = field(default_factory=list)
+    filtered: list[tuple[str, str]] = field(default_factory=list)  # (campaign, reason)
+    wake_at: int | None = None
+
+
+def _event_from(rec: dict[str, Any]) -> ClickEvent:
+    return ClickEvent(
+        rec["event_id"], rec["user_id"], rec["event_type"], rec["ts"],
+        rec.get("session_id"), rec.get("properties") or {},
+    )  # fmt: skip
+
+
+class Engine:
+    """Applies campaigns to one user's events. Pure: no I/O; time comes from the events, the
+    watermark passed to ``on_time`` and the injected clock (only for ``decided_at``)."""
+
+    def __init__(
+        self,
+        campaigns: CampaignSet,
+        *,
+        allowed_lateness_ms: int = 30_000,
+        clock: Clock | None = None,
+        clock_name: str = "event",
+        state_ttl_ms: int = DEFAULT_STATE_TTL_MS,
+        variant_of: Callable[[Campaign, str], str | None] | None = None,
+    ) -> None:
+        self.campaigns: tuple[Campaign, ...] = campaigns.enabled
+        self.machines: list[tuple[Campaign, Machine]] = [
+            (c, machine_for(c)) for c in self.campaigns
+        ]
+        self.lateness = allowed_lateness_ms
+        self.clock = clock
+        self.clock_name = clock_name
+        self.state_ttl_ms = state_ttl_ms
+        self.variant_of = variant_of
+
+    # ------------------------------------------------------------------ public API
+
+    def on_event(self, state: UserState | None, event: ClickEvent) -> Step:
+        st = state or UserState(event.user_id)
+        step = Step(st)
+        if event.event_id in st.seen:
+            step.rejected.append((event, "duplicate"))
+            step.wake_at = self.wake_at(st)
+            return step
+        if event.ts < st.wm:
+            step.rejected.append((event, "late"))
+            step.wake_at = self.wake_at(st)
+            return step
+        st.seen[event.event_id] = event.ts
+        st.seq += 1
+        entry = [event.ts, st.seq, event.to_record()]
+        in_order = event.ts >= st.max_ts
+        if in_order:
+            st.tail.append(entry)
+            head = st.head if st.head is not None else _clone(st.committed)
+            st.head = head
+            for decision in self._apply(head, event, emit=None):
+                st.spec[decision.decision_id] = [decision.campaign_id, decision.trigger_ts]
+                step.decisions.append(decision)
+        else:
+            bisect.insort(st.tail, entry, key=lambda e: (e[0], e[1]))
+            self._rebuild_head(st, step)
+        st.max_ts = max(st.max_ts, event.ts)
+        self._commit(st, st.max_ts - self.lateness, step)
+        self._prune_seen(st)
+        step.wake_at = self.wake_at(st)
+        return step
+
+    def on_time(self, state: UserState, watermark_ms: int) -> Step:
+        """Move the watermark (live-clock tick, or ``FLUSH_MS`` at end of input)."""
+        step = Step(state)
+        self._commit(state, watermark_ms, step)
+        if watermark_ms >= FLUSH_MS:
+            # After a flush, time stands at the latest thing we have seen or fired.
+            state.wm = max(state.max_ts + 1, self._last_fired(state) + 1)
+        if self._expired(state, watermark_ms):
+            step.state = None
+            return step
+        step.wake_at = self.wake_at(state)
+        return step
+
+    def wake_at(self, st: UserState) -> int | None:
+        """The watermark at which ``on_time`` has work: the next deadline or tail commit."""
+        times = []
+        for campaign, machine in self.machines:
+            cs = st.committed["c"].get(campaign.id)
+            if cs:
+                d = machine.next_deadline(cs)
+                if d is not None:
+                    times.append(d + 1)
+        if st.tail:
+            times.append(st.tail[0][0] + 1)
+        return min(times) if times else None
+
+    # ------------------------------------------------------------------ internals
+
+    def _apply(self, core: Core, ev: ClickEvent, emit: Step | None) -> list[Decision]:
+        """Advance ``core`` to ``ev.ts`` (timers strictly before it) and apply ``ev``.
+
+        Timer decisions and cancellations go to ``emit`` (the committed path) or are dropped
+        (the head: they will be emitted when committed). Returns immediate decisions.
+        """
+        self._fire_timers(core, ev.ts, emit, ev.user_id)
+        facts = core["f"]
+        gap = segment.observe(facts, ev)
+        immediate: list[Decision] = []
+        states = core["c"]
+        for campaign, machine in self.machines:
+            if ev.event_type not in campaign.event_types:
+                continue
+            cs = states.setdefault(campaign.id, {})
+            fires, cancelled = machine.on_event(cs, ev, gap)
+            for fire in fires:
+                d = self._decide(campaign, ev.user_id, fire, facts, emit)
+                if d is not None:
+                    immediate.append(d)
+            if emit is not None:
+                for key in cancelled:
+                    emit.cancellations.append(
+                        DecisionCancelled(
+                            make_decision_id(campaign.id, ev.user_id, key),
+                            campaign.id,
+                            ev.user_id,
+                            "converted",
+                            ev.ts,
+                        )  # fmt: skip
+                    )
+        return immediate
+
+    def _fire_timers(self, core: Core, before: int, emit: Step | None, user_id: str) -> None:
+        fired: list[tuple[int, int, Decision]] = []
+        for index, (campaign, machine) in enumerate(self.machines):
+            cs = core["c"].get(campaign.id)
+            if not cs:
+                continue
+            for fire in machine.fire_due(cs, before):
+                d = self._decide(campaign, user_id, fire, core["f"], emit)
+                if d is not None:
+                    fired.append((d.fire_at, index, d))
+        if emit is not None and fired:
+            fired.sort(key=lambda x: (x[0], x[1]))
+            emit.decisions.extend(d for _, _, d in fired)
+
+    def _decide(
+        self, campaign: Campaign, user_id: str, fire: Fire, facts: Any, emit: Step | None
+    ) -> Decision | None:
+        if not segment.matches(campaign.audience, facts, fire.gap_ms):
+            if emit is not None:
+                emit.filtered.append((campaign.id, "audience"))
+            return None
+        return Decision(
+            decision_id=make_decision_id(campaign.id, user_id, fire.key_event_id),
+            campaign_id=campaign.id,
+            user_id=user_id,
+            fire_at=fire.fire_at,
+            trigger_event_ids=tuple(fire.event_ids),
+            trigger_ts=fire.trigger_ts,
+            variant=self.variant_of(campaign, user_id) if self.variant_of else None,
+            stage=segment.lifecycle_stage(facts),
+            priority=campaign.priority,
+            properties=fire.properties,
+            clock=self.clock_name,
+            decided_at=self.clock.now_ms() if self.clock else None,
+        )
+
+    def _commit(self, st: UserState, watermark: int, step: Step) -> None:
+        if watermark <= st.wm:
+            return
+        n = bisect.bisect_left(st.tail, watermark, key=lambda e: e[0])
+        core = st.committed
+        for _ts, _seq, rec in st.tail[:n]:
+            ev = _event_from(rec)
+            for d in self._apply(core, ev, step):
+                if st.spec.pop(d.decision_id, None) is None:
+                    step.decisions.append(d)  # not seen by the head: emit now
+        self._fire_timers(core, watermark, step, st.user_id)
+        del st.tail[:n]
+        st.wm = watermark
+        # Speculative decisions whose event is now committed but that the committed state did
+        # not confirm are withdrawn (only possible after reordering).
+        for did, (cid, ts) in list(st.spec.items()):
+            if ts < watermark:
+                del st.spec[did]
+                step.cancellations.append(DecisionCancelled(did, cid, st.user_id, "reordered", ts))
+        if not st.tail:
+            st.head = None
+
+    def _rebuild_head(self, st: UserState, step: Step) -> None:
+        """An out-of-order event: replay the tail in order and reconcile immediate decisions."""
+        head = _clone(st.committed)
+        made: dict[str, Decision] = {}
+        for _ts, _seq, rec in st.tail:
+            for d in self._apply(head, _event_from(rec), emit=None):
+                made[d.decision_id] = d
+        st.head = head
+        for did, (cid, ts) in list(st.spec.items()):
+            if did not in made:
+                del st.spec[did]
+                step.cancellations.append(DecisionCancelled(did, cid, st.user_id, "reordered", ts))
+        for did, d in made.items():
+            if did not in st.spec:
+                st.spec[did] = [d.campaign_id, d.trigger_ts]
+                step.decisions.append(d)
+
+    def _prune_seen(self, st: UserState) -> None:
+        if len(st.seen) > 32:
+            horizon = st.max_ts - DEDUP_WINDOW_MS
+            st.seen = {k: v for k, v in st.seen.items() if v >= horizon}
+
+    def _last_fired(self, st: UserState) -> int:
+        latest = -(2**62)
+        for cs in st.committed["c"].values():
+            last = cs.get("last")
+            if last:
+                latest = max(latest, last[1])
+        return latest
+
+    def _expired(self, st: UserState, watermark: int) -> bool:
+        """Idle users are forgotten after the state TTL once nothing is pending."""
+        last_seen = st.committed["f"]["ls"]
+        if st.tail or last_seen is None or self.wake_at(st) is not None:
+            return False
+        return st.wm - last_seen > self.state_ttl_ms
+
+
+def flush_all(engine: Engine, states: dict[str, UserState]) -> Step:
+    """End of input for a whole store (backtest): fire every pending timer, in fire_at order."""
+    total = Step(None)
+    for user_id in list(states):
+        step = engine.on_time(states[user_id], FLUSH_MS)
+        if step.state is None:
+            del states[user_id]
+        total.decisions.extend(step.decisions)
+        total.cancellations.extend(step.cancellations)
+        total.filtered.extend(step.filtered)
+    return total

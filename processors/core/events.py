@@ -1,0 +1,200 @@
+"""Clickstream events: the canonical JSON shape and its validation.
+
+Canonical JSON (one object per line in every file-based command)::
+
+    {"event_id": "e1", "user_id": "u1", "event_type": "add_to_cart",
+     "ts": "2024-03-13T10:23:32Z", "session_id": "s1", "properties": {"product_id": "p9"}}
+
+``ts`` is ISO-8601 (a zone is required, ``Z`` or an offset) or epoch milliseconds. ``event_id`` is
+optional in files: a stable id is derived from the record's content so that replaying the same
+file twice yields the same ids (and therefore the same decision ids).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+# Sanity bounds: events outside 2000-01-01 .. 2100-01-01 are almost certainly unit mistakes
+# (seconds instead of milliseconds, or microseconds).
+MIN_TS_MS = 946_684_800_000
+MAX_TS_MS = 4_102_444_800_000
+MAX_PROPERTIES = 64
+MAX_KEY_LEN = 128
+MAX_VALUE_LEN = 2_048
+MAX_ID_LEN = 256
+
+
+class EventError(ValueError):
+    """A clickstream record that cannot be accepted; ``reason`` is a short machine-readable tag."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class ClickEvent:
+    event_id: str
+    user_id: str
+    event_type: str
+    ts: int  # epoch milliseconds, event time
+    session_id: str | None = None
+    properties: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> ClickEvent:
+        """From a decoded Avro ``ClickEvent`` dict (already typed); validates the content."""
+        return validate(
+            cls(
+                event_id=record["event_id"],
+                user_id=record["user_id"],
+                event_type=record["event_type"],
+                ts=int(record["ts"]),
+                session_id=record.get("session_id"),
+                properties=dict(record.get("properties") or {}),
+            )
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id,
+            "user_id": self.user_id,
+            "event_type": self.event_type,
+            "ts": self.ts,
+            "session_id": self.session_id,
+            "properties": self.properties,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """Canonical JSON form (ISO time)."""
+        return {**self.to_record(), "ts": iso_ms(self.ts)}
+
+
+def iso_ms(ms: int) -> str:
+    """Epoch milliseconds as ISO-8601 UTC with a ``Z`` (milliseconds only when non-zero)."""
+    dt = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    if ms % 1000:
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_ts(value: Any) -> int:
+    """ISO-8601 with a zone, or epoch milliseconds (int or digit string) -> epoch milliseconds."""
+    if isinstance(value, bool):
+        raise EventError("bad_ts", f"ts must be ISO-8601 or epoch milliseconds, got {value!r}")
+    if isinstance(value, int | float):
+        ms = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        ms = int(value.strip())
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        try:
+            dt = datetime.fromisoformat(text)
+        except ValueError:
+            raise EventError("bad_ts", f"ts {value!r} is not ISO-8601") from None
+        if dt.tzinfo is None:
+            raise EventError("bad_ts", f"ts {value!r} has no time zone (add Z or an offset)")
+        ms = round(dt.timestamp() * 1000)
+    else:
+        raise EventError("bad_ts", f"ts must be ISO-8601 or epoch milliseconds, got {value!r}")
+    return ms
+
+
+def derive_event_id(obj: dict[str, Any]) -> str:
+    """A stable id from the record's content (key order and whitespace do not matter)."""
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "h-" + hashlib.blake2b(canonical.encode(), digest_size=12).hexdigest()
+
+
+def _text(obj: dict[str, Any], key: str, *, required: bool) -> str | None:
+    value = obj.get(key)
+    if value is None or value == "":
+        if required:
+            raise EventError(f"missing_{key}", f"{key} is missing or empty")
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise EventError(f"bad_{key}", f"{key} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _properties(raw: Any) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise EventError("bad_properties", "properties must be an object of strings")
+    props: dict[str, str] = {}
+    for key, value in raw.items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, int | float):
+            value = str(value)
+        elif value is None:
+            continue
+        elif not isinstance(value, str):
+            raise EventError("bad_properties", f"property {key!r} must be a string or number")
+        props[str(key)] = value
+    return props
+
+
+def parse_event(obj: Any) -> ClickEvent:
+    """Canonical JSON object -> validated ``ClickEvent`` (raises ``EventError``)."""
+    if not isinstance(obj, dict):
+        raise EventError("not_an_object", "each line must be a JSON object")
+    ts_raw = obj.get("ts")
+    if ts_raw is None or ts_raw == "":
+        raise EventError("missing_ts", "ts is missing")
+    event_id = _text(obj, "event_id", required=False) or derive_event_id(obj)
+    event = ClickEvent(
+        event_id=event_id,
+        user_id=_text(obj, "user_id", required=True) or "",
+        event_type=_text(obj, "event_type", required=True) or "",
+        ts=parse_ts(ts_raw),
+        session_id=_text(obj, "session_id", required=False),
+        properties=_properties(obj.get("properties")),
+    )
+    return validate(event)
+
+
+CSV_COLUMNS = ("event_id", "user_id", "event_type", "ts", "session_id")
+
+
+def parse_csv_row(row: dict[str, str]) -> ClickEvent:
+    """CSV: columns event_id, user_id, event_type, ts, session_id; every other column is a
+    property (empty cells are left out)."""
+    obj: dict[str, Any] = {k: row.get(k) for k in CSV_COLUMNS if row.get(k) not in (None, "")}
+    props = {k: v for k, v in row.items() if k not in CSV_COLUMNS and k and v not in (None, "")}
+    if props:
+        obj["properties"] = props
+    return parse_event(obj)
+
+
+def validate(event: ClickEvent) -> ClickEvent:
+    """Bounds every event must satisfy, whatever path it came by (file, Avro, tests)."""
+    for name in ("event_id", "user_id", "event_type"):
+        value = getattr(event, name)
+        if not isinstance(value, str) or not value.strip():
+            raise EventError(f"missing_{name}", f"{name} is missing or empty")
+        if len(value) > MAX_ID_LEN:
+            raise EventError(f"bad_{name}", f"{name} is longer than {MAX_ID_LEN} characters")
+    if not MIN_TS_MS <= event.ts < MAX_TS_MS:
+        raise EventError(
+            "ts_out_of_range", f"ts {event.ts} is outside 2000..2100 (epoch milliseconds expected)"
+        )
+    if len(event.properties) > MAX_PROPERTIES:
+        raise EventError("oversized_properties", f"more than {MAX_PROPERTIES} properties")
+    for key, value in event.properties.items():
+        if len(key) > MAX_KEY_LEN or len(value) > MAX_VALUE_LEN:
+            raise EventError(
+                "oversized_properties",
+                f"property {key[:40]!r} exceeds {MAX_KEY_LEN}/{MAX_VALUE_LEN} characters",
+            )
+    return event

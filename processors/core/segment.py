@@ -1,0 +1,82 @@
+"""Journey-stage segmentation from the stream itself: purchase count, first and last seen, last
+purchase, events in the last 24 h and intent in the current session. Evaluated at fire time and
+written into the decision, so backtest and live agree on who is a first-time buyer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from processors.core.campaign import Audience
+from processors.core.events import ClickEvent
+
+PURCHASE_EVENTS = frozenset({"purchase", "order_completed"})
+# Intent events: a shopper or lead moving toward a conversion in this session.
+INTENT_EVENTS = frozenset(
+    {
+        "add_to_cart",
+        "checkout_start",
+        "checkout_step",
+        "product_view",
+        "pricing_view",
+        "form_start",
+        "booking_start",
+    }
+)
+HIGH_INTENT_MIN = 2
+DAY_MS = 86_400_000
+MAX_RECENT = 256  # events remembered for the 24-hour count (bounded state)
+
+Facts = dict[str, Any]
+
+
+def new_facts() -> Facts:
+    # pc purchases, fs first seen, ls last seen, lp last purchase, r recent ts (24 h),
+    # sid current session, si intent events in that session
+    return {"pc": 0, "fs": None, "ls": None, "lp": None, "r": [], "sid": None, "si": 0}
+
+
+def observe(facts: Facts, ev: ClickEvent) -> int | None:
+    """Fold one event into the facts; returns the inactivity gap before it (None if first)."""
+    gap = None if facts["ls"] is None else ev.ts - facts["ls"]
+    if facts["fs"] is None:
+        facts["fs"] = ev.ts
+    facts["ls"] = ev.ts if facts["ls"] is None else max(facts["ls"], ev.ts)
+    if ev.event_type in PURCHASE_EVENTS:
+        facts["pc"] += 1
+        facts["lp"] = ev.ts
+    recent = [t for t in facts["r"] if t > ev.ts - DAY_MS]
+    recent.append(ev.ts)
+    facts["r"] = recent[-MAX_RECENT:]
+    if ev.session_id != facts["sid"]:
+        facts["sid"] = ev.session_id
+        facts["si"] = 0
+    if ev.event_type in INTENT_EVENTS:
+        facts["si"] += 1
+    return gap
+
+
+def lifecycle_stage(facts: Facts) -> str:
+    if facts["pc"] == 0:
+        return "prospect"
+    return "first_time_buyer" if facts["pc"] == 1 else "repeat_customer"
+
+
+def events_last_24h(facts: Facts, at_ms: int) -> int:
+    return sum(1 for t in facts["r"] if at_ms - DAY_MS < t <= at_ms)
+
+
+def matches(audience: Audience | None, facts: Facts, gap_ms: int | None) -> bool:
+    """Does the user, as of fire time, belong to the campaign's audience?
+
+    ``inactive`` (with ``days``) means the triggering event came after at least that many days
+    without activity (a returning visitor); ``high_intent`` means at least two intent events in
+    the current session.
+    """
+    if audience is None or audience.stage is None:
+        return True
+    stage = audience.stage
+    if stage == "inactive":
+        return gap_ms is not None and gap_ms >= (audience.days or 0) * DAY_MS
+    if stage == "high_intent":
+        return facts["si"] >= HIGH_INTENT_MIN
+    return lifecycle_stage(facts) == stage

@@ -1,0 +1,1 @@
+"""NudgeFlow test suite (a package so ``tests.fakes`` is importable)."""

@@ -1,0 +1,1 @@
+"""Local fakes of external services (real servers, real protocols) for tests."""
