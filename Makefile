@@ -1,0 +1,76 @@
+# NudgeFlow developer tasks (GNU make). Works on a fresh Debian/Ubuntu machine with Python >= 3.11.
+#   make test [PYTEST_ARGS=...]   unit + integration tests (embedded tansu broker + redis-server)
+#   make demo [DEMO_ARGS=...]     the whole pipeline on the embedded stack
+#   make lint | bench | clean | distclean
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+VENV := .venv
+STAMP := $(VENV)/.installed
+# First interpreter >= 3.11 found; override with `make PYTHON=/path/to/python3.12`.
+ifndef PYTHON
+PYTHON := $(firstword $(foreach p,python3.13 python3.12 python3.11 python3,$(if $(shell \
+	command -v $(p) >/dev/null 2>&1 && \
+	$(p) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo ok),$(p))) python3)
+endif
+SUDO_HINT := $(if $(filter 0,$(shell id -u)),,sudo )
+
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+BENCH_ARGS ?=
+
+.PHONY: .venv venv redis test demo lint bench clean distclean
+
+.venv venv: $(STAMP)
+
+$(VENV)/bin/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; install Python >= 3.11 (e.g. $(SUDO_HINT)apt-get install -y python3 python3-venv)" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "NudgeFlow needs Python >= 3.11 but $(PYTHON) is $$($(PYTHON) -V 2>&1); run make PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@if ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    v=$$($(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")'); \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv "python$$v-venv" \
+	      || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; \
+	  else \
+	    echo "$(PYTHON) cannot create virtualenvs; install it with: $(SUDO_HINT)apt-get install -y python3-venv" >&2; exit 1; \
+	  fi; \
+	fi
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when the dependency list changes.
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+redis:
+	@if ! command -v redis-server >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+	  else \
+	    echo "redis-server not found; install it with: sudo apt-get install -y redis-server" >&2; exit 1; \
+	  fi; \
+	fi
+
+test: .venv redis
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+demo: .venv redis
+	$(VENV)/bin/nudgeflow demo $(DEMO_ARGS)
+
+lint: .venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# bench/run.py is not written yet; the target is a placeholder.
+bench: .venv redis
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+# Stops a running dev stack first so no broker/redis is left without its state file.
+clean:
+	-@[ -x $(VENV)/bin/nudgeflow ] && [ -f .nudgeflow/stack.json ] && $(VENV)/bin/nudgeflow dev down --state-dir .nudgeflow || true
+	rm -rf .nudgeflow demo-out build .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info

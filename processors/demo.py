@@ -1,0 +1,204 @@
+"""``nudgeflow demo``: the whole pipeline on the embedded stack, on a laptop, in one command.
+
+Starts a fresh embedded stack (tansu + redis-server), imports the contacts, starts the Faust
+worker and the dispatcher as separate processes (as in production), replays the events in event
+time, marks end of input (which flushes pending timers), waits until the dispatcher has recorded
+an outcome for everything, writes ``decisions.jsonl``, ``outcomes.jsonl`` and ``outbox.jsonl``,
+prints a summary and shuts everything down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from processors.core.campaign import CampaignError, load_campaigns
+from processors.core.decision import Decision, DecisionCancelled
+from processors.settings import REPO_ROOT, Settings
+
+EXAMPLES = REPO_ROOT / "examples"
+CONTROL_HEADER = "nudgeflow-control"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Collected:
+    decisions: dict[str, Decision] = field(default_factory=dict)
+    cancellations: list[DecisionCancelled] = field(default_factory=list)
+    outcomes: list[dict[str, object]] = field(default_factory=list)
+    outcome_flushes: set[int] = field(default_factory=set)
+
+
+def collect(settings: Settings, deadline: float, procs: list[subprocess.Popen[bytes]]) -> Collected:
+    """Read decisions and outcomes until the dispatcher marks end of input on every partition."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    from schemas.codec import Codec
+
+    codec = Codec(settings.schema_registry_url)
+    consumer = Consumer({**settings.kafka_common(), "group.id": "nudgeflow-demo-reader",
+                         "enable.auto.commit": False})  # fmt: skip
+    topics = [settings.topic_decisions, settings.topic_outcomes]
+    assignment = []
+    partitions: dict[str, int] = {}
+    for t in topics:
+        meta = consumer.list_topics(t, timeout=10).topics[t]
+        partitions[t] = len(meta.partitions)
+        assignment += [TopicPartition(t, p, OFFSET_BEGINNING) for p in meta.partitions]
+    consumer.assign(assignment)
+    got = Collected()
+    try:
+        while len(got.outcome_flushes) < partitions[settings.topic_outcomes]:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the pipeline did not finish in time")
+            for p in procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"a pipeline process exited early (code {p.returncode})")
+            for msg in consumer.consume(500, timeout=0.5):
+                if msg.error():
+                    continue
+                headers = dict(msg.headers() or [])
+                if CONTROL_HEADER in headers:
+                    if msg.topic() == settings.topic_outcomes:
+                        got.outcome_flushes.add(msg.partition())
+                    continue
+                name, rec = codec.decode(msg.value())
+                if name == "TriggerDecision":
+                    d = Decision.from_record(rec)
+                    got.decisions[d.decision_id] = d
+                elif name == "DecisionCancelled":
+                    c = DecisionCancelled.from_record(rec)
+                    if c.reason == "reordered":
+                        got.decisions.pop(c.decision_id, None)
+                    else:
+                        got.cancellations.append(c)
+                elif name == "SmsOutcome":
+                    got.outcomes.append(rec)
+    finally:
+        consumer.close()
+    return got
+
+
+def _outcome_json(rec: dict[str, object]) -> dict[str, object]:
+    from processors.core.outcome import SmsOutcome
+
+    return SmsOutcome.from_record(rec).to_json()
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def run_demo(events: Path, campaigns: Path, contacts: Path, out: Path, timeout_s: float = 150) -> int:
+    from processors.contacts_import import import_contacts
+    from processors.devstack import EmbeddedStack, create_topics
+    from processors.produce import produce_file
+
+    started = time.monotonic()
+    try:
+        load_campaigns(campaigns)
+    except CampaignError as exc:
+        print(f"nudgeflow demo: {exc}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    state_dir = out / ".stack"
+    if state_dir.exists():
+        EmbeddedStack().down(state_dir)
+        shutil.rmtree(state_dir, ignore_errors=True)
+    outbox = out / "outbox.jsonl"
+    outbox.unlink(missing_ok=True)
+    print("starting the embedded stack (tansu broker + redis-server)…", flush=True)
+    stack = EmbeddedStack()
+    info = stack.up(state_dir)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        env = {
+            **os.environ,
+            "NUDGEFLOW_PROFILE": "dev",
+            "NUDGEFLOW_STATE_DIR": str(state_dir),
+            "NUDGEFLOW_CLOCK": "event",
+            "NUDGEFLOW_CAMPAIGNS_FILE": str(campaigns.resolve()),
+            "NUDGEFLOW_GATEWAY": "outbox",
+            "NUDGEFLOW_OUTBOX_PATH": str(outbox.resolve()),
+            "NUDGEFLOW_WORKER_WEB_PORT": str(_free_port()),
+        }
+        os.environ.update({k: v for k, v in env.items() if k.startswith("NUDGEFLOW_")})
+        settings = Settings.load()
+        create_topics(info.bootstrap_servers, settings)
+        published, bad = import_contacts(contacts, settings)
+        print(f"contacts: {published} imported, {bad} skipped", flush=True)
+        exe = [sys.executable, "-m", "processors.cli"]
+        logs = out / "logs"
+        logs.mkdir(exist_ok=True)
+        for name in ("worker", "dispatcher"):
+            log = (logs / f"{name}.log").open("wb")
+            procs.append(subprocess.Popen([*exe, name], env=env, stdout=log, stderr=subprocess.STDOUT))
+        print("worker and dispatcher started; replaying events in event time…", flush=True)
+        sent, errors = produce_file(settings, events, flush=True, progress=False)
+        print(f"events: {sent} produced, {len(errors)} bad lines skipped", flush=True)
+        got = collect(settings, started + timeout_s, procs)
+    finally:
+        _stop(procs)
+        stack.down(state_dir)
+    decisions = sorted(got.decisions.values(), key=lambda d: (d.fire_at, d.decision_id))
+    with (out / "decisions.jsonl").open("w", encoding="utf-8") as fh:
+        for d in decisions:
+            fh.write(json.dumps(d.to_json()) + "\n")
+    outcomes = [_outcome_json(r) for r in got.outcomes]
+    with (out / "outcomes.jsonl").open("w", encoding="utf-8") as fh:
+        for o in outcomes:
+            fh.write(json.dumps(o) + "\n")
+    outbox.touch()
+    final = {str(o["decision_id"]): o for o in outcomes}  # the last outcome per decision
+    status = Counter(str(o["status"]) for o in final.values())
+    reasons = Counter(
+        f"{o['status']}:{o['reason']}" for o in final.values() if o["status"] != "sent"
+    )
+    print()
+    print(f"events in:      {sent}")
+    print(f"decisions:      {len(decisions)}")
+    print(f"texts sent:     {status.get('sent', 0)}  (outbox: {outbox})")
+    for key, n in sorted(reasons.items()):
+        print(f"  {key:<28}{n}")
+    print(f"files:          {out}/decisions.jsonl, outcomes.jsonl, outbox.jsonl")
+    print(f"done in {time.monotonic() - started:.1f}s")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--events", type=Path, default=EXAMPLES / "events.jsonl")
+    parser.add_argument("--campaigns", type=Path, default=EXAMPLES / "campaigns.yaml")
+    parser.add_argument("--contacts", type=Path, default=EXAMPLES / "contacts.jsonl")
+    parser.add_argument("--out", type=Path, default=Path("demo-out"))
+    parser.add_argument("--timeout", type=float, default=150.0, help="seconds before giving up")
+
+
+def run(args: argparse.Namespace) -> int:
+    for p in (args.events, args.campaigns, args.contacts):
+        if not p.exists():
+            print(f"nudgeflow demo: {p}: no such file", file=sys.stderr)
+            return 2
+    return run_demo(args.events, args.campaigns, args.contacts, args.out, args.timeout)

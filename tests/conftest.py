@@ -1,0 +1,92 @@
+"""Shared fixtures: one embedded stack (tansu + redis-server) per test session.
+
+Tests share the broker but never a topic or consumer group: the ``settings`` fixture suffixes
+every topic and group name with a fresh uuid, so tests stay independent and order-free.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from processors.devstack import EmbeddedStack, StackInfo, create_topics
+from processors.settings import Settings
+
+STACK_FIXTURES = {"stack", "bootstrap", "redis_url", "redis_client", "settings"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses the embedded stack, so `-m "not integration"` skips them."""
+    for item in items:
+        if STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
+    """A fresh broker + Redis for the session, with the default topics (4 partitions)."""
+    state_dir = tmp_path_factory.mktemp("devstack")
+    embedded = EmbeddedStack()
+    info = embedded.up(state_dir)
+    try:
+        base = Settings.load(
+            profile="dev",
+            state_dir=state_dir,
+            bootstrap_servers=info.bootstrap_servers,
+            redis_url=info.redis_url,
+            partitions=4,
+        )
+        create_topics(info.bootstrap_servers, base)
+        yield info
+    finally:
+        embedded.down(state_dir)
+
+
+@pytest.fixture(scope="session")
+def bootstrap(stack: StackInfo) -> str:
+    return stack.bootstrap_servers
+
+
+@pytest.fixture(scope="session")
+def redis_url(stack: StackInfo) -> str:
+    return stack.redis_url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A client on the session Redis; its DB is empty at the start and end of every test."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture
+def settings(stack: StackInfo, tmp_path: Path) -> Settings:
+    """Dev-profile settings on the session stack with per-test topics and groups (created)."""
+    suffix = uuid.uuid4().hex[:10]
+    defaults = Settings()
+    topics = {
+        name: f"{getattr(defaults, name)}-{suffix}"
+        for name in Settings.model_fields
+        if name.startswith("topic_")
+    }
+    result = Settings.load(
+        profile="dev",
+        state_dir=stack.state_dir,
+        bootstrap_servers=stack.bootstrap_servers,
+        redis_url=stack.redis_url,
+        dispatcher_group=f"{defaults.dispatcher_group}-{suffix}",
+        worker_id=f"{defaults.worker_id}-{suffix}",
+        outbox_path=tmp_path / "outbox.jsonl",
+        **topics,
+    )
+    create_topics(stack.bootstrap_servers, result)
+    return result
