@@ -145,8 +145,10 @@ def run_demo(events: Path, campaigns: Path, contacts: Path, out: Path, timeout_s
             "NUDGEFLOW_OUTBOX_PATH": str(outbox.resolve()),
             "NUDGEFLOW_WORKER_WEB_PORT": str(_free_port()),
         }
-        os.environ.update({k: v for k, v in env.items() if k.startswith("NUDGEFLOW_")})
-        settings = Settings.load()
+        settings = Settings.load(
+            profile="dev", state_dir=state_dir, clock="event", gateway="outbox",
+            campaigns_file=campaigns.resolve(), outbox_path=outbox.resolve(),
+        )  # fmt: skip
         create_topics(info.bootstrap_servers, settings)
         published, bad = import_contacts(contacts, settings)
         print(f"contacts: {published} imported, {bad} skipped", flush=True)

@@ -1,0 +1,89 @@
+"""End to end: the real tansu broker, real redis-server, the Faust worker and the dispatcher as
+separate processes (``nudgeflow demo``), compared with ``nudgeflow backtest`` on the same input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from processors.backtest import run_backtest
+from processors.core.campaign import load_campaigns
+from processors.demo import EXAMPLES, run_demo
+from processors.files import LineErrors, read_events
+
+pytestmark = pytest.mark.integration
+
+CAMPAIGNS = EXAMPLES / "campaigns.yaml"
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _backtest(events: Path) -> set[tuple[str, str, str, str]]:
+    result = run_backtest(read_events(events, LineErrors(str(events))), load_campaigns(CAMPAIGNS))
+    return {(d.decision_id, d.campaign_id, d.user_id, d.to_json()["fire_at"]) for d in result.decisions}
+
+
+def _decided(out: Path) -> set[tuple[str, str, str, str]]:
+    return {(d["decision_id"], d["campaign_id"], d["user_id"], d["fire_at"])
+            for d in _lines(out / "decisions.jsonl")}  # fmt: skip
+
+
+def test_abandoned_cart_is_texted_and_bought_cart_is_not(tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    rows = [
+        # u-ana abandons a cart; u-ben buys 10 minutes after adding to cart
+        {"event_id": "a1", "user_id": "u-ana", "event_type": "add_to_cart",
+         "ts": "2024-03-13T17:00:00Z", "session_id": "s1",
+         "properties": {"product_name": "trail shoes"}},
+        {"event_id": "b1", "user_id": "u-ben", "event_type": "add_to_cart",
+         "ts": "2024-03-13T17:00:00Z", "session_id": "s2", "properties": {}},
+        {"event_id": "b2", "user_id": "u-ben", "event_type": "purchase",
+         "ts": "2024-03-13T17:10:00Z", "session_id": "s2", "properties": {}},
+    ]  # fmt: skip
+    text = "\n".join(json.dumps(r) for r in rows) + "\n{not json\n"
+    events.write_text(text)
+    out = tmp_path / "out"
+    assert run_demo(events, CAMPAIGNS, EXAMPLES / "contacts.jsonl", out) == 0
+    decisions = _lines(out / "decisions.jsonl")
+    assert [(d["campaign_id"], d["user_id"], d["fire_at"]) for d in decisions] == [
+        ("cart-recovery", "u-ana", "2024-03-13T17:30:00Z")
+    ]
+    assert decisions[0]["trigger_event_ids"] == ["a1"]
+    outbox = _lines(out / "outbox.jsonl")
+    assert [(m["user_id"], m["to"], m["decision_id"]) for m in outbox] == [
+        ("u-ana", "+14155550100", decisions[0]["decision_id"])
+    ]
+    assert "trail shoes" in outbox[0]["text"] and outbox[0]["text"].startswith("Hi Ana")
+    assert outbox[0]["sent_at"] == "2024-03-13T17:30:00Z"  # virtual time of the replay
+    outcomes = _lines(out / "outcomes.jsonl")
+    assert [(o["decision_id"], o["status"]) for o in outcomes] == [(decisions[0]["decision_id"], "sent")]
+
+
+def test_demo_on_sample_data_matches_backtest(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    events = EXAMPLES / "events.jsonl"
+    assert run_demo(events, CAMPAIGNS, EXAMPLES / "contacts.jsonl", out) == 0
+    assert _decided(out) == _backtest(events)
+    sent_to = {m["user_id"] for m in _lines(out / "outbox.jsonl")}
+    assert "u-ana" in sent_to and "u-ben" not in sent_to
+    assert "u-hugo" not in sent_to and "u-ivy" not in sent_to  # opted out / no contact
+    final = {o["decision_id"]: o for o in _lines(out / "outcomes.jsonl")}
+    assert set(final) == {d[0] for d in _decided(out)}  # every decision has an outcome
+
+
+def test_generated_clickstream_live_path_equals_backtest(tmp_path: Path) -> None:
+    from processors.simulate import generate
+
+    events = tmp_path / "sim.jsonl"
+    with events.open("w") as fh:
+        for e in generate(users=2_000, events=20_000, seed=11):
+            fh.write(json.dumps(e.to_json()) + "\n")
+    out = tmp_path / "out"
+    assert run_demo(events, CAMPAIGNS, EXAMPLES / "contacts.jsonl", out, timeout_s=240) == 0
+    expected = _backtest(events)
+    assert len(expected) > 500
+    assert _decided(out) == expected
