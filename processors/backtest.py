@@ -118,5 +118,9 @@ def run(args: argparse.Namespace) -> int:
     if args.contacts:
         from processors.backtest_dispatch import dispatch_report  # the send policy, in memory
 
-        print(dispatch_report(result.decisions, result.cancellations, campaigns, args.contacts, settings))
+        print(
+            dispatch_report(
+                result.decisions, result.cancellations, campaigns, args.contacts, settings
+            )
+        )
     return 0

@@ -112,7 +112,9 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
-def run_demo(events: Path, campaigns: Path, contacts: Path, out: Path, timeout_s: float = 150) -> int:
+def run_demo(
+    events: Path, campaigns: Path, contacts: Path, out: Path, timeout_s: float = 150
+) -> int:
     from processors.contacts_import import import_contacts
     from processors.devstack import EmbeddedStack, create_topics
     from processors.produce import produce_file
@@ -157,7 +159,9 @@ def run_demo(events: Path, campaigns: Path, contacts: Path, out: Path, timeout_s
         logs.mkdir(exist_ok=True)
         for name in ("worker", "dispatcher"):
             log = (logs / f"{name}.log").open("wb")
-            procs.append(subprocess.Popen([*exe, name], env=env, stdout=log, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen([*exe, name], env=env, stdout=log, stderr=subprocess.STDOUT)
+            )
         print("worker and dispatcher started; replaying events in event time…", flush=True)
         sent, errors = produce_file(settings, events, flush=True, progress=False)
         print(f"events: {sent} produced, {len(errors)} bad lines skipped", flush=True)

@@ -12,12 +12,10 @@ from pathlib import Path
 from confluent_kafka import Producer
 from tqdm import tqdm
 
+from processors.control import flush_headers
 from processors.files import LineErrors, read_events
 from processors.settings import Settings
 from schemas.codec import Codec
-
-CONTROL_HEADER = "nudgeflow-control"
-FLUSH = b"flush"
 
 
 def make_producer(settings: Settings) -> Producer:
@@ -43,7 +41,7 @@ def send_flush(producer: Producer, topic: str) -> int:
     """End of input: one control record per partition, ordered after every event before it."""
     n = partition_count(producer, topic)
     for p in range(n):
-        producer.produce(topic, value=b"", partition=p, headers=[(CONTROL_HEADER, FLUSH)])
+        producer.produce(topic, value=b"", partition=p, headers=flush_headers(p, n))
     producer.flush(30)
     return n
 
@@ -75,7 +73,9 @@ def produce_file(
         value = codec.encode("ClickEvent", event.to_record())
         while True:
             try:
-                producer.produce(topic, key=event.user_id.encode(), value=value, on_delivery=on_delivery)
+                producer.produce(
+                    topic, key=event.user_id.encode(), value=value, on_delivery=on_delivery
+                )
                 break
             except BufferError:
                 producer.poll(0.1)  # local queue full: let deliveries drain
@@ -98,7 +98,9 @@ def produce_file(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, help="events as JSON Lines (.jsonl) or CSV (.csv)")
     parser.add_argument("--topic", help="target topic (default: the clickstream topic)")
-    parser.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
+    parser.add_argument(
+        "--rate", type=float, help="events per second (default: as fast as possible)"
+    )
     parser.add_argument(
         "--flush",
         action="store_true",
@@ -111,6 +113,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.file.exists():
         print(f"nudgeflow produce: {args.file}: no such file", file=sys.stderr)
         return 2
-    sent, errors = produce_file(settings, args.file, topic=args.topic, rate=args.rate, flush=args.flush)
-    print(f"produced {sent} events to {args.topic or settings.topic_clickstream}; skipped {len(errors)} bad lines")
+    sent, errors = produce_file(
+        settings, args.file, topic=args.topic, rate=args.rate, flush=args.flush
+    )
+    print(
+        f"produced {sent} events to {args.topic or settings.topic_clickstream}; "
+        f"skipped {len(errors)} bad lines"
+    )
     return 0

@@ -24,7 +24,9 @@ def _lines(path: Path) -> list[dict]:
 
 def _backtest(events: Path) -> set[tuple[str, str, str, str]]:
     result = run_backtest(read_events(events, LineErrors(str(events))), load_campaigns(CAMPAIGNS))
-    return {(d.decision_id, d.campaign_id, d.user_id, d.to_json()["fire_at"]) for d in result.decisions}
+    return {
+        (d.decision_id, d.campaign_id, d.user_id, d.to_json()["fire_at"]) for d in result.decisions
+    }
 
 
 def _decided(out: Path) -> set[tuple[str, str, str, str]]:
@@ -60,7 +62,9 @@ def test_abandoned_cart_is_texted_and_bought_cart_is_not(tmp_path: Path) -> None
     assert "trail shoes" in outbox[0]["text"] and outbox[0]["text"].startswith("Hi Ana")
     assert outbox[0]["sent_at"] == "2024-03-13T17:30:00Z"  # virtual time of the replay
     outcomes = _lines(out / "outcomes.jsonl")
-    assert [(o["decision_id"], o["status"]) for o in outcomes] == [(decisions[0]["decision_id"], "sent")]
+    assert [(o["decision_id"], o["status"]) for o in outcomes] == [
+        (decisions[0]["decision_id"], "sent")
+    ]
 
 
 def test_demo_on_sample_data_matches_backtest(tmp_path: Path) -> None:

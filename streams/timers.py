@@ -1,0 +1,142 @@
+"""Per-partition timer index and the layout of the ``user_state`` table values.
+
+Only users with a pending timer need ``engine.on_time`` when time moves (a tick or a flush), so
+the worker keeps, per clickstream partition, a min-heap of ``(wake_at_ms, user_id)`` in memory.
+The heap is *derived* data: the table (backed by its changelog) is the truth.
+
+How the index survives restarts and rebalances: every table value carries the partition the user
+lives on and the user's current ``wake_at`` in a small header (:func:`pack_state`). The index of a
+partition is built lazily, the first time the worker touches that partition after it was
+assigned, by one scan over the table (:meth:`TimerIndex.partition`). A rebalance drops every
+index (:meth:`TimerIndex.clear`); Faust pauses the streams until the table has been recovered from
+its changelog, so the first touch after a rebalance always sees the recovered state.
+
+Heap entries are invalidated lazily: ``push`` records the user's current deadline in a dict, and
+``pop_due`` skips heap entries that no longer match it (the deadline moved, or was dropped).
+"""
+
+from __future__ import annotations
+
+import heapq
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+_HEADER = struct.Struct(">BHq")  # version, partition, wake_at (NO_WAKE = none)
+_VERSION = 1
+NO_WAKE = -(2**63)
+
+
+class StateFormatError(ValueError):
+    """A ``user_state`` table value that this worker cannot read (corrupt or newer format)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredState:
+    """A decoded table value: where the user lives, when to wake it, the engine's state bytes."""
+
+    partition: int
+    wake_at: int | None
+    state: bytes
+
+
+def pack_state(partition: int, wake_at: int | None, state: bytes) -> bytes:
+    """Table value: 11-byte header (version, partition, wake_at) + the engine's state bytes."""
+    wake = NO_WAKE if wake_at is None else wake_at
+    return _HEADER.pack(_VERSION, partition, wake) + state
+
+
+def unpack_state(value: bytes) -> StoredState:
+    if len(value) < _HEADER.size:
+        raise StateFormatError(f"user_state value of {len(value)} bytes is shorter than its header")
+    version, partition, wake = _HEADER.unpack_from(value)
+    if version != _VERSION:
+        raise StateFormatError(f"user_state value has format version {version}, expected 1")
+    return StoredState(partition, None if wake == NO_WAKE else wake, value[_HEADER.size :])
+
+
+class PartitionTimers:
+    """Pending deadlines of the users of one partition."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, str]] = []
+        self._wake: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._wake)
+
+    def push(self, wake_at_ms: int, user_id: str) -> None:
+        """Set the user's deadline (replaces any earlier one)."""
+        if self._wake.get(user_id) == wake_at_ms:
+            return
+        self._wake[user_id] = wake_at_ms
+        heapq.heappush(self._heap, (wake_at_ms, user_id))
+        if len(self._heap) > 2 * len(self._wake) + 64:
+            self._compact()
+
+    def discard(self, user_id: str) -> None:
+        self._wake.pop(user_id, None)
+
+    def set(self, user_id: str, wake_at_ms: int | None) -> None:
+        if wake_at_ms is None:
+            self.discard(user_id)
+        else:
+            self.push(wake_at_ms, user_id)
+
+    def pop_due(self, now_ms: int) -> list[str]:
+        """Users whose deadline is ``<= now_ms``, earliest first; they leave the index (the
+        caller pushes their next deadline after ``on_time``)."""
+        due: list[str] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now_ms:
+            wake, user = heapq.heappop(heap)
+            if self._wake.get(user) == wake:
+                del self._wake[user]
+                due.append(user)
+        return due
+
+    def next_wake(self) -> int | None:
+        while self._heap and self._wake.get(self._heap[0][1]) != self._heap[0][0]:
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else None
+
+    def all_users(self) -> list[str]:
+        """Every user with a pending deadline, earliest deadline first."""
+        return sorted(self._wake, key=lambda u: (self._wake[u], u))
+
+    def _compact(self) -> None:
+        self._heap = [(w, u) for u, w in self._wake.items()]
+        heapq.heapify(self._heap)
+
+
+class TimerIndex:
+    """The :class:`PartitionTimers` of every assigned partition, rebuilt lazily (module doc)."""
+
+    def __init__(self, scan: Callable[[], Iterable[tuple[str, StoredState]]]) -> None:
+        """``scan`` yields ``(user_id, stored)`` for every table entry this worker holds."""
+        self._scan = scan
+        self._parts: dict[int, PartitionTimers] | None = None
+
+    def partition(self, partition: int) -> PartitionTimers:
+        """The index of ``partition``; the first call after a (re)start or rebalance scans the
+        table once and indexes every partition found in it."""
+        if self._parts is None:
+            parts: dict[int, PartitionTimers] = {}
+            for user_id, stored in self._scan():
+                if stored.wake_at is not None:
+                    parts.setdefault(stored.partition, PartitionTimers()).push(
+                        stored.wake_at, user_id
+                    )
+            self._parts = parts
+        timers = self._parts.get(partition)
+        if timers is None:
+            timers = self._parts[partition] = PartitionTimers()
+        return timers
+
+    def clear(self) -> None:
+        """Forget every index (after a rebalance); the next use rebuilds them from the table."""
+        self._parts = None
+
+    @property
+    def built(self) -> bool:
+        return self._parts is not None
