@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from processors.control import FlushTracker, is_control
 from processors.settings import Settings
 from schemas.codec import Codec
 from streams.agents import decode_tick, encode_tick, header
@@ -187,7 +188,7 @@ class TopicReader:
 
 
 def decisions_of(codec: Codec, messages: list[Any]) -> list[tuple[str, dict[str, Any]]]:
-    return [codec.decode(m.value()) for m in messages]
+    return [codec.decode(m.value()) for m in messages if not is_control(m.headers())]
 
 
 def test_event_clock_state_survives_restart_and_flush_fires_once(
@@ -251,9 +252,16 @@ def test_event_clock_state_survives_restart_and_flush_fires_once(
         assert d["trigger_event_ids"] == ["e1"]
         assert d["clock"] == "event"
         trigger_keys = [
-            m.key() for m in out.messages if codec.decode(m.value())[0] == "TriggerDecision"
+            m.key()
+            for m in out.messages
+            if not is_control(m.headers()) and codec.decode(m.value())[0] == "TriggerDecision"
         ]
         assert trigger_keys == [b"u-a"]
+        # End of input was forwarded to every send-topic partition, after the decisions.
+        tracker = FlushTracker(partitions=set(range(settings.partitions)))
+        for m in out.drain(1.0):
+            tracker.observe(m.partition(), m.headers())
+        assert tracker.all_complete()
         assert len(dlq.drain(0.5)) == 4  # the duplicate was not dead-lettered
         code, _ = w2.stop()
         assert code == 0, w2.log.read_text()
