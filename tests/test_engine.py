@@ -217,3 +217,23 @@ def test_audience_stage_at_fire_time() -> None:
     final, _, _ = run(eng, [ev("p", "purchase", T0 - H), ev("e1", "add_to_cart", T0)])
     (d,) = final.values()
     assert d.stage == "first_time_buyer"
+
+
+def test_journey_facts_count_purchases_and_recent_activity() -> None:
+    from processors.core import segment
+
+    facts = segment.new_facts()
+    for i, (etype, ts) in enumerate(
+        [
+            ("page_view", T0),
+            ("purchase", T0 + H),
+            ("add_to_cart", T0 + 2 * H),
+            ("purchase", T0 + 30 * H),
+        ]  # fmt: skip
+    ):
+        gap = segment.observe(facts, ev(str(i), etype, ts))
+    assert gap == 28 * H
+    assert facts["pc"] == 2 and facts["lp"] == T0 + 30 * H
+    assert segment.lifecycle_stage(facts) == "repeat_customer"
+    assert segment.events_last_24h(facts, T0 + 30 * H) == 1  # the first three are > 24 h old
+    assert segment.events_last_24h(facts, T0 + 2 * H) == 3

@@ -103,6 +103,12 @@ class Engine:
         self.machines: list[tuple[Campaign, Machine]] = [
             (c, machine_for(c)) for c in self.campaigns
         ]
+        self.index = {c.id: i for i, c in enumerate(self.campaigns)}
+        # event type -> the campaigns that react to it (most events touch one or none)
+        self.by_type: dict[str, list[tuple[Campaign, Machine]]] = {}
+        for c, m in self.machines:
+            for t in c.event_types:
+                self.by_type.setdefault(t, []).append((c, m))
         self.lateness = allowed_lateness_ms
         self.clock = clock
         self.clock_name = clock_name
@@ -157,13 +163,8 @@ class Engine:
 
     def wake_at(self, st: UserState) -> int | None:
         """The watermark at which ``on_time`` has work: the next deadline or tail commit."""
-        times = []
-        for campaign, machine in self.machines:
-            cs = st.committed["c"].get(campaign.id)
-            if cs:
-                d = machine.next_deadline(cs)
-                if d is not None:
-                    times.append(d + 1)
+        deadlines = st.committed.get("d")
+        times = [min(deadlines.values()) + 1] if deadlines else []
         if st.tail:
             times.append(st.tail[0][0] + 1)
         return min(times) if times else None
@@ -181,11 +182,10 @@ class Engine:
         gap = segment.observe(facts, ev)
         immediate: list[Decision] = []
         states = core["c"]
-        for campaign, machine in self.machines:
-            if ev.event_type not in campaign.event_types:
-                continue
+        for campaign, machine in self.by_type.get(ev.event_type, ()):
             cs = states.setdefault(campaign.id, {})
             fires, cancelled = machine.on_event(cs, ev, gap)
+            _note_deadline(core, campaign.id, machine.next_deadline(cs))
             for fire in fires:
                 d = self._decide(campaign, ev.user_id, fire, facts, emit)
                 if d is not None:
@@ -204,15 +204,24 @@ class Engine:
         return immediate
 
     def _fire_timers(self, core: Core, before: int, emit: Step | None, user_id: str) -> None:
+        deadlines = core.get("d")
+        if not deadlines or min(deadlines.values()) >= before:
+            return
         fired: list[tuple[int, int, Decision]] = []
-        for index, (campaign, machine) in enumerate(self.machines):
-            cs = core["c"].get(campaign.id)
-            if not cs:
+        for cid, deadline in list(deadlines.items()):
+            if deadline >= before:
                 continue
+            index = self.index.get(cid)
+            if index is None:  # campaign removed from the file since: forget its timers
+                del deadlines[cid]
+                continue
+            campaign, machine = self.machines[index]
+            cs = core["c"][cid]
             for fire in machine.fire_due(cs, before):
                 d = self._decide(campaign, user_id, fire, core["f"], emit)
                 if d is not None:
                     fired.append((d.fire_at, index, d))
+            _note_deadline(core, cid, machine.next_deadline(cs))
         if emit is not None and fired:
             fired.sort(key=lambda x: (x[0], x[1]))
             emit.decisions.extend(d for _, _, d in fired)
@@ -297,6 +306,15 @@ class Engine:
         if st.tail or last_seen is None or self.wake_at(st) is not None:
             return False
         return st.wm - last_seen > self.state_ttl_ms
+
+
+def _note_deadline(core: Core, campaign_id: str, deadline: int | None) -> None:
+    """Keep ``core["d"]`` = {campaign: next deadline}: timers are checked without a scan."""
+    deadlines = core.setdefault("d", {})
+    if deadline is None:
+        deadlines.pop(campaign_id, None)
+    else:
+        deadlines[campaign_id] = deadline
 
 
 def flush_all(engine: Engine, states: dict[str, UserState]) -> Step:

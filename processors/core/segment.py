@@ -24,14 +24,14 @@ INTENT_EVENTS = frozenset(
 )
 HIGH_INTENT_MIN = 2
 DAY_MS = 86_400_000
-MAX_RECENT = 256  # events remembered for the 24-hour count (bounded state)
+HOUR_MS = 3_600_000
 
 Facts = dict[str, Any]
 
 
 def new_facts() -> Facts:
-    # pc purchases, fs first seen, ls last seen, lp last purchase, r recent ts (24 h),
-    # sid current session, si intent events in that session
+    # pc purchases, fs first seen, ls last seen, lp last purchase, r [[hour, count], ...] for
+    # the last 24 h (hour buckets keep the state small), sid session, si intent in that session
     return {"pc": 0, "fs": None, "ls": None, "lp": None, "r": [], "sid": None, "si": 0}
 
 
@@ -44,9 +44,14 @@ def observe(facts: Facts, ev: ClickEvent) -> int | None:
     if ev.event_type in PURCHASE_EVENTS:
         facts["pc"] += 1
         facts["lp"] = ev.ts
-    recent = [t for t in facts["r"] if t > ev.ts - DAY_MS]
-    recent.append(ev.ts)
-    facts["r"] = recent[-MAX_RECENT:]
+    hour = ev.ts // HOUR_MS
+    recent = facts["r"]
+    if recent and recent[-1][0] == hour:
+        recent[-1][1] += 1
+    else:
+        if recent and recent[0][0] <= hour - 24:
+            recent = facts["r"] = [b for b in recent if b[0] > hour - 24]
+        recent.append([hour, 1])
     if ev.session_id != facts["sid"]:
         facts["sid"] = ev.session_id
         facts["si"] = 0
@@ -62,7 +67,9 @@ def lifecycle_stage(facts: Facts) -> str:
 
 
 def events_last_24h(facts: Facts, at_ms: int) -> int:
-    return sum(1 for t in facts["r"] if at_ms - DAY_MS < t <= at_ms)
+    """Events in the 24 hours before ``at_ms``, to hour granularity."""
+    hour = at_ms // HOUR_MS
+    return sum(n for h, n in facts["r"] if hour - 24 < h <= hour)
 
 
 def matches(audience: Audience | None, facts: Facts, gap_ms: int | None) -> bool:
