@@ -184,6 +184,13 @@ def run_demo(
         f"{o['status']}:{o['reason']}" for o in final.values() if o["status"] != "sent"
     )
     print()
+    texts = [json.loads(x) for x in outbox.read_text().splitlines() if x.strip()]
+    for m in sorted(
+        texts, key=lambda m: str(m["sent_at"])
+    ):  # the demo's own outbox: show the text, never the phone number
+        first_line = str(m["text"]).splitlines()[0]
+        print(f"[text] {m['sent_at']} {m['campaign_id']} -> {m['user_id']}: {first_line}")
+    print()
     print(f"events in:      {sent}")
     print(f"decisions:      {len(decisions)}")
     print(f"texts sent:     {status.get('sent', 0)}  (outbox: {outbox})")

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from processors.core.events import iso_ms
 from processors.gateways import (
     Gateway,
     GatewayError,
@@ -22,7 +23,7 @@ from processors.gateways import (
     SmsMessage,
 )
 from processors.gateways.base import VONAGE_STATUSES
-from processors.gateways.outbox import OutboxGateway, iso_utc_ms
+from processors.gateways.outbox import OutboxGateway
 from processors.gateways.vonage import VonageGateway
 from tests.fakes.vonage_fake import VonageFake, message_parts
 
@@ -55,9 +56,10 @@ def leaks(exc: BaseException, *needles: str) -> list[str]:
 # Outbox
 
 
-def test_iso_utc_ms_is_exact_utc_with_z() -> None:
-    assert iso_utc_ms(1_700_000_000_123) == "2023-11-14T22:13:20.123Z"
-    assert iso_utc_ms(0) == "1970-01-01T00:00:00.000Z"
+def test_iso_ms_is_exact_utc_with_z() -> None:
+    assert iso_ms(1_700_000_000_123) == "2023-11-14T22:13:20.123Z"
+    assert iso_ms(1_700_000_000_999) == "2023-11-14T22:13:20.999Z"
+    assert iso_ms(0) == "1970-01-01T00:00:00Z"
 
 
 def test_outbox_writes_documented_json_lines_and_echo_hides_number(tmp_path: Path) -> None:

@@ -59,8 +59,9 @@ def test_abandoned_cart_is_texted_and_bought_cart_is_not(tmp_path: Path) -> None
     assert [(m["user_id"], m["to"], m["decision_id"]) for m in outbox] == [
         ("u-ana", "+14155550100", decisions[0]["decision_id"])
     ]
-    assert "trail shoes" in outbox[0]["text"] and outbox[0]["text"].startswith("Hi Ana")
+    assert outbox[0]["text"].startswith("Hi Ana, you left trail shoes in your cart")
     assert outbox[0]["sent_at"] == "2024-03-13T17:30:00Z"  # virtual time of the replay
+    assert outbox[0]["segments"] == 1 and outbox[0]["encoding"] == "GSM-7"
     outcomes = _lines(out / "outcomes.jsonl")
     assert [(o["decision_id"], o["status"]) for o in outcomes] == [
         (decisions[0]["decision_id"], "sent")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 # Sanity bounds: events outside 2000-01-01 .. 2100-01-01 are almost certainly unit mistakes
@@ -26,6 +26,7 @@ MAX_PROPERTIES = 64
 MAX_KEY_LEN = 128
 MAX_VALUE_LEN = 2_048
 MAX_ID_LEN = 256
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class EventError(ValueError):
@@ -77,7 +78,7 @@ class ClickEvent:
 
 def iso_ms(ms: int) -> str:
     """Epoch milliseconds as ISO-8601 UTC with a ``Z`` (milliseconds only when non-zero)."""
-    dt = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    dt = _EPOCH + timedelta(milliseconds=ms)  # integer maths: no float rounding
     if ms % 1000:
         return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
     return dt.strftime("%Y-%m-%dT%H:%M:%SZ")

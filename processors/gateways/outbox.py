@@ -11,10 +11,10 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO
 
+from processors.core.events import iso_ms
 from processors.gateways.base import (
     RetryableGatewayError,
     SendResult,
@@ -23,13 +23,6 @@ from processors.gateways.base import (
 )
 
 log = logging.getLogger(__name__)
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def iso_utc_ms(epoch_ms: int) -> str:
-    """``1700000000123`` -> ``"2023-11-14T22:13:20.123Z"`` (integer maths, no float rounding)."""
-    return (_EPOCH + timedelta(milliseconds=epoch_ms)).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 class OutboxGateway:
@@ -64,7 +57,7 @@ class OutboxGateway:
             "user_id": msg.user_id,
             "to": msg.to,
             "text": msg.text,
-            "sent_at": iso_utc_ms(msg.sent_at_ms),
+            "sent_at": iso_ms(msg.sent_at_ms),
             "segments": msg.segments,
             "encoding": msg.encoding,
         }
