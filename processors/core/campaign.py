@@ -10,9 +10,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import yaml
+from jinja2 import meta, nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from processors.core.cap import CapError, CapRule, parse_caps
 from processors.core.durations import parse_duration
+from processors.core.quiet_hours import QuietHours, QuietHoursError, parse_quiet_hours
+from processors.core.rendering import TemplateError, TooLong, check_static_length
+
+DEFAULT_MAX_DEFER_MS = 12 * 3_600_000
+DEFAULT_MAX_SEGMENTS = 2
+MAX_SEGMENTS_LIMIT = 10  # Vonage concatenates up to ~10 parts reliably; more is a mistake
+
+TEMPLATE_NAMES: frozenset[str] = frozenset(
+    {"first_name", "locale", "timezone", "user_id", "campaign_id", "variant", "stage"}
+    | {"properties", "attributes"}
+)
+"""Variables every render has (contact, decision, campaign). Trigger-event properties and
+contact attributes are also available by name, but may be missing: a template that uses one
+must give a fallback with ``| default(...)`` (or test ``is defined``), checked at load time."""
 
 
 class CampaignError(ValueError):
@@ -84,6 +102,10 @@ class Campaign:
     priority: int = 0
     audience: Audience | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    caps: tuple[CapRule, ...] = ()
+    quiet_hours: QuietHours | None = None  # None: the file's top-level quiet hours apply
+    max_defer_ms: int = DEFAULT_MAX_DEFER_MS
+    max_segments: int = DEFAULT_MAX_SEGMENTS
 
     @property
     def event_types(self) -> frozenset[str]:
@@ -100,6 +122,8 @@ class Campaign:
 class CampaignSet:
     campaigns: tuple[Campaign, ...]
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    caps: tuple[CapRule, ...] | None = None  # None: no top-level ``caps:`` key in the file
+    quiet_hours: QuietHours = field(default_factory=QuietHours)
 
     @property
     def enabled(self) -> tuple[Campaign, ...]:
@@ -266,6 +290,87 @@ def _message(ctx: _Ctx, raw: Any) -> Message:
     return Message(template=raw["template"], footer=footer)
 
 
+def _guaranteed_properties(trigger: Trigger) -> set[str]:
+    """Event properties a trigger guarantees (its ``where`` keys, ``group_by``, ``wait_until``)."""
+    names = set(trigger.where)
+    for attr in ("group_by", "wait_until"):
+        value = getattr(trigger, attr, None)
+        if value:
+            names.add(value)
+    return names
+
+
+def _unguarded_variables(source: str) -> set[str]:
+    """Top-level names used with neither ``| default(...)`` nor an ``is defined`` test."""
+    env = ImmutableSandboxedEnvironment()
+    try:
+        ast = env.parse(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(
+            f"template syntax error on line {exc.lineno}: {exc.message}", reason="syntax"
+        ) from None
+    guarded: set[str] = set()
+    for flt in ast.find_all(nodes.Filter):
+        if flt.name in ("default", "d") and isinstance(flt.node, nodes.Name):
+            guarded.add(flt.node.name)
+    for test in ast.find_all(nodes.Test):
+        if test.name in ("defined", "undefined", "none") and isinstance(test.node, nodes.Name):
+            guarded.add(test.node.name)
+    return set(meta.find_undeclared_variables(ast)) - guarded
+
+
+def _check_template(ctx: _Ctx, message: Message, trigger: Trigger, max_segments: int) -> None:
+    """Load-time checks: syntax, variables that may be missing, fixed text already too long."""
+    try:
+        unknown = _unguarded_variables(message.template) - TEMPLATE_NAMES
+        unknown -= _guaranteed_properties(trigger)
+        if unknown:
+            names = ", ".join(sorted(unknown))
+            raise ctx.error(
+                "message.template",
+                f"variable(s) {names} may be missing (not a contact or decision field); "
+                f"give a fallback, e.g. {{{{ {sorted(unknown)[0]} | default('...') }}}}",
+            )
+        check_static_length(message.template, message.footer, max_segments)
+    except TooLong as exc:
+        raise ctx.error(
+            "message.template",
+            f"the fixed text (footer included) already needs {exc.segments} {exc.encoding} "
+            f"segments, max_segments is {exc.max_segments}",
+        ) from None
+    except TemplateError as exc:
+        raise ctx.error("message.template", str(exc)) from None
+
+
+def _caps(ctx: _Ctx | None, raw: Any, scope: str) -> tuple[CapRule, ...]:
+    try:
+        return tuple(parse_caps(raw, scope))
+    except CapError as exc:
+        if ctx is None:
+            raise CampaignError(f"campaign file: {exc}") from None
+        raise ctx.error("caps", str(exc)) from None
+
+
+def _quiet(ctx: _Ctx | None, raw: Any) -> QuietHours:
+    try:
+        return parse_quiet_hours(raw)
+    except QuietHoursError as exc:
+        if ctx is None:
+            raise CampaignError(f"campaign file: {exc}") from None
+        raise ctx.error("quiet_hours", str(exc)) from None
+
+
+def _max_segments(ctx: _Ctx, raw: Any) -> int:
+    value = raw.get("max_segments", DEFAULT_MAX_SEGMENTS)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not 1 <= value <= MAX_SEGMENTS_LIMIT
+    ):
+        raise ctx.error("max_segments", f"must be an integer from 1 to {MAX_SEGMENTS_LIMIT}")
+    return value
+
+
 def parse_campaign(raw: Any, index: int) -> Campaign:
     if not isinstance(raw, dict):
         raise CampaignError(f"campaign #{index + 1}: must be a mapping")
@@ -282,14 +387,26 @@ def parse_campaign(raw: Any, index: int) -> Campaign:
     priority = raw.get("priority", 0)
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise ctx.error("priority", "must be an integer")
+    trigger = _trigger(ctx, raw.get("trigger"))
+    message = _message(ctx, raw.get("message"))
+    max_segments = _max_segments(ctx, raw)
+    _check_template(ctx, message, trigger, max_segments)
+    try:
+        max_defer = parse_duration(raw.get("max_defer") or DEFAULT_MAX_DEFER_MS // 1000)
+    except ValueError as exc:
+        raise ctx.error("max_defer", str(exc)) from None
     return Campaign(
         id=cid,
-        trigger=_trigger(ctx, raw.get("trigger")),
-        message=_message(ctx, raw.get("message")),
+        trigger=trigger,
+        message=message,
         enabled=enabled,
         priority=priority,
         audience=_audience(ctx, raw.get("audience")),
         raw=raw,
+        caps=_caps(ctx, raw.get("caps"), cid),
+        quiet_hours=_quiet(ctx, raw["quiet_hours"]) if raw.get("quiet_hours") is not None else None,
+        max_defer_ms=max_defer,
+        max_segments=max_segments,
     )
 
 
@@ -302,7 +419,10 @@ def parse_campaigns(doc: Any) -> CampaignSet:
         if c.id in seen:
             raise CampaignError(f"campaign {c.id!r}: id: is used twice")
         seen.add(c.id)
-    return CampaignSet(campaigns=campaigns, raw=doc)
+    caps = _caps(None, doc["caps"], "global") if doc.get("caps") is not None else None
+    return CampaignSet(
+        campaigns=campaigns, raw=doc, caps=caps, quiet_hours=_quiet(None, doc.get("quiet_hours"))
+    )
 
 
 def load_campaigns(path: str | Path) -> CampaignSet:

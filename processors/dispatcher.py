@@ -1,0 +1,662 @@
+"""``nudgeflow dispatcher``: decisions in, texts out, one ``SmsOutcome`` per decision.
+
+The shell around :mod:`processors.core.policy`: a confluent-kafka consumer group on the decisions
+topic, the ``contacts`` topic materialized into Redis, a :class:`~processors.redis_store.RedisStore`
+shared with every other instance, a Redis rate limit, and gateway calls in a bounded thread pool
+(the Vonage SDK is synchronous; one slow call must not stall the consumer).
+
+Delivery guarantees: an offset is committed only after the outcomes of every decision before it
+are produced and flushed. A crash before that redelivers the decision; the store's reservation
+makes sure the gateway is never called twice for it (``failed: unknown_after_crash`` when the
+first call's result was lost). On a rebalance the instance finishes its in-flight sends and
+commits before it lets go of a partition.
+
+Clocks: live, "now" is the wall clock. With ``NUDGEFLOW_CLOCK=event`` (replays) "now" is each
+decision's ``fire_at``; deferred sends are released when the replay's time passes their due time,
+and when a ``nudgeflow-control: flush`` record has been seen on every assigned partition (end of
+input) all remaining deferred sends are released and a flush marker is written to every partition
+of the outcomes topic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+from processors.control import CONTROL_HEADER, FLUSH, FlushTracker, flush_headers, header
+from processors.core.campaign import CampaignError, CampaignSet, load_campaigns
+from processors.core.decision import Decision, DecisionCancelled
+from processors.core.outcome import SmsOutcome
+from processors.core.policy import Policy, RetryPolicy, SendPlan, Step, deliver, with_send_time
+from processors.gateways.base import Gateway
+from processors.rate_limit import RateLimiter
+from processors.redis_store import DEFAULT_PREFIX, RedisStore
+from processors.settings import Settings
+from schemas.codec import Codec, CodecError
+
+log = logging.getLogger("nudgeflow.dispatcher")
+
+DLQ_REASON_HEADER = "nudgeflow-dlq-reason"
+DEFAULT_RATE_PER_S = 30.0
+
+TP = tuple[str, int]
+
+
+def make_gateway(settings: Settings) -> Gateway:
+    """The gateway ``settings.gateway`` names (``outbox`` or ``vonage``)."""
+    if settings.gateway == "outbox":
+        from processors.gateways.outbox import OutboxGateway
+
+        return OutboxGateway(settings.outbox_path)
+    from processors.gateways.vonage import VonageGateway
+
+    if settings.vonage_api_key is None or settings.vonage_api_secret is None:
+        raise ValueError(
+            "the vonage gateway needs NUDGEFLOW_VONAGE_API_KEY and NUDGEFLOW_VONAGE_API_SECRET"
+        )
+    return VonageGateway(
+        settings.vonage_api_key,
+        settings.vonage_api_secret,
+        settings.vonage_from,
+        rest_host=settings.vonage_rest_host,
+        timeout_s=settings.vonage_timeout_s,
+    )
+
+
+def _where(msg: Message) -> tuple[str, int, int]:
+    """Topic, partition and offset of a consumed message (never None for one without error)."""
+    return msg.topic() or "", msg.partition() or 0, msg.offset() or 0
+
+
+def _headers(msg: Message) -> list[tuple[str, bytes | None]]:
+    raw = msg.headers() or []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    return [(k, v.encode() if isinstance(v, str) else v) for k, v in pairs]
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class Stats:
+    """Counts by status and reason (log-safe: no ids, numbers or text)."""
+
+    outcomes: Counter[str] = field(default_factory=Counter)
+    decisions: int = 0
+    cancels: int = 0
+    undecodable: int = 0
+    end_of_input: int = 0
+
+
+class Dispatcher:
+    """One dispatcher instance. ``run()`` blocks until ``stop()`` (or a signal) is called."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        campaigns: CampaignSet,
+        gateway: Gateway,
+        *,
+        redis_client: redis.Redis | None = None,
+        key_prefix: str = DEFAULT_PREFIX,
+        rate_per_s: float = DEFAULT_RATE_PER_S,
+        threads: int = 8,
+        max_in_flight: int = 64,
+        retry: RetryPolicy | None = None,
+        commit_interval_s: float = 0.2,
+    ) -> None:
+        self.settings = settings
+        self.gateway = gateway
+        self.event_clock = settings.clock == "event"
+        self.codec = Codec(settings.schema_registry_url)
+        self.redis = redis_client or redis.Redis.from_url(settings.redis_url)
+        self.store = RedisStore(
+            self.redis,
+            key_prefix,
+            # The longest one attempt can take (requests applies the timeout to connect and to
+            # read), plus slack: a duplicate of this decision on another instance waits this
+            # long before it takes a "calling" state for a crash.
+            call_lease_ms=int((2 * settings.vonage_timeout_s + 5) * 1000),
+        )
+        self.policy = Policy(
+            campaigns,
+            self.store,
+            default_timezone=settings.default_timezone,
+            cooldown_ms=int(settings.cooldown_s * 1000),
+            event_clock=self.event_clock,
+        )
+        self.limiter = RateLimiter(self.redis, rate_per_s, key=f"{key_prefix}ratelimit:gateway")
+        self.retry = retry or RetryPolicy()
+        self.max_in_flight = max_in_flight
+        self.commit_interval_s = commit_interval_s
+        self.stats = Stats()
+        self.error: BaseException | None = None  # why run() stopped early, if it did
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gateway")
+        self._stop = threading.Event()
+        self._futures: dict[Future[Step], TP | None] = {}
+        self._later: list[tuple[float, Decision, tuple[TP, int]]] = []  # busy elsewhere
+        self._pending: dict[TP, dict[int, bool]] = {}  # offset -> outcome produced
+        self._to_mark: list[tuple[str, str, str]] = []
+        self._delivery_errors: list[str] = []
+        self._assigned: set[TP] = set()
+        self._flushes = FlushTracker()
+        self._ended = False
+        self._vnow = 0  # event clock: the replay's time, never backwards
+        self._last_commit = 0.0
+        self._last_release = 0.0
+        self.producer = Producer(
+            {**settings.kafka_common(), "enable.idempotence": True, "linger.ms": 5}
+        )
+        self.consumer = Consumer(settings.consumer_conf(settings.dispatcher_group))
+        self.contacts = Consumer(
+            {
+                **settings.kafka_common(),
+                "group.id": f"nudgeflow-contacts-{uuid.uuid4().hex[:12]}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            }
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self, ready: Callable[[], None] | None = None) -> None:
+        """Materialize contacts, join the group, dispatch until stopped, then shut down cleanly."""
+        try:
+            self.load_contacts()
+            self.consumer.subscribe(
+                [self.settings.topic_decisions],
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+            )
+            if ready is not None:
+                ready()
+            while not self._stop.is_set():
+                self._step()
+            self._drain()
+            self._commit(force=True)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        try:
+            self._pool.shutdown(wait=True, cancel_futures=False)
+            self.producer.flush(10)
+        finally:
+            for consumer in (self.consumer, self.contacts):
+                try:
+                    consumer.close()
+                except (KafkaException, RuntimeError):
+                    pass
+            self.gateway.close()
+            log.info(
+                "dispatcher stopped: %d decisions, outcomes %s",
+                self.stats.decisions,
+                dict(self.stats.outcomes),
+            )
+
+    # ------------------------------------------------------------------ contacts
+
+    def load_contacts(self, timeout_s: float = 30.0) -> int:
+        """Read the contacts topic to its current end (no group), then keep it assigned."""
+        topic = self.settings.topic_contacts
+        meta = self.contacts.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            raise RuntimeError(f"contacts topic {topic!r} does not exist")
+        parts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions]
+        self.contacts.assign(parts)
+        ends: dict[int, int] = {}
+        for tp in parts:
+            low, high = self.contacts.get_watermark_offsets(tp, timeout=10)
+            if high > low:
+                ends[tp.partition] = high
+        deadline = time.monotonic() + timeout_s
+        loaded = 0
+        while ends and time.monotonic() < deadline:
+            for msg in self.contacts.consume(1000, timeout=0.5):
+                if msg.error() is None:
+                    loaded += self._apply_contact(msg)
+                    _topic, partition, offset = _where(msg)
+                    if offset + 1 >= ends.get(partition, 0):
+                        ends.pop(partition, None)
+        if ends:
+            raise RuntimeError(f"could not read the contacts topic to its end in {timeout_s:.0f}s")
+        log.info("contacts materialized: %d profiles", loaded)
+        return loaded
+
+    def _poll_contacts(self) -> None:
+        for msg in self.contacts.consume(1000, timeout=0):
+            if msg.error() is None:
+                self._apply_contact(msg)
+
+    def _apply_contact(self, msg: Message) -> int:
+        key = msg.key()
+        if key is None:
+            return 0
+        user_id = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        value = msg.value()
+        _topic, _partition, offset = _where(msg)
+        if value is None:
+            self.store.put_contact(user_id, None, offset)
+            return 0
+        try:
+            name, record = self.codec.decode(value)
+        except CodecError as exc:
+            log.warning("skipping undecodable contact at offset %d: %s", offset, exc)
+            return 0
+        if name != "ContactProfile":
+            return 0
+        self.store.put_contact(user_id, record, offset)
+        return 1
+
+    # ------------------------------------------------------------------ main loop
+
+    def _step(self) -> None:
+        self._poll_contacts()
+        self._reap(timeout=0)
+        if self._later:
+            self._retry_busy()
+        if time.monotonic() - self._last_release > 0.2:
+            # Deferred sends now due (event clock: due by the replay's time, which other
+            # partitions may have moved past a send deferred just now).
+            self._last_release = time.monotonic()
+            now = self._vnow if self.event_clock else _wall_ms()
+            for step in self.policy.release_due(now):
+                self._handle(step, None)
+        if len(self._futures) < self.max_in_flight:
+            room = self.max_in_flight - len(self._futures)
+            for msg in self.consumer.consume(min(500, max(1, room)), timeout=0.05):
+                self._on_message(msg)
+        else:
+            self._reap(timeout=0.05)
+        if (
+            self.event_clock
+            and not self._ended
+            and self._assigned
+            and self._flushes.all_complete(p for _t, p in self._assigned)
+        ):
+            self._end_of_input()
+        self._commit()
+
+    def _on_message(self, msg: Message) -> None:
+        err = msg.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", err.str())
+            return
+        topic, partition, offset = _where(msg)
+        tp = (topic, partition)
+        self._pending.setdefault(tp, {})[offset] = False
+        headers = _headers(msg)
+        if header(headers, CONTROL_HEADER) == FLUSH:
+            self._flushes.observe(partition, headers)
+            self._pending[tp][offset] = True
+            return
+        if self._flushes.complete(partition):
+            # New input after an end of input: this partition is open again.
+            self._flushes.seen.pop(partition, None)
+            self._flushes.expected.pop(partition, None)
+        self._ended = False
+        ref = (tp, offset)
+        try:
+            name, record = self.codec.decode(msg.value())
+            if name == "TriggerDecision":
+                decision = Decision.from_record(record)
+            elif name == "DecisionCancelled":
+                cancel = DecisionCancelled.from_record(record)
+            else:
+                raise CodecError(f"unexpected {name} record on the decisions topic")
+        except (CodecError, KeyError, TypeError, ValueError) as exc:
+            self.stats.undecodable += 1
+            log.warning("dead-lettering undecodable record at %s[%d]@%d: %s", *ref[0], offset, exc)
+            key = msg.key()
+            self._dead_letter(
+                key.encode() if isinstance(key, str) else key, msg.value(), "undecodable"
+            )
+            self._done(ref)
+            return
+        if name == "TriggerDecision":
+            self.stats.decisions += 1
+            now = self._now(decision.fire_at)
+            self._handle(self.policy.on_decision(decision, now), ref, decision)
+        else:
+            self.stats.cancels += 1
+            now = self._now(cancel.at)
+            self._handle(self.policy.on_cancel(cancel, now), ref)
+
+    def _retry_busy(self) -> None:
+        """Ask again about decisions another instance was busy with (their lease ran out)."""
+        now = time.monotonic()
+        due = [item for item in self._later if item[0] <= now]
+        if not due:
+            return
+        self._later = [item for item in self._later if item[0] > now]
+        for _at, decision, ref in due:
+            self._handle(
+                self.policy.on_decision(decision, self._now(decision.fire_at)), ref, decision
+            )
+
+    def _now(self, item_time: int) -> int:
+        """Evaluation time of an item; with the event clock also releases due deferred sends."""
+        if not self.event_clock:
+            return _wall_ms()
+        self._vnow = max(self._vnow, item_time)
+        for step in self.policy.release_due(self._vnow):
+            self._handle(step, None)
+        return item_time
+
+    def _handle(
+        self, step: Step, ref: tuple[TP, int] | None, decision: Decision | None = None
+    ) -> None:
+        if step.retry_after_ms is not None and decision is not None and ref is not None:
+            log.info(
+                "decision %s is in progress elsewhere; asking again in %d ms",
+                decision.decision_id,
+                step.retry_after_ms,
+            )
+            self._later.append((time.monotonic() + step.retry_after_ms / 1000, decision, ref))
+            return
+        self._publish(step)
+        if step.send is None:
+            self._done(ref)
+            return
+        future = self._pool.submit(self._send_job, step.send)
+        self._futures[future] = ref  # type: ignore[assignment]
+
+    def _send_job(self, plan: SendPlan) -> Step:
+        """In a pool thread: rate limit, last cancel check, gateway call(s), outcome."""
+        self.limiter.acquire()
+        gate = self.policy.begin_call(plan)
+        if gate is not None:
+            return gate
+        if not self.event_clock:
+            plan = with_send_time(plan, _wall_ms())
+        first = [True]
+
+        def acquire() -> None:
+            if first[0]:
+                first[0] = False  # the first attempt's slot was booked above
+            else:
+                self.store.extend_call(plan.decision, plan.token)
+                self.limiter.acquire()
+
+        result = deliver(plan, self.gateway.send, self.retry, acquire=acquire)
+        at = plan.now_ms if self.event_clock else _wall_ms()
+        return self.policy.complete(plan, result, at)
+
+    def _reap(self, timeout: float) -> None:
+        if not self._futures:
+            return
+        done, _ = wait(list(self._futures), timeout=timeout, return_when=FIRST_COMPLETED)
+        for future in done:
+            ref = self._futures.pop(future)
+            try:
+                step = future.result()
+            except Exception as exc:  # noqa: BLE001 - a bug or Redis outage: stop; redelivery
+                log.exception("send job failed; stopping so that the decision is redelivered")
+                self.error = exc
+                self._stop.set()
+                continue
+            self._publish(step)
+            self._done(ref)
+
+    def _drain(self) -> None:
+        while self._futures:
+            self._reap(timeout=1.0)
+
+    def _done(self, ref: Any) -> None:
+        if ref is None:
+            return
+        tp, offset = ref
+        pending = self._pending.get(tp)
+        if pending is not None and offset in pending:
+            pending[offset] = True
+
+    # ------------------------------------------------------------------ output
+
+    def _publish(self, step: Step) -> None:
+        for outcome in step.outcomes:
+            self._produce_outcome(outcome)
+        if step.dead_letter is not None:
+            decision, reason = step.dead_letter
+            value = self.codec.encode("TriggerDecision", decision.to_record())
+            self._dead_letter(decision.user_id.encode(), value, reason)
+
+    def _produce_outcome(self, outcome: SmsOutcome) -> None:
+        value = self.codec.encode("SmsOutcome", outcome.to_record())
+        self._produce(self.settings.topic_outcomes, outcome.user_id.encode(), value)
+        self._to_mark.append((outcome.user_id, outcome.decision_id, outcome.status))
+        self.stats.outcomes[f"{outcome.status}:{outcome.reason or '-'}"] += 1
+        log.info(
+            "decision %s (%s): %s%s",
+            outcome.decision_id,
+            outcome.campaign_id,
+            outcome.status,
+            f" ({outcome.reason})" if outcome.reason else "",
+        )
+
+    def _dead_letter(self, key: bytes | None, value: bytes | None, reason: str) -> None:
+        self._produce(
+            self.settings.topic_sms_dlq, key, value, headers=[(DLQ_REASON_HEADER, reason.encode())]
+        )
+
+    def _produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]] | None = None,
+        partition: int | None = None,
+    ) -> None:
+        kwargs: dict[str, Any] = {"on_delivery": self._on_delivery}
+        if headers:
+            kwargs["headers"] = headers
+        if partition is not None:
+            kwargs["partition"] = partition
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, **kwargs)
+                return
+            except BufferError:
+                self.producer.poll(0.1)
+
+    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            self._delivery_errors.append(err.str())
+
+    # ------------------------------------------------------------------ commits
+
+    def _commit(self, force: bool = False) -> None:
+        """Flush outcomes, then commit each partition up to its first undone offset."""
+        self.producer.poll(0)
+        if not force and time.monotonic() - self._last_commit < self.commit_interval_s:
+            return
+        self._last_commit = time.monotonic()
+        offsets = []
+        for (topic, partition), pending in self._pending.items():
+            done_upto = None
+            for offset in sorted(pending):
+                if not pending[offset]:
+                    break
+                done_upto = offset
+            if done_upto is not None:
+                offsets.append(TopicPartition(topic, partition, done_upto + 1))
+        if not offsets and not self._to_mark:
+            return
+        remaining = self.producer.flush(30)
+        if remaining or self._delivery_errors:
+            errors, self._delivery_errors = self._delivery_errors, []
+            raise RuntimeError(
+                f"could not deliver {remaining} outcome(s) ({'; '.join(errors[:3])}); "
+                "stopping without committing so the decisions are redelivered"
+            )
+        marks, self._to_mark = self._to_mark, []
+        self.store.mark_emitted_many(marks)
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            # e.g. a rebalance in progress: the outcomes are out; redelivery re-emits nothing.
+            log.warning("offset commit failed: %s", exc)
+            return
+        for tp in offsets:
+            pending = self._pending.get((tp.topic, tp.partition), {})
+            for offset in [o for o in pending if o < tp.offset]:
+                del pending[offset]
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned |= {(tp.topic, tp.partition) for tp in partitions}
+        log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Finish in-flight sends and commit before another instance takes the partitions."""
+        self._drain()
+        try:
+            self._commit(force=True)
+        except RuntimeError as exc:
+            log.error("%s", exc)
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            self._assigned.discard(key)
+            self._flushes.seen.pop(tp.partition, None)
+            self._flushes.expected.pop(tp.partition, None)
+            self._pending.pop(key, None)
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        self._later = [item for item in self._later if item[2][0] not in gone]
+        log.info("revoked partitions %s", sorted(tp.partition for tp in partitions))
+
+    # ------------------------------------------------------------------ end of input
+
+    def _end_of_input(self) -> None:
+        """Event clock: every partition is flushed. Release all deferred sends, mark the end."""
+        self._drain()
+        while True:
+            steps = self.policy.release_due(None)
+            if not steps:
+                break
+            for step in steps:
+                if step.send is not None:
+                    self._vnow = max(self._vnow, step.send.now_ms)
+                for outcome in step.outcomes:
+                    self._vnow = max(self._vnow, outcome.at)
+                self._handle(step, None)
+            self._drain()
+        self._commit(force=True)
+        # Like the worker: for each decisions partition we own (a source), a marker on every
+        # outcomes partition, so a reader knows when every source is complete.
+        topic = self.settings.topic_outcomes
+        meta = self.producer.list_topics(topic, timeout=10).topics[topic]
+        decisions = self.settings.topic_decisions
+        sources = len(self.producer.list_topics(decisions, timeout=10).topics[decisions].partitions)
+        for _t, source in sorted(self._assigned):
+            for partition in sorted(meta.partitions):
+                self._produce(
+                    topic, None, b"", headers=flush_headers(source, sources), partition=partition
+                )
+        if self.producer.flush(30):
+            raise RuntimeError("could not deliver the end-of-input markers")
+        self._ended = True
+        self.stats.end_of_input += 1
+        log.info(
+            "end of input: deferred sends released; markers for %d source partition(s) written",
+            len(self._assigned),
+        )
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--campaigns", type=Path, help="campaign file (default: NUDGEFLOW_CAMPAIGNS_FILE)"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=DEFAULT_RATE_PER_S,
+        help="gateway requests per second, shared by all instances (default 30, Vonage's limit)",
+    )
+    parser.add_argument("--threads", type=int, default=8, help="gateway call threads")
+    parser.add_argument("--max-in-flight", type=int, default=64, help="sends in progress at most")
+    parser.add_argument(
+        "--retries", type=int, default=5, help="attempts per text on retryable errors"
+    )
+    parser.add_argument(
+        "--retry-base", type=float, default=0.5, help="first retry backoff in seconds"
+    )
+    parser.add_argument("--key-prefix", default=DEFAULT_PREFIX, help="Redis key prefix")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    settings = Settings.load()
+    try:
+        campaigns = load_campaigns(args.campaigns or settings.campaigns_file)
+    except CampaignError as exc:
+        print(f"nudgeflow dispatcher: {exc}", file=sys.stderr)
+        return 2
+    try:
+        gateway = make_gateway(settings)
+    except ValueError as exc:
+        print(f"nudgeflow dispatcher: {exc}", file=sys.stderr)
+        return 2
+    dispatcher = Dispatcher(
+        settings,
+        campaigns,
+        gateway,
+        key_prefix=args.key_prefix,
+        rate_per_s=args.rate,
+        threads=args.threads,
+        max_in_flight=args.max_in_flight,
+        retry=RetryPolicy(attempts=args.retries, base_s=args.retry_base),
+    )
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: finishing in-flight sends and stopping", signum)
+        dispatcher.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info(
+        "dispatcher: group %s, topic %s, gateway %s, clock %s",
+        settings.dispatcher_group,
+        settings.topic_decisions,
+        gateway.name,
+        settings.clock,
+    )
+    dispatcher.run()
+    return 1 if dispatcher.error is not None else 0
