@@ -4,7 +4,9 @@ separate processes (``nudgeflow demo``), compared with ``nudgeflow backtest`` on
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -80,15 +82,71 @@ def test_demo_on_sample_data_matches_backtest(tmp_path: Path) -> None:
     assert set(final) == {d[0] for d in _decided(out)}  # every decision has an outcome
 
 
-def test_generated_clickstream_live_path_equals_backtest(tmp_path: Path) -> None:
+ZONES = ["America/Los_Angeles", "America/New_York", "Europe/London", "Asia/Kolkata", None]
+
+
+def _contacts_for(users: int, path: Path) -> dict[str, dict]:
+    """Contacts for the simulated users: mixed consent, zones (some only from the number)."""
+    rows = {}
+    for n in range(1, users + 1):
+        uid = f"u{n:06d}"
+        if n % 10 == 0:
+            continue  # no contact on file
+        zone = ZONES[n % len(ZONES)]
+        phone = f"+1415555{n:04d}" if zone != "Asia/Kolkata" else f"+9198765{n:05d}"
+        row = {"user_id": uid, "phone": phone, "first_name": f"N{n}",
+               "consent": "opted_out" if n % 7 == 0 else "opted_in"}  # fmt: skip
+        if zone:
+            row["timezone"] = zone
+        rows[uid] = row
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+    return rows
+
+
+def _local(iso: str, zone: str) -> datetime:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone(ZoneInfo(zone))
+
+
+def test_generated_clickstream_live_path_equals_backtest_and_obeys_policy(tmp_path: Path) -> None:
     from processors.simulate import generate
 
     events = tmp_path / "sim.jsonl"
     with events.open("w") as fh:
         for e in generate(users=2_000, events=20_000, seed=11):
             fh.write(json.dumps(e.to_json()) + "\n")
+    contacts = _contacts_for(2_000, tmp_path / "contacts.jsonl")
     out = tmp_path / "out"
-    assert run_demo(events, CAMPAIGNS, EXAMPLES / "contacts.jsonl", out, timeout_s=240) == 0
+    assert run_demo(events, CAMPAIGNS, tmp_path / "contacts.jsonl", out, timeout_s=240) == 0
     expected = _backtest(events)
     assert len(expected) > 500
     assert _decided(out) == expected
+
+    # Every decision ends in exactly one final outcome; texts match the sent outcomes.
+    outcomes = _lines(out / "outcomes.jsonl")
+    final = {o["decision_id"]: o for o in outcomes}
+    assert set(final) == {d[0] for d in expected}
+    assert all(o["status"] != "deferred" for o in final.values())
+    outbox = _lines(out / "outbox.jsonl")
+    sent = {k for k, o in final.items() if o["status"] == "sent"}
+    assert sorted(m["decision_id"] for m in outbox) == sorted(sent)  # each text once
+    assert len(sent) > 100
+    reasons = {o["reason"] for o in final.values() if o["status"] == "suppressed"}
+    assert {"no_contact", "opted_out", "frequency_cap"} <= reasons
+    assert any(o["status"] == "deferred" for o in outcomes)  # quiet hours were exercised
+
+    by_user: dict[str, list[datetime]] = {}
+    for m in outbox:
+        c = contacts[m["user_id"]]  # never a text without a contact…
+        assert c["consent"] == "opted_in"  # …or without consent
+        assert m["to"] == c["phone"]
+        zone = c.get("timezone") or ("Asia/Kolkata" if c["phone"].startswith("+91") else
+                                     "America/Los_Angeles")  # fmt: skip
+        local = _local(m["sent_at"], zone)
+        assert 9 <= local.hour < 20, (m["user_id"], m["sent_at"], zone)  # quiet 20:00-09:00
+        by_user.setdefault(m["user_id"], []).append(local)
+    for times in by_user.values():  # caps: 1 per 4 h and 3 per 7 d, on send times
+        times.sort()
+        for a, b in zip(times, times[1:], strict=False):
+            assert (b - a).total_seconds() >= 4 * 3600
+        for i in range(len(times) - 3):
+            assert (times[i + 3] - times[i]).total_seconds() >= 7 * 86400

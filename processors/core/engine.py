@@ -134,16 +134,21 @@ class Engine:
         in_order = event.ts >= st.max_ts
         if in_order:
             st.tail.append(entry)
+        else:
+            bisect.insort(st.tail, entry, key=lambda e: (e[0], e[1]))
+        st.max_ts = max(st.max_ts, event.ts)
+        # Commit first: timer decisions now due are older than this event's immediate ones, so
+        # the send topic sees them in fire_at order. The new event (ts >= watermark) stays in
+        # the tail.
+        self._commit(st, st.max_ts - self.lateness, step)
+        if in_order:
             head = st.head if st.head is not None else _clone(st.committed)
             st.head = head
             for decision in self._apply(head, event, emit=None):
                 st.spec[decision.decision_id] = [decision.campaign_id, decision.trigger_ts]
                 step.decisions.append(decision)
         else:
-            bisect.insort(st.tail, entry, key=lambda e: (e[0], e[1]))
             self._rebuild_head(st, step)
-        st.max_ts = max(st.max_ts, event.ts)
-        self._commit(st, st.max_ts - self.lateness, step)
         self._prune_seen(st)
         step.wake_at = self.wake_at(st)
         return step
