@@ -6,7 +6,7 @@ Loaded from YAML and validated once; every error names the campaign and the fiel
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,16 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
+class Variant:
+    """A copy or send-timing variant: overrides the trigger's timing and/or the message."""
+
+    id: str
+    weight: int
+    trigger: Trigger
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
 class Campaign:
     id: str
     trigger: Trigger
@@ -106,6 +116,8 @@ class Campaign:
     quiet_hours: QuietHours | None = None  # None: the file's top-level quiet hours apply
     max_defer_ms: int = DEFAULT_MAX_DEFER_MS
     max_segments: int = DEFAULT_MAX_SEGMENTS
+    variants: tuple[Variant, ...] = ()
+    holdout: float = 0.0  # share of users (0..1) kept as a control group: decided, never sent
 
     @property
     def event_types(self) -> frozenset[str]:
@@ -407,7 +419,73 @@ def parse_campaign(raw: Any, index: int) -> Campaign:
         quiet_hours=_quiet(ctx, raw["quiet_hours"]) if raw.get("quiet_hours") is not None else None,
         max_defer_ms=max_defer,
         max_segments=max_segments,
+        variants=_variants(ctx, raw.get("variants"), trigger, message, max_segments),
+        holdout=_holdout(ctx, raw.get("holdout")),
     )
+
+
+_VARIANT_OVERRIDES = {
+    "absence": {"after"},
+    "repeat": {"delay", "within", "count"},
+    "event": {"delay"},
+}
+
+
+def _variants(
+    ctx: _Ctx, raw: Any, trigger: Trigger, message: Message, max_segments: int
+) -> tuple[Variant, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise ctx.error("variants", "must be a non-empty list of {id, weight, ...}")
+    out: list[Variant] = []
+    for i, v in enumerate(raw):
+        where = f"variants[{i}]"
+        if not isinstance(v, dict) or not isinstance(v.get("id"), str) or not v["id"]:
+            raise ctx.error(f"{where}.id", "is required (a string)")
+        weight = v.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight <= 0:
+            raise ctx.error(f"{where}.weight", "must be a positive integer")
+        allowed = _VARIANT_OVERRIDES[trigger.type]
+        unknown = set(v) - {"id", "weight", "message"} - allowed
+        if unknown:
+            raise ctx.error(
+                where,
+                f"cannot override {', '.join(sorted(unknown))} of a {trigger.type} trigger "
+                f"(can override: {', '.join(sorted(allowed | {'message'}))})",
+            )
+        changes: dict[str, Any] = {}
+        for key in ("after", "delay", "within"):
+            if key in v:
+                changes[f"{key}_ms"] = ctx.duration(v, key, where)
+        if "count" in v:
+            if isinstance(v["count"], bool) or not isinstance(v["count"], int) or v["count"] < 1:
+                raise ctx.error(f"{where}.count", "must be a positive integer")
+            changes["count"] = v["count"]
+        if changes.get("after_ms", 1) <= 0:
+            raise ctx.error(f"{where}.after", "must be greater than 0")
+        v_message = _message(ctx, v["message"]) if "message" in v else message
+        if "message" in v:
+            _check_template(ctx, v_message, trigger, max_segments)
+        out.append(Variant(v["id"], weight, replace(trigger, **changes), v_message))
+    ids = [v.id for v in out]
+    if len(set(ids)) != len(ids):
+        raise ctx.error("variants", "variant ids must be unique")
+    return tuple(out)
+
+
+def _holdout(ctx: _Ctx, raw: Any) -> float:
+    """``10%`` or ``0.1``."""
+    if raw is None:
+        return 0.0
+    text = str(raw).strip()
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ctx.error("holdout", f"must be a share like 10% or 0.1, got {raw!r}") from None
+    if not 0 <= value < 1:
+        raise ctx.error("holdout", "must be at least 0% and below 100%")
+    return value
 
 
 def parse_campaigns(doc: Any) -> CampaignSet:

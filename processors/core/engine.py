@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from processors.core import segment
+from processors.core import experiment, segment
 from processors.core.campaign import Campaign, CampaignSet
 from processors.core.clock import Clock
 from processors.core.decision import Decision, DecisionCancelled, make_decision_id
@@ -97,7 +96,6 @@ class Engine:
         clock: Clock | None = None,
         clock_name: str = "event",
         state_ttl_ms: int = DEFAULT_STATE_TTL_MS,
-        variant_of: Callable[[Campaign, str], str | None] | None = None,
     ) -> None:
         self.campaigns: tuple[Campaign, ...] = campaigns.enabled
         self.machines: list[tuple[Campaign, Machine]] = [
@@ -113,7 +111,22 @@ class Engine:
         self.clock = clock
         self.clock_name = clock_name
         self.state_ttl_ms = state_ttl_ms
-        self.variant_of = variant_of
+        # Send-timing variants run their own machine (the user's variant never changes).
+        self.variant_machines: dict[str, dict[str, Machine]] = {
+            c.id: {v.id: machine_for(c, v.trigger) for v in c.variants}
+            for c in self.campaigns
+            if c.variants
+        }
+
+    def _pick(
+        self, campaign: Campaign, machine: Machine, user_id: str
+    ) -> tuple[Machine, str | None]:
+        """The machine and variant id for this user (base machine when no variants)."""
+        variants = self.variant_machines.get(campaign.id)
+        if variants is None:
+            return machine, None
+        vid = experiment.variant_id(campaign, user_id)
+        return variants.get(vid or "", machine), vid
 
     # ------------------------------------------------------------------ public API
 
@@ -187,12 +200,13 @@ class Engine:
         gap = segment.observe(facts, ev)
         immediate: list[Decision] = []
         states = core["c"]
-        for campaign, machine in self.by_type.get(ev.event_type, ()):
+        for campaign, base in self.by_type.get(ev.event_type, ()):
+            machine, variant = self._pick(campaign, base, ev.user_id)
             cs = states.setdefault(campaign.id, {})
             fires, cancelled = machine.on_event(cs, ev, gap)
             _note_deadline(core, campaign.id, machine.next_deadline(cs))
             for fire in fires:
-                d = self._decide(campaign, ev.user_id, fire, facts, emit)
+                d = self._decide(campaign, variant, ev.user_id, fire, facts, emit)
                 if d is not None:
                     immediate.append(d)
             if emit is not None:
@@ -220,10 +234,11 @@ class Engine:
             if index is None:  # campaign removed from the file since: forget its timers
                 del deadlines[cid]
                 continue
-            campaign, machine = self.machines[index]
+            campaign, base = self.machines[index]
+            machine, variant = self._pick(campaign, base, user_id)
             cs = core["c"][cid]
             for fire in machine.fire_due(cs, before):
-                d = self._decide(campaign, user_id, fire, core["f"], emit)
+                d = self._decide(campaign, variant, user_id, fire, core["f"], emit)
                 if d is not None:
                     fired.append((d.fire_at, index, d))
             _note_deadline(core, cid, machine.next_deadline(cs))
@@ -232,7 +247,13 @@ class Engine:
             emit.decisions.extend(d for _, _, d in fired)
 
     def _decide(
-        self, campaign: Campaign, user_id: str, fire: Fire, facts: Any, emit: Step | None
+        self,
+        campaign: Campaign,
+        variant: str | None,
+        user_id: str,
+        fire: Fire,
+        facts: Any,
+        emit: Step | None,
     ) -> Decision | None:
         if not segment.matches(campaign.audience, facts, fire.gap_ms):
             if emit is not None:
@@ -245,7 +266,7 @@ class Engine:
             fire_at=fire.fire_at,
             trigger_event_ids=tuple(fire.event_ids),
             trigger_ts=fire.trigger_ts,
-            variant=self.variant_of(campaign, user_id) if self.variant_of else None,
+            variant=variant,
             stage=segment.lifecycle_stage(facts),
             priority=campaign.priority,
             properties=fire.properties,

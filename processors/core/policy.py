@@ -34,6 +34,7 @@ from typing import Literal, Protocol
 
 import jinja2
 
+from processors.core import experiment
 from processors.core.campaign import Campaign, CampaignSet
 from processors.core.cap import GLOBAL_SCOPE, CapRule, rule_key
 from processors.core.contact import Contact, resolve_timezone
@@ -227,9 +228,11 @@ class Policy:
         self.default_timezone = default_timezone
         self.event_clock = event_clock
         self.global_rules = default_cap_rules(campaigns, cooldown_ms)
-        self._templates: dict[str, jinja2.Template] = {}
+        self._templates: dict[tuple[str, str | None], jinja2.Template] = {}
         for c in campaigns.campaigns:
-            self._templates[c.id] = compile_template(c.message.template)
+            self._templates[(c.id, None)] = compile_template(c.message.template)
+            for v in c.variants:
+                self._templates[(c.id, v.id)] = compile_template(v.message.template)
         self._tokens = 0
         self._token_prefix = f"{random.getrandbits(64):016x}"
         # Fail on a bad default zone at start-up rather than on the first send.
@@ -326,6 +329,9 @@ class Policy:
             return self._final(d, token, now_ms, "failed", "unknown_campaign")
         if not campaign.enabled:
             return self._final(d, token, now_ms, "suppressed", "campaign_disabled")
+        # control group: decided and recorded, never sent (same hash as everywhere else)
+        if experiment.in_holdout(campaign, d.user_id):
+            return self._final(d, token, now_ms, "suppressed", "holdout")
         # 2. consent
         contact = self.store.contact(d.user_id)
         if contact is None:
@@ -359,10 +365,11 @@ class Policy:
             return Step([outcome]) if self.store.defer(d, until, outcome, token) else Step()
         # 6. rendering
         try:
+            variant = d.variant if (campaign.id, d.variant) in self._templates else None
             rendered = render_message(
-                self._templates[campaign.id],
+                self._templates[(campaign.id, variant)],
                 template_variables(d, contact, campaign),
-                campaign.message.footer,
+                experiment.message_for(campaign, variant).footer,
                 add_footer=self.store.claim_first_text(d),
                 max_segments=campaign.max_segments,
             )

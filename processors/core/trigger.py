@@ -17,7 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from processors.core.campaign import AbsenceTrigger, Campaign, EventTrigger, RepeatTrigger
+from processors.core.campaign import (
+    AbsenceTrigger,
+    Campaign,
+    EventTrigger,
+    RepeatTrigger,
+    Trigger,
+)
 from processors.core.events import ClickEvent, EventError, parse_ts
 
 # How long after a decision a cancel event still produces a DecisionCancelled (the dispatcher may
@@ -291,8 +297,9 @@ class EventMachine:
 Machine = AbsenceMachine | RepeatMachine | EventMachine
 
 
-def machine_for(campaign: Campaign) -> Machine:
-    t = campaign.trigger
+def machine_for(campaign: Campaign, trigger: Trigger | None = None) -> Machine:
+    """The state machine of a campaign's trigger (or of a variant's overriding trigger)."""
+    t = trigger or campaign.trigger
     if isinstance(t, AbsenceTrigger):
         return AbsenceMachine(t)
     if isinstance(t, RepeatTrigger):
