@@ -1,0 +1,484 @@
+"""Trigger-stage throughput: the Faust worker against a raw confluent-kafka consume + Avro decode.
+
+Issue 7's target is a *ratio* measured in one run, so that the machine, the broker and the data
+cancel out: both figures read the same clickstream topic on the same fresh embedded stack.
+
+1. A synthetic clickstream (``processors.simulate.generate``) is encoded as Avro in the wire
+   format and produced keyed by ``user_id``, as fast as the producer goes.
+2. Baseline: one confluent-kafka ``Consumer`` assigned to every partition from the beginning,
+   ``consume(1000)`` + ``Codec.decode`` of each message until all are seen.
+3. Trigger stage: a real ``nudgeflow worker`` subprocess (event clock, every example campaign,
+   changelog on) consumes the same topic in a new group. Its rate comes from the group's
+   committed offsets, sampled every 0.5 s: start-up and the group join are left out by starting
+   at the first sample where the offsets moved.
+
+Prints ``key=value`` lines (``raw_events_per_s``, ``faust_events_per_s``, ...) and ``ratio=…``
+last. Everything started here (broker, Redis, worker) is stopped on exit, Ctrl-C or error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+
+from processors.devstack import EmbeddedStack, StackError, create_topics
+from processors.settings import REPO_ROOT, Settings
+from schemas.codec import Codec
+
+SAMPLE_INTERVAL_S = 0.5
+STOP_TIMEOUT_S = 30.0
+CAMPAIGNS = REPO_ROOT / "examples" / "campaigns.yaml"
+# Settings the worker must share with this process, besides every ``topic_*`` (the rest keep
+# their dev defaults): NUDGEFLOW_* of the caller's environment do not reach the worker.
+SHARED_FIELDS = (
+    "profile",
+    "state_dir",
+    "bootstrap_servers",
+    "schema_registry_url",
+    "session_timeout_ms",
+    "heartbeat_interval_ms",
+    "partitions",
+    "clock",
+    "campaigns_file",
+    "worker_id",
+    "worker_web_port",
+)
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not produce a figure; the message says which step failed and why."""
+
+
+def say(text: str) -> None:
+    """Progress goes to stderr so that stdout holds only the ``key=value`` figures."""
+    print(f"[trigger_throughput] {text}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- produce
+
+
+def produce_clickstream(
+    settings: Settings, codec: Codec, events: int, users: int, seed: int, compression: str
+) -> int:
+    """Generate, encode and produce the clickstream keyed by ``user_id``; returns the count."""
+    try:
+        from processors.simulate import generate
+    except ImportError as exc:
+        raise BenchError(f"processors.simulate.generate is not available: {exc}") from None
+
+    t = time.perf_counter()
+    records = [
+        (ev.user_id.encode(), codec.encode("ClickEvent", ev.to_record()))
+        for ev in generate(users, events, seed)
+    ]
+    say(f"generated and encoded {len(records)} events in {time.perf_counter() - t:.1f} s")
+
+    producer = Producer(
+        {
+            **settings.kafka_common(),
+            "enable.idempotence": True,  # as processors.produce.make_producer
+            "compression.type": compression,
+            "linger.ms": 20,
+            "batch.num.messages": 10_000,
+            "queue.buffering.max.messages": 1_000_000,
+            "queue.buffering.max.kbytes": 1_048_576,
+        }
+    )
+    failures: list[str] = []
+
+    def on_delivery(err: KafkaError | None, _msg: object) -> None:
+        if err is not None:
+            failures.append(err.str())
+
+    topic = settings.topic_clickstream
+    t = time.perf_counter()
+    for key, value in records:
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.05)  # local queue full: let deliveries drain
+        producer.poll(0)
+    remaining = producer.flush(120)
+    elapsed = time.perf_counter() - t
+    if remaining or failures:
+        raise BenchError(
+            f"{remaining + len(failures)} of {len(records)} events were not delivered: "
+            f"{failures[:3]}"
+        )
+    say(f"produced {len(records)} events in {elapsed:.1f} s ({len(records) / elapsed:,.0f}/s)")
+    return len(records)
+
+
+def partitions(consumer: Consumer, topic: str) -> list[int]:
+    """Partition numbers of ``topic``.
+
+    Not its high watermarks: tansu 0.6 (memory storage) answers ListOffsets(latest) with the
+    base offset of the partition's last batch + 1, too low whenever that batch holds more than
+    one record, so counts here come from what was produced and what was consumed.
+    """
+    meta = consumer.list_topics(topic, timeout=10)
+    info = meta.topics.get(topic)
+    if info is None or info.error is not None or not info.partitions:
+        raise BenchError(f"topic {topic!r} is missing on the broker")
+    return sorted(info.partitions)
+
+
+# --------------------------------------------------------------------------- raw baseline
+
+
+def raw_consume_rate(settings: Settings, codec: Codec, expected: int, timeout_s: float) -> float:
+    """Events/s of ``consume(1000)`` + ``Codec.decode`` over the whole topic.
+
+    The clock starts when the first batch arrives (connection set-up left out, as the Faust
+    figure leaves out its join) and counts only the messages after that batch.
+    """
+    consumer = Consumer(
+        {
+            **settings.kafka_common(),
+            "group.id": f"bench-raw-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    try:
+        topic = settings.topic_clickstream
+        parts = partitions(consumer, topic)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        decode = codec.decode
+        seen = 0
+        first_batch = 0
+        started: float | None = None
+        deadline = time.monotonic() + timeout_s
+        while seen < expected:
+            msgs = consumer.consume(1000, timeout=1.0)
+            if not msgs:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"raw consumer saw {seen} of {expected} events before timeout")
+                continue
+            for msg in msgs:
+                if msg.error() is not None:
+                    raise BenchError(f"raw consumer error: {msg.error()}")
+                decode(msg.value())
+            seen += len(msgs)
+            if started is None:
+                started = time.perf_counter()
+                first_batch = len(msgs)
+        elapsed = time.perf_counter() - (started or 0.0)
+        counted = seen - first_batch
+        if counted <= 0 or elapsed <= 0:
+            raise BenchError("raw consumer got everything in one batch; use more --events")
+        return counted / elapsed
+    finally:
+        consumer.close()
+
+
+# --------------------------------------------------------------------------- Faust worker
+
+
+class Worker:
+    """A ``nudgeflow worker`` subprocess; ``stop`` is safe to call twice and after it died."""
+
+    def __init__(self, settings: Settings, workdir: Path) -> None:
+        exe = Path(sys.executable).with_name("nudgeflow")
+        argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "processors.cli"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NUDGEFLOW_")}
+        shared = [*SHARED_FIELDS, *(f for f in Settings.model_fields if f.startswith("topic_"))]
+        env.update({f"NUDGEFLOW_{f.upper()}": str(getattr(settings, f)) for f in shared})
+        self.log_path = workdir / "worker.log"
+        self._log: IO[bytes] = self.log_path.open("wb")
+        # cwd=workdir: Faust puts its ``<app id>-data`` directory in the working directory.
+        self.proc = subprocess.Popen(
+            [*argv, "worker"],
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.started = time.monotonic()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise BenchError(
+                f"nudgeflow worker exited with code {self.proc.returncode}; last lines of "
+                f"{self.log_path}:\n{self.log_tail()}"
+            )
+
+    def log_tail(self, lines: int = 20) -> str:
+        self._log.flush()
+        text = self.log_path.read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+    def stop(self) -> int | None:
+        """SIGTERM (the worker commits and leaves the group), SIGKILL if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self._log.closed:
+            self._log.close()
+        return self.proc.returncode
+
+
+@dataclass(frozen=True)
+class Sample:
+    t: float  # monotonic seconds
+    committed: int  # sum of committed offsets over all partitions
+
+
+def committed_total(watcher: Consumer, tps: list[TopicPartition]) -> int:
+    return sum(max(tp.offset, 0) for tp in watcher.committed(tps, timeout=5))
+
+
+def steady_rate(samples: list[Sample], target: int) -> float:
+    """Events/s between the first sample where the offsets moved and the last one.
+
+    Faust commits every 10,000 acked messages or every 2.8 s. The commits while it is busy are
+    count-triggered, but the one that reaches ``target`` comes from the timer, up to 2.8 s after
+    the last event was processed; so when two busy-time samples at least 1 s apart exist, the
+    window ends at the last sample before ``target`` instead.
+    """
+    moved = [
+        cur
+        for prev, cur in zip(samples, samples[1:], strict=False)
+        if cur.committed > prev.committed
+    ]
+    if not moved:
+        raise BenchError("the worker's committed offsets never moved")
+    first = moved[0]
+    busy = [s for s in moved if s.committed < target]
+    last = busy[-1] if len(busy) >= 2 and busy[-1].t - first.t >= 1.0 else moved[-1]
+    if last is first:
+        raise BenchError("the worker committed everything at once; use more --events")
+    return (last.committed - first.committed) / (last.t - first.t)
+
+
+def faust_rate(
+    settings: Settings, workdir: Path, expected: int, timeout_s: float
+) -> tuple[float, float, Worker]:
+    """Start the worker, sample its group's committed offsets until ``expected``.
+
+    Returns (steady events/s, seconds from spawn to all committed, the running worker). The
+    worker's pid is logged so that a profiler can be attached (``py-spy record -p PID``).
+    """
+    watcher = Consumer(
+        {
+            **settings.kafka_common(),
+            # Same group id, but this consumer never subscribes, so it never joins the group:
+            # it only fetches the group's committed offsets.
+            "group.id": settings.worker_id,
+            "enable.auto.commit": False,
+        }
+    )
+    worker: Worker | None = None
+    try:
+        topic = settings.topic_clickstream
+        tps = [TopicPartition(topic, p) for p in partitions(watcher, topic)]
+        worker = Worker(settings, workdir)
+        say(f"worker started (pid {worker.pid}), waiting for {expected} committed offsets")
+        samples = [Sample(time.monotonic(), committed_total(watcher, tps))]
+        deadline = worker.started + timeout_s
+        while samples[-1].committed < expected:
+            worker.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"the worker committed {samples[-1].committed} of {expected} events in "
+                    f"{timeout_s:.0f} s; last lines of its log:\n{worker.log_tail()}"
+                )
+            time.sleep(max(0.0, samples[-1].t + SAMPLE_INTERVAL_S - time.monotonic()))
+            samples.append(Sample(time.monotonic(), committed_total(watcher, tps)))
+        total = samples[-1].t - worker.started
+        moves = [b for a, b in zip(samples, samples[1:], strict=False) if b.committed > a.committed]
+        say(
+            "commits seen (s after spawn: committed): "
+            + " ".join(f"{s.t - worker.started:.1f}:{s.committed}" for s in moves)
+        )
+        return steady_rate(samples, expected), total, worker
+    except BaseException:
+        if worker is not None:
+            worker.stop()
+        raise
+    finally:
+        watcher.close()
+
+
+def state_bytes_per_user(settings: Settings, idle_s: float = 2.0) -> tuple[float, int]:
+    """Mean serialized size of the latest ``user_state`` value per key, read from the table's
+    changelog topic (what a restarted worker would restore); returns (bytes/user, users).
+
+    Call it after the worker stopped: the read ends once the topic stays quiet for ``idle_s``
+    (see :func:`partitions` for why not at the high watermarks).
+    """
+    consumer = Consumer(
+        {
+            **settings.kafka_common(),
+            "group.id": f"bench-state-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        name = f"{settings.worker_id}-user_state-changelog"
+        if name not in consumer.list_topics(timeout=10).topics:
+            raise BenchError(f"changelog topic {name!r} not found")
+        consumer.assign(
+            [TopicPartition(name, p, OFFSET_BEGINNING) for p in partitions(consumer, name)]
+        )
+        latest: dict[bytes, int] = {}
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < idle_s:
+            msgs = consumer.consume(1000, timeout=0.5)
+            if msgs:
+                quiet_since = time.monotonic()
+            for msg in msgs:
+                if msg.error() is not None:
+                    raise BenchError(f"changelog read error: {msg.error()}")
+                key, value = msg.key() or b"", msg.value()
+                if value is None:
+                    latest.pop(key, None)
+                else:
+                    latest[key] = len(value)
+        if not latest:
+            raise BenchError("the state changelog is empty")
+        return sum(latest.values()) / len(latest), len(latest)
+    finally:
+        consumer.close()
+
+
+# --------------------------------------------------------------------------- main
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so that the teardown in ``finally`` runs."""
+
+    def handler(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--events", type=int, default=200_000, help="events (default 200000)")
+    parser.add_argument("--users", type=int, default=100_000, help="users (default 100000)")
+    parser.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=480.0,
+        help="seconds for each consume phase (default 480)",
+    )
+    parser.add_argument(
+        "--compression",
+        choices=("none", "gzip", "lz4", "snappy", "zstd"),
+        default="lz4",
+        help="producer compression (default lz4, as `nudgeflow produce` and `simulate` write)",
+    )
+    args = parser.parse_args(argv)
+    if args.events < 10_000 or args.users < 1:
+        parser.error("--events must be >= 10000 and --users >= 1")
+    return args
+
+
+def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
+    stack = EmbeddedStack()
+    state_dir = tmp / "stack"
+    say(f"starting the embedded stack in {state_dir}")
+    info = stack.up(state_dir)
+    worker: Worker | None = None
+    try:
+        settings = Settings.load(
+            profile="dev",
+            state_dir=state_dir,
+            clock="event",
+            campaigns_file=CAMPAIGNS,
+            worker_id=f"bench-worker-{uuid.uuid4().hex[:10]}",
+            worker_web_port=free_port(),
+        )
+        create_topics(info.bootstrap_servers, settings)
+        codec = Codec(settings.schema_registry_url)
+        n = produce_clickstream(
+            settings, codec, args.events, args.users, args.seed, args.compression
+        )
+
+        raw = raw_consume_rate(settings, codec, n, args.timeout)
+        say(f"raw consume + decode: {raw:,.0f} events/s")
+        faust, wall, worker = faust_rate(settings, tmp, n, args.timeout)
+        say(f"faust worker: {faust:,.0f} events/s steady, all committed {wall:.1f} s after spawn")
+        worker.stop()
+        lines = [
+            ("events", str(n)),
+            ("users", str(args.users)),
+            ("raw_events_per_s", f"{raw:.0f}"),
+            ("faust_events_per_s", f"{faust:.0f}"),
+            ("faust_wall_s", f"{wall:.1f}"),
+        ]
+        try:
+            per_user, users = state_bytes_per_user(settings)
+            lines += [("state_users", str(users)), ("state_bytes_per_user", f"{per_user:.0f}")]
+        except BenchError as exc:
+            say(f"state_bytes_per_user skipped: {exc}")
+        lines.append(("ratio", f"{faust / raw:.3f}"))
+        return lines
+    finally:
+        if worker is not None:
+            worker.stop()
+        stack.down(state_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="nudgeflow-bench-"))
+    try:
+        with sigterm_as_interrupt():
+            lines = run(args, tmp)
+    except (BenchError, StackError, ValueError) as exc:  # ValueError: simulate's arguments
+        print(f"trigger_throughput: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("trigger_throughput: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for key, value in lines:
+        print(f"{key}={value}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
