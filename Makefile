@@ -62,7 +62,7 @@ lint: .venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# bench/run.py is not written yet; the target is a placeholder.
+# 
 bench: .venv redis
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 

@@ -36,7 +36,7 @@ class RateLimiter:
         rate_per_s: float,
         key: str = "nudgeflow:ratelimit:gateway",
         *,
-        margin: float = 0.05,
+        margin: float = 0.1,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if not rate_per_s > 0:
@@ -63,7 +63,7 @@ class RateLimiter:
 class LocalRateLimiter:
     """The same slot booking in one process (backtests and tests without Redis)."""
 
-    def __init__(self, rate_per_s: float, *, margin: float = 0.05) -> None:
+    def __init__(self, rate_per_s: float, *, margin: float = 0.1) -> None:
         if not rate_per_s > 0:
             raise ValueError(f"rate must be > 0 requests/s, got {rate_per_s}")
         self.interval_s = (1 + margin) / rate_per_s
