@@ -234,3 +234,20 @@ def test_journey_facts_count_purchases_and_recent_activity() -> None:
     assert facts["pc"] == 2 and facts["lp"] == T0 + 30 * H
     assert segment.lifecycle_stage(facts) == "repeat_customer"
     assert segment.events_last_24h(facts, T0 + 30 * H) == 1  # the others are > 24 h old
+
+
+def test_idle_user_state_expires_after_ttl_on_a_live_tick() -> None:
+    eng = Engine(campaigns(CART), allowed_lateness_ms=0, state_ttl_ms=2 * H)
+    st = eng.on_event(None, ev("e1", "page_view", T0)).state
+    assert st is not None
+    step = eng.on_event(st, ev("e2", "page_view", T0 + M))
+    assert step.wake_at == T0 + M + 1  # the newest event still waits for the watermark
+    step = eng.on_time(step.state, T0 + M + H)
+    assert step.state is not None
+    assert step.wake_at == T0 + M + 2 * H + 1  # nothing pending: wake at the end of the TTL
+    assert eng.on_time(step.state, T0 + M + 2 * H + 1).state is None  # forgotten
+    # a user with an open cart is never forgotten while the timer is pending
+    st = eng.on_event(None, ev("c1", "add_to_cart", T0)).state
+    step = eng.on_time(st, T0 + 10 * M)
+    assert step.state is not None and step.wake_at == T0 + 30 * M + 1
+    assert eng.on_time(st, FLUSH_MS).state is not None  # end of input keeps the facts

@@ -180,12 +180,19 @@ class Engine:
         return step
 
     def wake_at(self, st: UserState) -> int | None:
-        """The watermark at which ``on_time`` has work: the next deadline or tail commit."""
+        """The watermark at which ``on_time`` has work: the next deadline, tail commit, or (when
+        nothing is pending) the end of the idle user's state TTL, so live ticks forget them."""
         deadlines = st.committed.get("d")
         times = [min(deadlines.values()) + 1] if deadlines else []
         if st.tail:
             times.append(st.tail[0][0] + 1)
-        return min(times) if times else None
+        if times:
+            return min(times)
+        last_seen = st.committed["f"]["ls"]
+        return None if last_seen is None else last_seen + self.state_ttl_ms + 1
+
+    def _pending(self, st: UserState) -> bool:
+        return bool(st.tail or st.committed.get("d"))
 
     # ------------------------------------------------------------------ internals
 
@@ -329,9 +336,9 @@ class Engine:
     def _expired(self, st: UserState, watermark: int) -> bool:
         """Idle users are forgotten after the state TTL once nothing is pending."""
         last_seen = st.committed["f"]["ls"]
-        if st.tail or last_seen is None or self.wake_at(st) is not None:
+        if last_seen is None or self._pending(st):
             return False
-        return st.wm - last_seen > self.state_ttl_ms
+        return watermark < FLUSH_MS and watermark - last_seen > self.state_ttl_ms
 
 
 def _note_deadline(core: Core, campaign_id: str, deadline: int | None) -> None:
