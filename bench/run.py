@@ -5,6 +5,9 @@ tears down whatever it started. They run one after another, in name order, as su
 that one benchmark's broker, worker or memory cannot skew the next. The whole run has a time
 budget (10 minutes, as issue 7 asks of ``make bench``); a benchmark still running when the budget
 is spent gets SIGTERM (it then stops what it started) and the run fails.
+
+The last line sums up issue 7's figures from all the benchmarks' ``key=value`` lines
+(``NA`` for a figure whose benchmark did not run or failed); docs/performance.md explains each.
 """
 
 from __future__ import annotations
@@ -18,6 +21,34 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 BUDGET_S = 600.0
+# (summary name, benchmark key) in the order issue 7 lists them
+SUMMARY = (
+    ("throughput_ratio", "ratio"),
+    ("decision_p99_ms", "decision_p99_ms"),
+    ("send_p99_ms", "send_p99_ms"),
+    ("timer_lateness_p99_s", "timer_lateness_p99_s"),
+    ("gateway_rate_ratio", "gateway_rate_ratio"),
+    ("gateway_max_per_s", "gateway_max_per_s"),
+    ("policy_per_s", "policy_per_s"),
+    ("state_bytes_per_user", "state_bytes_per_user"),
+    ("rss_growth", "rss_growth"),
+)
+
+
+def figures(out: str) -> dict[str, str]:
+    """The ``key=value`` lines of a benchmark's stdout."""
+    found: dict[str, str] = {}
+    for line in out.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key and " " not in key:
+            found[key] = value.strip()
+    return found
+
+
+def summary_line(found: dict[str, str]) -> str:
+    return " ".join(f"{name}={found.get(key, 'NA')}" for name, key in SUMMARY)
+
+
 TERM_GRACE_S = 60.0  # a benchmark's teardown (worker + broker stop) takes well under this
 
 
@@ -69,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     deadline = started + args.budget
     failed: list[str] = []
+    found: dict[str, str] = {}
     for script in discover(args.names):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -79,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         t = time.monotonic()
         code, out = run_one(script, remaining)
         print(out, end="", flush=True)
+        if code == 0:
+            found.update(figures(out))
         spent = time.monotonic() - t
         if code is None:
             print(f"[bench] {script.stem}: stopped after {spent:.0f} s (budget)", file=sys.stderr)
@@ -87,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         if code != 0:
             failed.append(script.stem)
     print(f"[bench] total {time.monotonic() - started:.0f} s", file=sys.stderr)
+    print(summary_line(found), flush=True)
     if failed:
         print(f"[bench] failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from processors.settings import SecretFileError
+
 # sub-command -> (module, one-line help). Each module offers add_arguments(parser) and run(args).
 COMMANDS: dict[str, tuple[str, str]] = {
     "dev": ("processors.devstack", "start/stop/inspect the embedded broker and Redis"),
@@ -17,6 +19,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("processors.demo", "run the whole pipeline on the embedded stack"),
     "backtest": ("processors.backtest", "replay a file of events through the campaigns"),
     "simulate": ("processors.simulate", "generate a realistic synthetic clickstream"),
+    "webhooks": ("processors.webhooks", "serve delivery receipts, inbound texts and short links"),
+    "attribution": ("processors.attribution", "attribute conversions to texts (last touch)"),
+    "report": ("processors.report", "write the HTML report of a demo directory or the topics"),
 }
 
 
@@ -41,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     parser, modules = build_parser()
     args = parser.parse_args()
     module = modules[args.command]
-    code = module.run(args)  # type: ignore[attr-defined]
+    try:
+        code = module.run(args)  # type: ignore[attr-defined]
+    except SecretFileError as exc:  # NUDGEFLOW_*_FILE names an unreadable file
+        print(f"nudgeflow {args.command}: {exc}", file=sys.stderr)
+        return 2
     return int(code or 0)
 
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +95,41 @@ def collect(settings: Settings, deadline: float, procs: list[subprocess.Popen[by
     return got
 
 
+def load_inbound(path: Path) -> list[tuple[str, str, int]]:
+    """``{"msisdn": "+14155550100", "text": "STOP", "ts": "2024-03-14T10:00:00Z"}`` lines ->
+    ``(E.164 phone, opted_out|opted_in, at ms)`` for the STOP- and START-class keywords (HELP
+    and other texts change nothing here). Bad lines are reported and skipped."""
+    from processors.core.contact import normalize_phone
+    from processors.core.events import parse_ts
+    from processors.core.keywords import classify
+    from processors.files import LineErrors, read_parsed
+
+    def parse(obj: dict[str, object]) -> tuple[str, str, int] | None:
+        raw = str(obj.get("msisdn") or "")
+        phone = normalize_phone(raw if raw.startswith("+") else f"+{raw}")
+        kind = classify(str(obj.get("text") or ""))
+        at = parse_ts(obj.get("ts"))
+        if kind not in ("stop", "start"):
+            return None
+        return phone, "opted_out" if kind == "stop" else "opted_in", at
+
+    rows = read_parsed(path, parse, LineErrors(str(path)))
+    return [row for _line, row in rows if row is not None]
+
+
+def scrape_metrics(ports: Iterable[int], path: Path) -> None:
+    """Every component's final Prometheus exposition, merged into one text file."""
+    from urllib.request import urlopen
+
+    from processors.metrics import merge_expositions, write_text
+
+    texts = []
+    for port in ports:
+        with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:  # noqa: S310
+            texts.append(resp.read().decode())
+    write_text(path, merge_expositions(texts))
+
+
 def _outcome_json(rec: dict[str, object]) -> dict[str, object]:
     from processors.core.outcome import SmsOutcome
 
@@ -113,7 +149,12 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def run_demo(
-    events: Path, campaigns: Path, contacts: Path, out: Path, timeout_s: float = 150
+    events: Path,
+    campaigns: Path,
+    contacts: Path,
+    out: Path,
+    timeout_s: float = 150,
+    inbound: Path | None = None,
 ) -> int:
     from processors.contacts_import import import_contacts
     from processors.devstack import EmbeddedStack, create_topics
@@ -154,18 +195,33 @@ def run_demo(
         create_topics(info.bootstrap_servers, settings)
         published, bad = import_contacts(contacts, settings)
         print(f"contacts: {published} imported, {bad} skipped", flush=True)
+        if inbound is not None:
+            # Replies at event times: each STOP/START holds from its own time in the replay.
+            import redis
+
+            from processors.redis_store import RedisStore
+
+            store = RedisStore(redis.Redis.from_url(settings.redis_url))
+            keywords = load_inbound(inbound)
+            for phone, status, at in keywords:
+                store.record_keyword(phone, status, at)
+            print(f"inbound: {len(keywords)} STOP/START replies applied in event time", flush=True)
         exe = [sys.executable, "-m", "processors.cli"]
         logs = out / "logs"
         logs.mkdir(exist_ok=True)
+        metrics_ports = {}
         for name in ("worker", "dispatcher"):
             log = (logs / f"{name}.log").open("wb")
+            metrics_ports[name] = _free_port()
+            proc_env = {**env, "NUDGEFLOW_METRICS_PORT": str(metrics_ports[name])}
             procs.append(
-                subprocess.Popen([*exe, name], env=env, stdout=log, stderr=subprocess.STDOUT)
+                subprocess.Popen([*exe, name], env=proc_env, stdout=log, stderr=subprocess.STDOUT)
             )
         print("worker and dispatcher started; replaying events in event time…", flush=True)
         sent, errors = produce_file(settings, events, flush=True, progress=False)
         print(f"events: {sent} produced, {len(errors)} bad lines skipped", flush=True)
         got = collect(settings, started + timeout_s, procs)
+        scrape_metrics(metrics_ports.values(), out / "metrics.prom")
     finally:
         _stop(procs)
         stack.down(state_dir)
@@ -196,7 +252,10 @@ def run_demo(
     print(f"texts sent:     {status.get('sent', 0)}  (outbox: {outbox})")
     for key, n in sorted(reasons.items()):
         print(f"  {key:<28}{n}")
-    print(f"files:          {out}/decisions.jsonl, outcomes.jsonl, outbox.jsonl")
+    print(f"files:          {out}/decisions.jsonl, outcomes.jsonl, outbox.jsonl, metrics.prom")
+    from processors.report import write_demo_report  # same attribution core as the live shell
+
+    print(f"report:         {write_demo_report(out, events, campaigns)}")
     print(f"done in {time.monotonic() - started:.1f}s")
     return 0
 
@@ -207,6 +266,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contacts", type=Path, default=EXAMPLES / "contacts.jsonl")
     parser.add_argument("--out", type=Path, default=Path("demo-out"))
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds before giving up")
+    parser.add_argument(
+        "--inbound",
+        type=Path,
+        help='inbound texts (JSON Lines: {"msisdn": ..., "text": "STOP", "ts": ...}) applied '
+        "in event time",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -214,4 +279,9 @@ def run(args: argparse.Namespace) -> int:
         if not p.exists():
             print(f"nudgeflow demo: {p}: no such file", file=sys.stderr)
             return 2
-    return run_demo(args.events, args.campaigns, args.contacts, args.out, args.timeout)
+    if args.inbound is not None and not args.inbound.exists():
+        print(f"nudgeflow demo: {args.inbound}: no such file", file=sys.stderr)
+        return 2
+    return run_demo(
+        args.events, args.campaigns, args.contacts, args.out, args.timeout, inbound=args.inbound
+    )

@@ -494,6 +494,9 @@ def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
         settings.topic_contacts: {"cleanup.policy": "compact"},
         settings.topic_sms_dlq: {},
         settings.topic_ticks: {},
+        settings.topic_conversions: {},
+        settings.topic_delivery: {},
+        settings.topic_inbound: {},
     }
 
 

@@ -45,12 +45,14 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from processors import metrics
 from processors.control import CONTROL_HEADER, FLUSH, FlushTracker, flush_headers, header
 from processors.core.campaign import CampaignError, CampaignSet, load_campaigns
 from processors.core.decision import Decision, DecisionCancelled
+from processors.core.links import LinkShortener
 from processors.core.outcome import SmsOutcome
 from processors.core.policy import Policy, RetryPolicy, SendPlan, Step, deliver, with_send_time
-from processors.gateways.base import Gateway
+from processors.gateways.base import Gateway, GatewayError, SendResult, SmsMessage
 from processors.rate_limit import RateLimiter
 from processors.redis_store import DEFAULT_PREFIX, RedisStore
 from processors.settings import Settings
@@ -69,7 +71,10 @@ def make_gateway(settings: Settings) -> Gateway:
     if settings.gateway == "outbox":
         from processors.gateways.outbox import OutboxGateway
 
-        return OutboxGateway(settings.outbox_path)
+        # The console echo shows each text: on a terminal only. Redirected, stdout is a log
+        # (e.g. the demo's logs/dispatcher.log), and texts never go into logs.
+        echo = print if sys.stdout.isatty() else None
+        return OutboxGateway(settings.outbox_path, echo=echo)
     from processors.gateways.vonage import VonageGateway
 
     if settings.vonage_api_key is None or settings.vonage_api_secret is None:
@@ -129,6 +134,9 @@ class Dispatcher:
         commit_interval_s: float = 0.2,
     ) -> None:
         self.settings = settings
+        self._deferred_ids: set[str] = set()  # for the nudgeflow_sms_deferred gauge
+        self._released_ids: set[str] = set()  # claimed from the shared deferred backlog here
+        self._last_lag = 0.0
         self.gateway = gateway
         self.event_clock = settings.clock == "event"
         self.codec = Codec(settings.schema_registry_url)
@@ -149,6 +157,10 @@ class Dispatcher:
             event_clock=self.event_clock,
         )
         self.limiter = RateLimiter(self.redis, rate_per_s, key=f"{key_prefix}ratelimit:gateway")
+        link_secret = settings.link_secret.get_secret_value() if settings.link_secret else None
+        self.links = LinkShortener.maybe(
+            self.store, settings.link_base_url, settings.link_ttl_s, link_secret
+        )
         self.retry = retry or RetryPolicy()
         self.max_in_flight = max_in_flight
         self.commit_interval_s = commit_interval_s
@@ -290,7 +302,7 @@ class Dispatcher:
             # partitions may have moved past a send deferred just now).
             self._last_release = time.monotonic()
             now = self._vnow if self.event_clock else _wall_ms()
-            for step in self.policy.release_due(now):
+            for step in self._release_due(now):
                 self._handle(step, None)
         if len(self._futures) < self.max_in_flight:
             room = self.max_in_flight - len(self._futures)
@@ -306,6 +318,7 @@ class Dispatcher:
         ):
             self._end_of_input()
         self._commit()
+        self._sample_lag()
 
     def _on_message(self, msg: Message) -> None:
         err = msg.error()
@@ -365,12 +378,23 @@ class Dispatcher:
                 self.policy.on_decision(decision, self._now(decision.fire_at)), ref, decision
             )
 
+    def _release_due(self, now_ms: int | None) -> list[Step]:
+        """Deferred sends now due, claimed from the backlog every instance shares. Their ids are
+        kept so that this instance counts the deferred gauge down, also for a send another
+        instance deferred (the sum over dispatchers is the backlog)."""
+        steps = self.policy.release_due(now_ms)
+        for step in steps:
+            if step.send is not None:
+                self._released_ids.add(step.send.decision.decision_id)
+            self._released_ids.update(o.decision_id for o in step.outcomes)
+        return steps
+
     def _now(self, item_time: int) -> int:
         """Evaluation time of an item; with the event clock also releases due deferred sends."""
         if not self.event_clock:
             return _wall_ms()
         self._vnow = max(self._vnow, item_time)
-        for step in self.policy.release_due(self._vnow):
+        for step in self._release_due(self._vnow):
             self._handle(step, None)
         return item_time
 
@@ -394,6 +418,9 @@ class Dispatcher:
 
     def _send_job(self, plan: SendPlan) -> Step:
         """In a pool thread: rate limit, last cancel check, gateway call(s), outcome."""
+        if self.links is not None:
+            plan = self.links.apply(plan)  # tracked short links (webhooks serve /l/{code})
+        self.store.remember_send(plan.decision, plan.message.segments)  # receipts: client-ref
         self.limiter.acquire()
         gate = self.policy.begin_call(plan)
         if gate is not None:
@@ -409,9 +436,23 @@ class Dispatcher:
                 self.store.extend_call(plan.decision, plan.token)
                 self.limiter.acquire()
 
-        result = deliver(plan, self.gateway.send, self.retry, acquire=acquire)
+        result = deliver(plan, self._timed_send, self.retry, acquire=acquire)
         at = plan.now_ms if self.event_clock else _wall_ms()
+        if not self.event_clock and isinstance(result, SendResult):
+            metrics.EVENT_TO_SEND.observe(max(0.0, (at - plan.decision.trigger_ts) / 1000))
         return self.policy.complete(plan, result, at)
+
+    def _timed_send(self, message: SmsMessage) -> SendResult:
+        """One gateway request, measured (latency histogram, throttling counter)."""
+        started = time.perf_counter()
+        try:
+            return self.gateway.send(message)
+        except GatewayError as exc:
+            if exc.reason == "throttled":
+                metrics.GATEWAY_THROTTLED.inc()
+            raise
+        finally:
+            metrics.GATEWAY_REQUEST.observe(time.perf_counter() - started)
 
     def _reap(self, timeout: float) -> None:
         if not self._futures:
@@ -456,6 +497,7 @@ class Dispatcher:
         self._produce(self.settings.topic_outcomes, outcome.user_id.encode(), value)
         self._to_mark.append((outcome.user_id, outcome.decision_id, outcome.status))
         self.stats.outcomes[f"{outcome.status}:{outcome.reason or '-'}"] += 1
+        self._count(outcome)
         log.info(
             "decision %s (%s): %s%s",
             outcome.decision_id,
@@ -463,6 +505,45 @@ class Dispatcher:
             outcome.status,
             f" ({outcome.reason})" if outcome.reason else "",
         )
+
+    def _count(self, outcome: SmsOutcome) -> None:
+        """Prometheus counters by outcome (campaign, variant and reason only: never a user)."""
+        campaign, reason = outcome.campaign_id, outcome.reason or "none"
+        did = outcome.decision_id
+        held = did in self._deferred_ids or did in self._released_ids
+        if held and outcome.status != "deferred":
+            # Deferred here or by another instance and released here: the other instance's
+            # +1 and this -1 cancel out in the sum over dispatchers.
+            self._deferred_ids.discard(did)
+            self._released_ids.discard(did)
+            metrics.SMS_DEFERRED.labels(campaign=campaign).dec()
+        if outcome.status == "sent":
+            metrics.SMS_SENT.labels(
+                campaign=campaign, variant=metrics.variant_label(outcome.variant)
+            ).inc()
+            metrics.SMS_SEGMENTS.labels(campaign=campaign).inc(outcome.segments or 1)
+        elif outcome.status == "suppressed":
+            metrics.SMS_SUPPRESSED.labels(campaign=campaign, reason=reason).inc()
+        elif outcome.status == "failed":
+            metrics.SMS_FAILED.labels(campaign=campaign, reason=reason).inc()
+        elif outcome.status == "cancelled":
+            metrics.SMS_CANCELLED.labels(campaign=campaign, reason=reason).inc()
+        elif outcome.status == "deferred" and not held:
+            self._deferred_ids.add(did)
+            metrics.SMS_DEFERRED.labels(campaign=campaign).inc()
+
+    def _sample_lag(self) -> None:
+        if not self.settings.metrics_port or not self._assigned:
+            return  # nobody scrapes: skip the broker round trips
+        if time.monotonic() - self._last_lag < 5.0:
+            return
+        self._last_lag = time.monotonic()
+        try:
+            lags = metrics.confluent_consumer_lag(self.consumer, timeout=2.0)
+        except Exception:  # noqa: BLE001 - a metrics sample must never stop sending
+            log.debug("consumer lag sample failed", exc_info=True)
+            return
+        metrics.set_consumer_lag(self.settings.dispatcher_group, lags)
 
     def _dead_letter(self, key: bytes | None, value: bytes | None, reason: str) -> None:
         self._produce(
@@ -561,7 +642,7 @@ class Dispatcher:
         """Event clock: every partition is flushed. Release all deferred sends, mark the end."""
         self._drain()
         while True:
-            steps = self.policy.release_due(None)
+            steps = self._release_due(None)
             if not steps:
                 break
             for step in steps:
@@ -618,12 +699,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    settings = Settings.load()
     logging.basicConfig(
-        level=logging.INFO,
+        level=(settings.log_level or "info").upper(),  # NUDGEFLOW_LOG_LEVEL
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    settings = Settings.load()
     try:
         campaigns = load_campaigns(args.campaigns or settings.campaigns_file)
     except CampaignError as exc:
@@ -651,6 +732,11 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    try:
+        metrics.start_metrics_server(settings.metrics_port)  # 0 = off (dev profile default)
+    except metrics.MetricsServerError as exc:
+        print(f"nudgeflow dispatcher: {exc}", file=sys.stderr)
+        return 2
     log.info(
         "dispatcher: group %s, topic %s, gateway %s, clock %s",
         settings.dispatcher_group,

@@ -41,17 +41,35 @@ def is_csv(path: Path) -> bool:
     return path.suffix.lower() == ".csv"
 
 
+def _is_utf8(*texts: str) -> bool:
+    """False when decoding left surrogate escapes, i.e. the bytes were not UTF-8."""
+    try:
+        for text in texts:
+            text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_rows(path: Path, errors: LineErrors) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line number, object)`` for each record; undecodable lines go to ``errors``."""
-    with path.open("r", encoding="utf-8", errors="surrogateescape", newline="") as fh:
+    # utf-8-sig: spreadsheet tools start "CSV UTF-8" files with a byte-order mark, which would
+    # otherwise become part of the first column's name (or make the first JSON line invalid).
+    with path.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         if is_csv(path):
             reader = csv.DictReader(fh)
             if not reader.fieldnames:
+                return
+            if not _is_utf8(*reader.fieldnames):
+                errors.add(1, "header is not valid UTF-8")
                 return
             for row in reader:
                 line = reader.line_num
                 if None in row:
                     errors.add(line, "more cells than header columns")
+                    continue
+                if not _is_utf8(*(v for v in row.values() if isinstance(v, str))):
+                    errors.add(line, "not valid UTF-8")
                     continue
                 yield line, {k.strip(): v for k, v in row.items() if k is not None}
             return
@@ -59,15 +77,16 @@ def read_rows(path: Path, errors: LineErrors) -> Iterator[tuple[int, dict[str, A
             text = raw.strip()
             if not text or text.startswith("#"):
                 continue
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
+            if not _is_utf8(text):
                 errors.add(number, "not valid UTF-8")
                 continue
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
                 errors.add(number, f"not valid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            except RecursionError:
+                errors.add(number, "not valid JSON (nested too deeply)")
                 continue
             if not isinstance(obj, dict):
                 errors.add(number, "not a JSON object")

@@ -28,6 +28,7 @@ class _Entry:
     outcome: SmsOutcome | None = None
     emitted: str | None = None
     cancel: str | None = None
+    cancel_at: int = 0
 
 
 @dataclass
@@ -45,7 +46,7 @@ class InMemoryStore:
     def _entry(self, decision_id: str) -> _Entry:
         return self.entries.setdefault(decision_id, _Entry())
 
-    def contact(self, user_id: str) -> Contact | None:
+    def contact(self, user_id: str, as_of: int | None = None) -> Contact | None:
         return self.contacts.get(user_id)
 
     def begin(self, decision: Decision, token: str, resume_deferred: bool) -> Prior:
@@ -59,11 +60,22 @@ class InMemoryStore:
             e.token = token  # the previous attempt is gone: this one owns the decision
         return Prior(e.state, e.outcome, emitted)  # type: ignore[arg-type]
 
-    def cancellation(self, decision: Decision) -> str | None:
-        return self._entry(decision.decision_id).cancel
+    def cancellation(self, decision: Decision, as_of: int | None = None) -> str | None:
+        e = self._entry(decision.decision_id)
+        if e.cancel is None or (as_of is not None and e.cancel_at > as_of):
+            return None
+        return e.cancel
 
-    def cancel(self, cancel: DecisionCancelled, outcome: SmsOutcome) -> bool:
+    def cancel(
+        self, cancel: DecisionCancelled, outcome: SmsOutcome, event_clock: bool = False
+    ) -> bool:
         e = self._entry(cancel.decision_id)
+        e.cancel_at = cancel.at
+        if event_clock:  # see RedisStore.cancel: a send deferred to before the cancel stays
+            entry = self.deferred.get(cancel.decision_id)
+            if entry is not None and entry[0] < cancel.at:
+                e.cancel = cancel.reason
+                return False
         e.cancel = cancel.reason
         if e.state == "deferred" and cancel.decision_id in self.deferred:
             del self.deferred[cancel.decision_id]
@@ -115,11 +127,11 @@ class InMemoryStore:
             out.append((entry[1], due))
         return out
 
-    def start_call(self, decision: Decision, token: str) -> CallPermit:
+    def start_call(self, decision: Decision, token: str, as_of: int | None = None) -> CallPermit:
         e = self._entry(decision.decision_id)
         if e.token != token or e.state != "reserved":
             return "lost"
-        if e.cancel is not None:
+        if self.cancellation(decision, as_of) is not None:
             return f"cancelled:{e.cancel}"
         e.state = "calling"
         return "ok"

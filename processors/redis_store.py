@@ -17,21 +17,34 @@ as a hash tag, so one user's keys share a cluster slot):
   ``Pdeferred:lease`` sorted set (claimed ids by lease expiry, wall clock): a deferred send
   survives restarts, and a claim lost in a crash returns to ``Pdeferred`` when its lease ends.
 
+Written by the webhook service (``processors.webhooks``), read by the dispatcher:
+
+* ``Pphone:<e164>`` hash: ``s`` consent the handset gave by keyword (opted_out|opted_in), ``at``
+  its time, ``src`` the keyword. A STOP here overrides every profile of that number (also ones
+  imported later) until a START from the same number: :meth:`RedisStore.contact` and the last
+  check before the gateway call both read it. Kept without expiry.
+* ``Pphone:<e164>:users`` set of user ids with that number, ``P{u}:phone`` the indexed number.
+* ``Psent:<decision_id>`` hash (``u`` user, ``c`` campaign, ``v`` variant, ``n`` segments): what a
+  delivery receipt's client-ref refers to; ``P{u}:last`` the campaign of the user's last text.
+* ``Plink:<code>`` JSON of a short link's target (expires after the link TTL).
+
 The deferred index is global (not per user), so the scripts that touch it are not cluster-safe;
 NudgeFlow targets a single Redis (or a primary with replicas) for the dispatcher.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import cached_property
 from typing import Any
 
 import redis
 
 from processors.core.cap import GLOBAL_SCOPE, CapRule, longest_window_ms
-from processors.core.contact import Contact, ContactError
+from processors.core.contact import Consent, Contact, ContactError
 from processors.core.decision import Decision, DecisionCancelled
 from processors.core.outcome import OutcomeError, SmsOutcome
 from processors.core.policy import CallPermit, Prior
@@ -72,7 +85,16 @@ return {s, f[1], emitted and 1 or 0, 0}
 _CANCEL = (
     _NOW
     + """
-redis.call('HSET', KEYS[1], 'c', ARGV[1])
+-- ARGV[6]: the cancel's time. Event clock (ARGV[7] = 1): a send deferred to before that time
+-- went out before the conversion, so it stays; later checks compare 'ca' with their own time.
+redis.call('HSET', KEYS[1], 'c', ARGV[1], 'ca', ARGV[6])
+if ARGV[7] == '1' then
+  local due = redis.call('ZSCORE', KEYS[2], ARGV[2])
+  if due and tonumber(due) < tonumber(ARGV[6]) then
+    redis.call('PEXPIRE', KEYS[1], ARGV[4])
+    return 0
+  end
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 if redis.call('HGET', KEYS[1], 's') == 'deferred' and redis.call('ZREM', KEYS[2], ARGV[2]) == 1 then
   redis.call('HDEL', KEYS[3], ARGV[2])
@@ -158,7 +180,25 @@ _START_CALL = (
 local owner = redis.call('HGET', KEYS[1], 't')
 if owner ~= ARGV[1] or redis.call('HGET', KEYS[1], 's') ~= 'reserved' then return 'lost' end
 local c = redis.call('HGET', KEYS[1], 'c')
-if c then return 'cancelled:' .. c end
+local as_of = tonumber(ARGV[4])
+if c and (as_of < 0 or tonumber(redis.call('HGET', KEYS[1], 'ca') or '0') <= as_of) then
+  return 'cancelled:' .. c
+end
+-- consent once more, atomically with the call: a STOP answered since the policy's check wins
+local v = redis.call('HGET', KEYS[2], 'v')
+if v then
+  local ok, rec = pcall(cjson.decode, v)
+  if ok and type(rec) == 'table' then
+    local consent = type(rec['consent']) == 'table' and rec['consent']['status'] or nil
+    if consent ~= 'opted_in' then
+      return 'cancelled:' .. (consent == 'opted_out' and 'opted_out' or 'no_consent')
+    end
+    if type(rec['phone']) == 'string'
+      and redis.call('HGET', ARGV[3] .. rec['phone'], 's') == 'opted_out' then
+      return 'cancelled:opted_out'
+    end
+  end
+end
 redis.call('HSET', KEYS[1], 's', 'calling', 'l', now + ARGV[2])
 return 'ok'
 """
@@ -217,6 +257,64 @@ else
 end
 return 1
 """
+
+
+# KEYS: phone hash. ARGV: status, at, source. An older keyword never overrides a newer one.
+_SET_PHONE_CONSENT = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'at') or '-1')
+if cur > tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 's', ARGV[1], 'at', ARGV[2], 'src', ARGV[3])
+return 1
+"""
+
+# KEYS: the user's indexed phone. ARGV: user id, phone ('' = none), phone key prefix.
+_INDEX_PHONE = """
+local old = redis.call('GET', KEYS[1])
+if old == ARGV[2] then return 0 end
+if old then redis.call('SREM', ARGV[3] .. old .. ':users', ARGV[1]) end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+  redis.call('SADD', ARGV[3] .. ARGV[2] .. ':users', ARGV[1])
+end
+return 1
+"""
+
+# KEYS: contact hash. ARGV: expected record, new record (the offset stays).
+_SWAP_CONTACT = """
+if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'v', ARGV[2])
+return 1
+"""
+
+# KEYS: link key. ARGV: record, ttl. Returns the record stored under the code.
+_PUT_LINK = """
+local cur = redis.call('GET', KEYS[1])
+if cur then return cur end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return ARGV[1]
+"""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PhoneConsent:
+    """Consent a handset gave by keyword (STOP/START), independent of any profile."""
+
+    status: Consent
+    at_ms: int
+    source: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SentRef:
+    """What a client-ref (decision id) of a sent text refers to."""
+
+    decision_id: str
+    user_id: str
+    campaign_id: str
+    variant: str | None
+    segments: int
 
 
 def _text(value: Any) -> str | None:
@@ -287,14 +385,34 @@ class RedisStore:
             self._put_contact(keys=[f"{self._user(user_id)}:contact"], args=[offset, value])
         )
 
-    def contact(self, user_id: str) -> Contact | None:
+    def contact(self, user_id: str, as_of: int | None = None) -> Contact | None:
         raw = self.r.hget(f"{self._user(user_id)}:contact", "v")
         if raw is None:
             return None
         try:
-            return Contact.from_record(json.loads(raw))
+            contact = Contact.from_record(json.loads(raw))
         except (ContactError, ValueError):
             return None  # unreadable profile: treated as no contact (never texted)
+        if as_of is not None:
+            contact = self._with_keyword_timeline(contact, as_of)
+        return self._with_phone_consent(contact)
+
+    def record_keyword(self, phone: str, status: str, at_ms: int) -> None:
+        """Event-clock replays (``demo --inbound``): a STOP/START of ``phone`` at ``at_ms``,
+        in force only for checks made at or after that time (see ``contact(as_of=...)``)."""
+        if status not in ("opted_out", "opted_in"):
+            raise ValueError(f"keyword consent must be opted_out or opted_in, got {status!r}")
+        self.r.zadd(f"{self._phone_prefix}{phone}:timeline", {f"{at_ms}:{status}": at_ms})
+
+    def _with_keyword_timeline(self, contact: Contact, as_of: int) -> Contact:
+        key = f"{self._phone_prefix}{contact.phone}:timeline"
+        latest = self.r.zrevrangebyscore(key, as_of, "-inf", start=0, num=1)
+        if not latest:
+            return contact
+        at, status = (_text(latest[0]) or "0:").split(":", 1)
+        return dataclasses.replace(
+            contact, consent=status, consent_at_ms=int(at), consent_source="sms:keyword"
+        )
 
     # -- PolicyStore ----------------------------------------------------------------------------
 
@@ -316,10 +434,15 @@ class RedisStore:
                 parsed = None
         return Prior(state_s, parsed, bool(emitted))  # type: ignore[arg-type]
 
-    def cancellation(self, decision: Decision) -> str | None:
-        return _text(self.r.hget(self._dkey(decision.user_id, decision.decision_id), "c"))
+    def cancellation(self, decision: Decision, as_of: int | None = None) -> str | None:
+        reason, at = self.r.hmget(self._dkey(decision.user_id, decision.decision_id), "c", "ca")
+        if reason is None or (as_of is not None and at is not None and int(at) > as_of):
+            return None  # event clock: that conversion happens later than this check
+        return _text(reason)
 
-    def cancel(self, cancel: DecisionCancelled, outcome: SmsOutcome) -> bool:
+    def cancel(
+        self, cancel: DecisionCancelled, outcome: SmsOutcome, event_clock: bool = False
+    ) -> bool:
         deferred, data, _lease = self._deferred
         return bool(
             self._cancel(
@@ -330,6 +453,8 @@ class RedisStore:
                     outcome.dumps(),
                     self.state_ttl_ms,
                     self.emit_grace_ms,
+                    cancel.at,
+                    "1" if event_clock else "0",
                 ],
             )
         )
@@ -402,9 +527,16 @@ class RedisStore:
         deferred, _data, lease = self._deferred
         return int(self.r.zcard(deferred)) + int(self.r.zcard(lease))
 
-    def start_call(self, decision: Decision, token: str) -> CallPermit:
+    def start_call(self, decision: Decision, token: str, as_of: int | None = None) -> CallPermit:
         key = self._dkey(decision.user_id, decision.decision_id)
-        return _text(self._start(keys=[key], args=[token, self.call_lease_ms])) or "lost"
+        contact = f"{self._user(decision.user_id)}:contact"
+        args: list[str | int] = [
+            token,
+            self.call_lease_ms,
+            self._phone_prefix,
+            -1 if as_of is None else as_of,
+        ]
+        return _text(self._start(keys=[key, contact], args=args)) or "lost"
 
     def extend_call(self, decision: Decision, token: str) -> bool:
         """Renew the ``calling`` lease before a retry, so no other instance takes it as a crash."""
@@ -439,3 +571,140 @@ class RedisStore:
         for user_id, decision_id, status in items:
             pipe.hset(self._dkey(user_id, decision_id), "e", status)
         pipe.execute()
+
+    # -- webhooks: handset consent, phone index, sent texts, short links ------------------------
+
+    @property
+    def _phone_prefix(self) -> str:
+        return f"{self.prefix}phone:"
+
+    @cached_property
+    def _set_phone_consent(self) -> Any:
+        return self.r.register_script(_SET_PHONE_CONSENT)
+
+    @cached_property
+    def _index_phone(self) -> Any:
+        return self.r.register_script(_INDEX_PHONE)
+
+    @cached_property
+    def _swap_contact(self) -> Any:
+        return self.r.register_script(_SWAP_CONTACT)
+
+    @cached_property
+    def _put_link(self) -> Any:
+        return self.r.register_script(_PUT_LINK)
+
+    def _with_phone_consent(self, contact: Contact) -> Contact:
+        """The profile as the policy must see it: a STOP from its number overrides it."""
+        if contact.consent == "opted_out":
+            return contact
+        state = self.phone_consent(contact.phone)
+        if state is None or state.status != "opted_out":
+            return contact
+        return dataclasses.replace(
+            contact, consent="opted_out", consent_at_ms=state.at_ms, consent_source=state.source
+        )
+
+    def phone_consent(self, phone: str) -> PhoneConsent | None:
+        """The last keyword consent (STOP/START) received from ``phone`` (E.164), if any."""
+        raw = self.r.hmget(self._phone_prefix + phone, ["s", "at", "src"])
+        status, at = _text(raw[0]), _text(raw[1])
+        if status not in ("opted_out", "opted_in") or at is None:
+            return None
+        return PhoneConsent(status, int(at), _text(raw[2]))  # type: ignore[arg-type]
+
+    def set_phone_consent(self, phone: str, status: Consent, at_ms: int, source: str) -> bool:
+        """Record a keyword consent of ``phone``; False when a newer one is already recorded.
+
+        In force for the dispatcher as soon as this returns (``contact`` and ``start_call``).
+        """
+        if status not in ("opted_out", "opted_in"):
+            raise ValueError(f"handset consent must be opted_out or opted_in, got {status!r}")
+        keys = [self._phone_prefix + phone]
+        return bool(self._set_phone_consent(keys=keys, args=[status, int(at_ms), source]))
+
+    def set_consent(
+        self, user_id: str, status: Consent, at_ms: int, source: str, phone: str | None = None
+    ) -> Contact | None:
+        """Set the consent of the stored profile of ``user_id`` in place; the updated profile.
+
+        None when there is no readable profile, its number is not ``phone`` (when given), or
+        its consent is newer than ``at_ms``. The caller publishes the result to the contacts
+        topic (whose record then replaces this one).
+        """
+        key = f"{self._user(user_id)}:contact"
+        for _ in range(16):  # compare-and-swap; retried only under concurrent writes
+            raw = self.r.hget(key, "v")
+            if raw is None:
+                return None
+            try:
+                contact = Contact.from_record(json.loads(raw))
+            except (ContactError, ValueError):
+                return None
+            if phone is not None and contact.phone != phone:
+                return None
+            if contact.consent_at_ms is not None and contact.consent_at_ms > at_ms:
+                return None
+            updated = dataclasses.replace(
+                contact, consent=status, consent_at_ms=int(at_ms), consent_source=source
+            )
+            new = json.dumps(updated.to_record(), separators=(",", ":"))
+            if self._swap_contact(keys=[key], args=[raw, new]):
+                return updated
+        raise RuntimeError("contact record kept changing; consent not set")
+
+    def index_phone(self, user_id: str, phone: str | None) -> None:
+        """Keep the phone -> users index current (``None``: the profile was deleted)."""
+        key = f"{self._user(user_id)}:phone"
+        self._index_phone(keys=[key], args=[user_id, phone or "", self._phone_prefix])
+
+    def users_for_phone(self, phone: str) -> list[str]:
+        """Ids of the profiles with this number, sorted."""
+        members = self.r.smembers(f"{self._phone_prefix}{phone}:users")
+        return sorted(_text(m) or "" for m in members)  # type: ignore[union-attr]
+
+    def remember_send(self, decision: Decision, segments: int) -> None:
+        """Before the gateway call: map the client-ref (decision id) to user and campaign, so
+        a delivery receipt, which may beat the call's own answer, can be matched."""
+        pipe = self.r.pipeline(transaction=False)
+        key = f"{self.prefix}sent:{decision.decision_id}"
+        fields = {
+            "u": decision.user_id,
+            "c": decision.campaign_id,
+            "v": decision.variant or "",
+            "n": int(segments),
+        }
+        pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+        pipe.pexpire(key, self.state_ttl_ms)
+        pipe.set(f"{self._user(decision.user_id)}:last", decision.campaign_id, px=self.state_ttl_ms)
+        pipe.execute()
+
+    def sent_ref(self, decision_id: str) -> SentRef | None:
+        raw = self.r.hgetall(f"{self.prefix}sent:{decision_id}")
+        if not raw:
+            return None
+        f = {_text(k): _text(v) for k, v in raw.items()}  # type: ignore[union-attr]
+        user, campaign, segments = f.get("u"), f.get("c"), f.get("n")
+        if not user or not campaign or not segments or not segments.isdigit():
+            return None
+        return SentRef(decision_id, user, campaign, f.get("v") or None, int(segments))
+
+    def last_campaign(self, user_id: str) -> str | None:
+        """Campaign of the last text sent to ``user_id`` (within the state TTL)."""
+        return _text(self.r.get(f"{self._user(user_id)}:last"))
+
+    def put_link(self, code: str, record: Mapping[str, str], ttl_ms: int) -> dict[str, str]:
+        """Store a short link unless ``code`` is taken; returns the record under ``code``."""
+        value = json.dumps(dict(record), separators=(",", ":"), sort_keys=True)
+        stored = self._put_link(keys=[f"{self.prefix}link:{code}"], args=[value, int(ttl_ms)])
+        return dict(json.loads(_text(stored) or "{}"))
+
+    def link(self, code: str) -> dict[str, str] | None:
+        raw = self.r.get(f"{self.prefix}link:{code}")
+        if raw is None:
+            return None
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            return None
+        return record if isinstance(record, dict) else None

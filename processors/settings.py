@@ -3,19 +3,74 @@
 Production defaults point at a real cluster. ``NUDGEFLOW_PROFILE=dev`` points at the embedded
 stack: broker and Redis addresses are read from the state file that ``nudgeflow dev up`` writes,
 and consumer-group timeouts are short so that joins take ~3 s on tansu instead of ~30 s.
+
+Secrets (Vonage key and secret, webhook signature secret, link secret) are ``SecretStr``: repr,
+``str`` and ``model_dump_json`` show ``**********``. Each can also come from a file named by
+``NUDGEFLOW_<NAME>_FILE`` (the Docker / Kubernetes secrets convention, e.g.
+``NUDGEFLOW_VONAGE_API_SECRET_FILE=/run/secrets/vonage``); the variable itself wins when both are
+set. Passwords inside ``redis_url`` / ``schema_registry_url`` are masked in repr and JSON dumps.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import typing
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import SecretStr, field_serializer, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+ENV_PREFIX = "NUDGEFLOW_"
+_URL_CREDENTIALS = re.compile(r"(?<=://)([^/@:\s]*):([^/@\s]+)@")
+
+
+class SecretFileError(SettingsError):
+    """``NUDGEFLOW_<NAME>_FILE`` names a file that cannot be read (the message never holds the
+    secret, only the variable, the path and why)."""
+
+
+def redact_url(url: str) -> str:
+    """``redis://:pw@host`` -> ``redis://:**********@host``: safe to log or dump."""
+    return _URL_CREDENTIALS.sub(r"\1:**********@", url)
+
+
+def _is_secret(annotation: Any) -> bool:
+    return annotation is SecretStr or SecretStr in typing.get_args(annotation)
+
+
+class SecretFilesSource(PydanticBaseSettingsSource):
+    """Secret fields from the files that ``NUDGEFLOW_<NAME>_FILE`` variables name (content with
+    the trailing line break removed)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # __call__ does the work
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, field in self.settings_cls.model_fields.items():
+            if not _is_secret(field.annotation):
+                continue
+            var = f"{ENV_PREFIX}{name.upper()}_FILE"
+            path = os.environ.get(var)
+            if not path:
+                continue
+            try:
+                values[name] = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                raise SecretFileError(f"{var}: {path} is not UTF-8 text") from None
+            except OSError as exc:
+                raise SecretFileError(f"{var}: cannot read {path} ({exc.strerror})") from None
+        return values
 
 
 def default_state_dir() -> Path:
@@ -26,10 +81,13 @@ def default_state_dir() -> Path:
 class Settings(BaseSettings):
     """All knobs of NudgeFlow. Secrets are ``SecretStr`` so they never reach logs or reprs."""
 
-    model_config = SettingsConfigDict(env_prefix="NUDGEFLOW_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     profile: Literal["prod", "dev"] = "prod"
     state_dir: Path = REPO_ROOT / ".nudgeflow"
+    # Log level of the worker and the dispatcher; None: each command's own default (worker
+    # warning, dispatcher info). Logs never hold phone numbers, message texts or secrets.
+    log_level: Literal["debug", "info", "warning", "error", "critical"] | None = None
 
     # Kafka
     bootstrap_servers: str = "localhost:9092"
@@ -47,6 +105,7 @@ class Settings(BaseSettings):
     topic_contacts: str = "contacts"
     topic_sms_dlq: str = "sms-dlq"
     topic_ticks: str = "nudgeflow-ticks"
+    topic_conversions: str = "sms-conversions"  # attributed conversions (nudgeflow attribution)
 
     # Redis
     redis_url: str = "redis://localhost:6379/0"
@@ -57,6 +116,12 @@ class Settings(BaseSettings):
     allowed_lateness_s: float = 30.0
     worker_id: str = "nudgeflow-worker"
     worker_web_port: int = 6066
+    # Faust table store: RocksDB (rocksdict) keeps state on local disk across restarts, so a
+    # restarted worker replays only the changelog tail; "memory://" replays all of it.
+    worker_store: str = "rocksdb://"
+
+    # Observability: every process serves Prometheus /metrics on this port (0 = off)
+    metrics_port: int = 9100
 
     # Dispatcher
     dispatcher_group: str = "nudgeflow-dispatcher"
@@ -69,6 +134,61 @@ class Settings(BaseSettings):
     vonage_timeout_s: float = 10.0
     cooldown_s: float = 4 * 3600.0
     default_timezone: str = "UTC"
+
+    # Webhooks (``nudgeflow webhooks``): receipts, inbound texts, tracked links
+    topic_delivery: str = "sms-delivery"
+    topic_inbound: str = "sms-inbound"
+    webhook_host: str = "0.0.0.0"
+    webhook_port: int = 8080
+    # Vonage signed webhooks: when a secret is set, unsigned or wrongly signed requests get 401.
+    webhook_signature_secret: SecretStr | None = None
+    webhook_signature_method: Literal["md5hash", "md5", "sha1", "sha256", "sha512"] = "sha256"
+    webhook_timestamp_tolerance_s: float = 300.0
+    webhook_max_body_bytes: int = 16_384
+    webhook_dedup_ttl_s: float = 3 * 86_400.0  # Vonage retries for 24 h
+    # Short links: the dispatcher rewrites URLs only when a base URL is set.
+    link_base_url: str | None = None
+    link_ttl_s: float = 30 * 86_400.0
+    link_secret: SecretStr | None = None
+    help_text: str = "NudgeFlow alerts: reply STOP to opt out, START to opt back in."
+    stop_confirmation_text: str = (
+        "You are unsubscribed and will receive no more texts from us. Reply START to resubscribe."
+    )
+    start_confirmation_text: str = "You are subscribed again. Reply HELP for help, STOP to opt out."
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then ``NUDGEFLOW_*`` variables, then ``NUDGEFLOW_*_FILE`` secret files."""
+        return (
+            init_settings,
+            env_settings,
+            SecretFilesSource(settings_cls),
+            dotenv_settings,
+            file_secret_settings,
+        )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return {"warn": "warning", "": None}.get(value, value)
+        return value
+
+    @field_serializer("redis_url", "schema_registry_url", when_used="json")
+    def _redact(self, url: str) -> str:
+        return redact_url(url)
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name in ("redis_url", "schema_registry_url") else value
 
     @classmethod
     def load(cls, **overrides: object) -> Settings:
@@ -85,6 +205,8 @@ class Settings(BaseSettings):
             "schema_registry_url": "mock://nudgeflow",
             "gateway": "outbox",
             "partitions": 4,
+            "worker_store": "memory://",
+            "metrics_port": 0,  # several processes share one host; tests pick free ports
         }
         state = settings.state_dir / "stack.json"
         if state.exists():

@@ -41,6 +41,9 @@ MANIFEST: tuple[str, ...] = (
     "TriggerDecision",
     "DecisionCancelled",
     "SmsOutcome",
+    "DeliveryReceipt",
+    "InboundSms",
+    "Conversion",
 )
 """Fixed registration order; on a ``mock://`` registry the id of ``MANIFEST[i]`` is ``i + 1``."""
 

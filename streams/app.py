@@ -9,7 +9,13 @@ Spike findings (faust-streaming 0.15.3, aiokafka 0.14, tansu 0.6 with memory sto
   SIGTERM stops the worker cleanly in 1.3-3 s (mode's Worker handles SIGTERM/SIGINT itself:
   stops agents, flushes the producer, commits, leaves the group); ``execute_from_commandline``
   then raises ``SystemExit(0)``.
-* Table: ``store="memory://"`` needs no rocksdb (python-rocksdb is not installed and not needed).
+* Table: the store is ``settings.worker_store``. ``memory://`` (dev profile) needs no RocksDB;
+  ``rocksdb://`` (production default) uses faust-streaming's ``rocksdict`` driver (the
+  ``rocksdict`` wheel; python-rocksdb is not installed), one RocksDB per table partition under
+  Faust's data directory (``FAUST_DATADIR``, default ``<worker_id>-data`` in the working
+  directory), and keeps the changelog offset it has applied, so a restart replays only the
+  changelog tail. Verified on tansu: a worker restarted on the same data directory recovered its
+  users' state and fired their timers.
   The table must be declared with ``key_type=bytes, value_type=bytes`` to get raw serializers:
   ``app.Table`` does not accept ``key_serializer``/``value_serializer``, and passing only a
   ``schema=`` leaves the table's own serializer at ``json``, so writes look fine but recovery
@@ -41,11 +47,70 @@ Spike findings (faust-streaming 0.15.3, aiokafka 0.14, tansu 0.6 with memory sto
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import faust
+from faust.sensors import Monitor
 
 from processors.settings import Settings
+
+# Throughput settings (docs/performance.md has the measurements behind each one).
+PRODUCER_LINGER_S = 0.005
+"""Every event writes a changelog record; with Faust's default linger of 0 each one became its
+own produce request and the socket writes alone took ~20% of the worker's CPU. 5 ms batches
+them and adds at most 5 ms to a decision's latency."""
+PRODUCER_MAX_BATCH_BYTES = 256 * 1024  # per partition; the default 16 KB holds ~18 states
+STREAM_BUFFER_MAXSIZE = 16_384  # events prefetched per stream (Faust default 4096)
+
+
+def use_uvloop() -> bool:
+    """Run the worker on uvloop when it is installed (a C event loop: the worker spends a third of
+    its time in asyncio's own scheduling and socket code). Must run before the worker creates
+    its loop, i.e. before ``faust.Worker``; returns whether uvloop is in use."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+class QuietMonitor(Monitor):
+    """Faust's stats monitor without its per-message bookkeeping.
+
+    The default monitor updates a dozen counters and timestamps for every message, event, table
+    access and send (~3% of the worker's CPU) to feed Faust's web stats page, which NudgeFlow does
+    not use: its own Prometheus metrics (processors.metrics) are the operational view. Commit,
+    rebalance and assignment hooks are kept.
+    """
+
+    def on_message_in(self, tp: Any, offset: int, message: Any) -> None:
+        return None
+
+    def on_stream_event_in(self, tp: Any, offset: int, stream: Any, event: Any) -> None:
+        return None
+
+    def on_stream_event_out(
+        self, tp: Any, offset: int, stream: Any, event: Any, state: Any = None
+    ) -> None:
+        return None
+
+    def on_message_out(self, tp: Any, offset: int, message: Any) -> None:
+        return None
+
+    def on_table_get(self, table: Any, key: Any) -> None:
+        return None
+
+    def on_table_set(self, table: Any, key: Any, value: Any) -> None:
+        return None
+
+    def on_send_initiated(self, producer: Any, topic: str, message: Any, keysize: int,
+                          valsize: int) -> None:  # fmt: skip
+        return None
+
+    def on_send_completed(self, producer: Any, state: Any, metadata: Any) -> None:
+        return None
 
 
 def broker_urls(bootstrap_servers: str) -> list[str]:
@@ -56,12 +121,33 @@ def broker_urls(bootstrap_servers: str) -> list[str]:
     return [f"kafka://{h}" for h in hosts]
 
 
+STORES = ("memory://", "rocksdb://")
+
+
+def check_store(url: str) -> str:
+    """``settings.worker_store`` must name a store this worker can open; say why if not."""
+    if not url.startswith(STORES):
+        raise ValueError(f"worker store must start with one of {STORES}, got {url!r}")
+    if url.startswith("rocksdb://"):
+        try:
+            import rocksdict  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "worker store rocksdb:// needs the rocksdict package (pip install rocksdict), "
+                "or set NUDGEFLOW_WORKER_STORE=memory://"
+            ) from None
+    return url
+
+
 def make_app(settings: Settings) -> faust.App:
     """A Faust app configured from ``settings``; the caller installs the agents.
 
     ``producer_acks=-1``: a decision or dead letter is only "sent" once every in-sync replica
     has it, because Faust commits the input offsets right after flushing the producer.
+    Raises ``ValueError`` for a store it cannot open. Switches the process to uvloop
+    (:func:`use_uvloop`).
     """
+    use_uvloop()
     session_s = settings.session_timeout_ms / 1000
     web_port = settings.worker_web_port
     options: dict[str, Any] = {"web_enabled": web_port > 0}
@@ -70,7 +156,7 @@ def make_app(settings: Settings) -> faust.App:
     return faust.App(
         settings.worker_id,
         broker=broker_urls(settings.bootstrap_servers),
-        store="memory://",
+        store=check_store(settings.worker_store),
         autodiscover=False,
         broker_session_timeout=session_s,
         broker_heartbeat_interval=settings.heartbeat_interval_ms / 1000,
@@ -80,5 +166,9 @@ def make_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         worker_redirect_stdouts=False,
+        producer_linger=PRODUCER_LINGER_S,
+        producer_max_batch_size=PRODUCER_MAX_BATCH_BYTES,
+        stream_buffer_maxsize=STREAM_BUFFER_MAXSIZE,
+        Monitor=QuietMonitor,
         **options,
     )

@@ -1,7 +1,8 @@
 """``nudgeflow worker``: run the Faust trigger worker.
 
 Configuration comes from ``NUDGEFLOW_*`` (``Settings.load()``); the flags override the campaign
-file and the clock. SIGTERM/SIGINT stop the worker cleanly (Faust's worker leaves the group,
+file and the clock. Prometheus metrics are served on ``NUDGEFLOW_METRICS_PORT`` (``/metrics``,
+0 = off). SIGTERM/SIGINT stop the worker cleanly (Faust's worker leaves the group,
 flushes the producer and commits), and the command exits 0.
 """
 
@@ -37,7 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="live: wall-clock ticks fire timers; event: only events and flush records move time",
     )
     parser.add_argument(
-        "--loglevel", choices=LOGLEVELS, default="warn", help="Faust log level (default: warn)"
+        "--loglevel",
+        choices=LOGLEVELS,
+        default=None,
+        help="Faust log level (default: NUDGEFLOW_LOG_LEVEL, else warn)",
     )
 
 
@@ -91,7 +95,10 @@ def build(settings: Settings) -> tuple[faust.App, TriggerShell]:
         raise WorkerSetupError(
             f"schema registry {settings.schema_registry_url}: {type(exc).__name__}: {exc}"
         ) from None
-    app = make_app(settings)
+    try:
+        app = make_app(settings)
+    except ValueError as exc:
+        raise WorkerSetupError(str(exc)) from None
     shell = install(app, settings, campaigns, codec=codec)
     return app, shell
 
@@ -105,13 +112,17 @@ def run(args: argparse.Namespace) -> int:
     if args.clock is not None:
         overrides["clock"] = args.clock
     settings = Settings.load(**overrides)
+    from processors.metrics import MetricsServerError, start_metrics_server
+
     try:
         check_topics(settings)
         app, _shell = build(settings)
-    except WorkerSetupError as exc:
+        start_metrics_server(settings.metrics_port)  # a daemon thread: dies with the worker
+    except (WorkerSetupError, MetricsServerError) as exc:
         print(f"nudgeflow worker: {exc}", file=sys.stderr)
         return 2
-    worker = faust.Worker(app, loglevel=args.loglevel, quiet=True, redirect_stdouts=False)
+    loglevel = args.loglevel or {"warning": "warn"}.get(str(settings.log_level), settings.log_level)
+    worker = faust.Worker(app, loglevel=loglevel or "warn", quiet=True, redirect_stdouts=False)
     # Faust's terminal spinner writes escape codes into logs and, while it is on, sets the root
     # logger to DEBUG (every aiokafka debug record gets built): we want neither.
     worker.spinner = None

@@ -9,6 +9,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from processors.backtest import run_backtest
 from processors.core.campaign import load_campaigns
@@ -73,13 +74,44 @@ def test_abandoned_cart_is_texted_and_bought_cart_is_not(tmp_path: Path) -> None
 def test_demo_on_sample_data_matches_backtest(tmp_path: Path) -> None:
     out = tmp_path / "out"
     events = EXAMPLES / "events.jsonl"
-    assert run_demo(events, CAMPAIGNS, EXAMPLES / "contacts.jsonl", out) == 0
+    inbound = tmp_path / "inbound.jsonl"  # Farid replies STOP after the signup confirmation
+    inbound.write_text(
+        '{"msisdn": "12125550105", "text": "Stop please", "ts": "2024-03-14T10:00:00Z"}\n'
+        '{"msisdn": "+14155550100", "text": "HELP", "ts": "2024-03-13T10:00:00Z"}\n'
+        "not json\n"
+    )
+    assert run_demo(events, CAMPAIGNS, EXAMPLES / "contacts.jsonl", out, inbound=inbound) == 0
     assert _decided(out) == _backtest(events)
     sent_to = {m["user_id"] for m in _lines(out / "outbox.jsonl")}
     assert "u-ana" in sent_to and "u-ben" not in sent_to
     assert "u-hugo" not in sent_to and "u-ivy" not in sent_to  # opted out / no contact
     final = {o["decision_id"]: o for o in _lines(out / "outcomes.jsonl")}
     assert set(final) == {d[0] for d in _decided(out)}  # every decision has an outcome
+    farid = {o["campaign_id"]: (o["status"], o["reason"]) for o in final.values()
+             if o["user_id"] == "u-farid"}  # fmt: skip
+    assert farid == {
+        "signup-confirm": ("sent", None),
+        "event-reminder": ("suppressed", "opted_out"),
+    }
+    # metrics.prom: the components' final counters agree with the files
+    samples: dict[tuple[str, tuple], float] = {}
+    for family in text_string_to_metric_families((out / "metrics.prom").read_text()):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+
+    def total(name: str, **labels: str) -> float:
+        return sum(
+            v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls)
+        )
+
+    assert total("nudgeflow_events_consumed_total") == len(_lines(events))
+    assert total("nudgeflow_decisions_total") == len(final)
+    statuses = [o["status"] for o in final.values()]
+    assert total("nudgeflow_sms_sent_total") == statuses.count("sent") > 0
+    for reason in ("opted_out", "no_contact"):
+        expected = sum(o["reason"] == reason for o in final.values())
+        assert total("nudgeflow_sms_suppressed_total", reason=reason) == expected > 0
+    assert total("nudgeflow_sms_deferred") == 0  # every deferral was released
 
 
 ZONES = ["America/Los_Angeles", "America/New_York", "Europe/London", "Asia/Kolkata", None]

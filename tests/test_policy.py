@@ -303,6 +303,33 @@ def test_cancel_of_a_deferred_send() -> None:
     assert policy.release_due(None) == []
 
 
+def test_event_clock_conversion_later_than_the_send_does_not_cancel_it() -> None:
+    """Replays: the cancel record may be read before the decision, but the purchase happened
+    after the text was due (and after a deferred text went out): the text stays sent."""
+    policy = make()
+    later = DecisionCancelled("d1", "cart", "u-ana", "converted", ms("2024-03-14T17:00:00Z"))
+    assert policy.on_cancel(later, later.at).outcomes == []
+    outcome = send_ok(policy, policy.on_decision(decision("d1"), ms("2024-03-13T18:00:00Z")))
+    assert outcome.status == "sent"
+    # deferred to 09:00 LA (16:00Z), converted at 17:00Z: it went out at 16:00Z
+    d = decision("d2", at="2024-03-14T05:30:00Z")
+    assert policy.on_decision(d, d.fire_at).outcomes[0].status == "deferred"
+    late = DecisionCancelled("d2", "cart", "u-ana", "converted", ms("2024-03-14T17:00:00Z"))
+    assert policy.on_cancel(late, late.at).outcomes == []
+    (due,) = policy.release_due(None)
+    assert send_ok(policy, due).status == "sent"
+
+
+def test_live_clock_cancel_read_before_a_late_decision_still_drops_it() -> None:
+    store = InMemoryStore(contacts={ANA.user_id: ANA})
+    policy = Policy(campaigns(), store, event_clock=False)
+    # the purchase (19:00) came after the text was due (18:00) but before we got to it (19:30)
+    later = DecisionCancelled("d1", "cart", "u-ana", "converted", ms("2024-03-14T19:00:00Z"))
+    policy.on_cancel(later, later.at)
+    step = policy.on_decision(decision("d1", at="2024-03-14T18:00:00Z"), ms("2024-03-14T19:30:00Z"))
+    assert [(o.status, o.reason) for o in step.outcomes] == [("cancelled", "converted")]
+
+
 def test_cancel_before_the_decision_and_before_the_call() -> None:
     policy = make()
     cancel = DecisionCancelled("d1", "cart", "u-ana", "converted", ms("2024-03-13T17:59:00Z"))

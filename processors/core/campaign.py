@@ -23,6 +23,9 @@ from processors.core.rendering import TemplateError, TooLong, check_static_lengt
 DEFAULT_MAX_DEFER_MS = 12 * 3_600_000
 DEFAULT_MAX_SEGMENTS = 2
 MAX_SEGMENTS_LIMIT = 10  # Vonage concatenates up to ~10 parts reliably; more is a mistake
+DEFAULT_CONVERSION: frozenset[str] = frozenset({"purchase"})
+DEFAULT_AFTER_SEND_MS = 24 * 3_600_000  # a conversion within 24 h of a text counts for it
+DEFAULT_AFTER_CLICK_MS = 5 * 86_400_000  # ... or within 5 days of a click on its link
 
 TEMPLATE_NAMES: frozenset[str] = frozenset(
     {"first_name", "locale", "timezone", "user_id", "campaign_id", "variant", "stage"}
@@ -104,6 +107,14 @@ class Variant:
 
 
 @dataclass(frozen=True, slots=True)
+class AttributionWindows:
+    """How long after a text (or a click on its link) a conversion still counts for it."""
+
+    after_send_ms: int = DEFAULT_AFTER_SEND_MS
+    after_click_ms: int = DEFAULT_AFTER_CLICK_MS
+
+
+@dataclass(frozen=True, slots=True)
 class Campaign:
     id: str
     trigger: Trigger
@@ -118,6 +129,15 @@ class Campaign:
     max_segments: int = DEFAULT_MAX_SEGMENTS
     variants: tuple[Variant, ...] = ()
     holdout: float = 0.0  # share of users (0..1) kept as a control group: decided, never sent
+    conversion: frozenset[str] | None = None  # None: the trigger's cancel events, else purchase
+    attribution: AttributionWindows = field(default_factory=AttributionWindows)
+
+    @property
+    def conversion_events(self) -> frozenset[str]:
+        """Event types that count as a conversion for this campaign's texts."""
+        if self.conversion is not None:
+            return self.conversion
+        return getattr(self.trigger, "cancel", frozenset()) or DEFAULT_CONVERSION
 
     @property
     def event_types(self) -> frozenset[str]:
@@ -160,7 +180,7 @@ _TRIGGER_KEYS = {
 }
 _CAMPAIGN_KEYS = {
     "id", "trigger", "message", "enabled", "priority", "audience", "variants", "holdout",
-    "caps", "quiet_hours", "max_defer", "max_segments",
+    "caps", "quiet_hours", "max_defer", "max_segments", "conversion", "attribution",
 }  # fmt: skip
 
 
@@ -421,7 +441,42 @@ def parse_campaign(raw: Any, index: int) -> Campaign:
         max_segments=max_segments,
         variants=_variants(ctx, raw.get("variants"), trigger, message, max_segments),
         holdout=_holdout(ctx, raw.get("holdout")),
+        conversion=_conversion(ctx, raw.get("conversion")),
+        attribution=_attribution(ctx, raw.get("attribution")),
     )
+
+
+def _conversion(ctx: _Ctx, raw: Any) -> frozenset[str] | None:
+    """``conversion: [purchase]`` (or one event type); None when left out (the default)."""
+    if raw is None:
+        return None
+    value = [raw] if isinstance(raw, str) else raw
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ctx.error("conversion", "must be an event type or a non-empty list of event types")
+    return frozenset(value)
+
+
+def _attribution(ctx: _Ctx, raw: Any) -> AttributionWindows:
+    """``{after_send: 24h, after_click: 5d}``; either key may be left out."""
+    if raw is None:
+        return AttributionWindows()
+    if not isinstance(raw, dict):
+        raise ctx.error("attribution", "must be a mapping like {after_send: 24h, after_click: 5d}")
+    unknown = set(raw) - {"after_send", "after_click"}
+    if unknown:
+        raise ctx.error(
+            "attribution",
+            f"unknown field(s): {', '.join(sorted(map(str, unknown)))} "
+            "(allowed: after_send, after_click)",
+        )
+    windows = AttributionWindows(
+        after_send_ms=ctx.duration(raw, "after_send", "attribution", DEFAULT_AFTER_SEND_MS),
+        after_click_ms=ctx.duration(raw, "after_click", "attribution", DEFAULT_AFTER_CLICK_MS),
+    )
+    for key, ms in (("after_send", windows.after_send_ms), ("after_click", windows.after_click_ms)):
+        if ms <= 0:
+            raise ctx.error(f"attribution.{key}", "must be greater than 0")
+    return windows
 
 
 _VARIANT_OVERRIDES = {
@@ -510,6 +565,12 @@ def load_campaigns(path: str | Path) -> CampaignSet:
         doc = yaml.safe_load(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CampaignError(f"campaign file {p}: not found") from None
+    except UnicodeDecodeError as exc:
+        raise CampaignError(f"campaign file {p}: not UTF-8 (byte {exc.start})") from None
+    except OSError as exc:  # a directory, no permission, ...
+        raise CampaignError(f"campaign file {p}: cannot be read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise CampaignError(f"campaign file {p}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise CampaignError(f"campaign file {p}: not valid YAML: nested too deeply") from None
     return parse_campaigns(doc)

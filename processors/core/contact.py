@@ -134,9 +134,10 @@ def _optional_str(row: Mapping[str, Any], key: str, user_id: str) -> str | None:
 
 
 def _consent(value: Any, user_id: str) -> Consent:
-    if value not in CONSENT_VALUES:
+    if not isinstance(value, str) or value not in CONSENT_VALUES:
+        got = repr(value[:40]) if isinstance(value, str) else f"a {type(value).__name__}"
         raise ContactError(
-            f"contact {user_id}: consent must be one of opted_in, opted_out, unknown; got {value!r}"
+            f"contact {user_id}: consent must be one of opted_in, opted_out, unknown; got {got}"
         )
     return cast(Consent, value)
 
@@ -176,7 +177,7 @@ def _consent_at(value: Any, user_id: str) -> int | None:
         return value
     if isinstance(value, str):
         text = value.strip()
-        if text.isdigit():
+        if text.isascii() and text.isdigit():
             return int(text)
         try:
             moment = datetime.fromisoformat(text)

@@ -22,6 +22,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import cramjam
+import orjson
+
 from processors.core import experiment, segment
 from processors.core.campaign import Campaign, CampaignSet
 from processors.core.clock import Clock
@@ -34,6 +37,23 @@ DEDUP_WINDOW_MS = 24 * 3_600_000
 DEFAULT_STATE_TTL_MS = 30 * 86_400_000
 
 Core = dict[str, Any]  # {"f": facts, "c": {campaign_id: machine state}}
+
+# UserState wire format (the ``user_state`` table and its changelog). The first byte says how the
+# rest is encoded; every format holds the same JSON array, so all decode to identical states.
+#   b"["   plain JSON (the original format; still written for ints beyond 64 bits)
+#   0x01   orjson JSON (states under STATE_COMPRESS_MIN bytes)
+#   0x02   LZ4 block (with its size prefix) of orjson JSON
+# orjson encodes ~6x and decodes ~3x faster than the json module, and LZ4 halves the bytes per
+# user (head and committed cores are near copies) for ~6 us more (docs/performance.md).
+_STATE_JSON = 0x5B  # "["
+_STATE_ORJSON = 0x01
+_STATE_ORJSON_LZ4 = 0x02
+STATE_COMPRESS_MIN = 256
+_ORJSON_OPTS = orjson.OPT_NON_STR_KEYS  # int keys become strings, as with json.dumps
+
+
+class StateFormatError(ValueError):
+    """Stored user state this version cannot read (corrupt, or written by a newer format)."""
 
 
 def _clone(core: Core) -> Core:
@@ -53,15 +73,34 @@ class UserState:
     spec: dict[str, list[Any]] = field(default_factory=dict)  # emitted, not yet committed
 
     def to_bytes(self) -> bytes:
-        return json.dumps(
-            [self.user_id, self.wm, self.max_ts, self.seq, self.committed, self.head,
-             self.tail, self.seen, self.spec],
-            separators=(",", ":"),
-        ).encode()  # fmt: skip
+        fields = [self.user_id, self.wm, self.max_ts, self.seq, self.committed, self.head,
+                  self.tail, self.seen, self.spec]  # fmt: skip
+        try:
+            body = orjson.dumps(fields, option=_ORJSON_OPTS)
+        except TypeError:  # e.g. an int beyond 64 bits: the json module keeps it exact
+            return json.dumps(fields, separators=(",", ":")).encode()
+        if len(body) < STATE_COMPRESS_MIN:
+            return b"\x01" + body
+        return b"\x02" + bytes(cramjam.lz4.compress_block(body))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> UserState:
-        u, wm, mx, seq, committed, head, tail, seen, spec = json.loads(data)
+        """Any format :meth:`to_bytes` wrote, old or new; ``StateFormatError`` if unreadable."""
+        try:
+            tag = data[0]
+            if tag == _STATE_ORJSON_LZ4:
+                fields = orjson.loads(memoryview(cramjam.lz4.decompress_block(data[1:])))
+            elif tag == _STATE_ORJSON:
+                fields = orjson.loads(data[1:])
+            elif tag == _STATE_JSON:
+                fields = json.loads(data)
+            else:
+                raise StateFormatError(f"unknown user state format byte 0x{tag:02x}")
+            u, wm, mx, seq, committed, head, tail, seen, spec = fields
+        except StateFormatError:
+            raise
+        except (IndexError, ValueError, TypeError, cramjam.DecompressionError) as exc:
+            raise StateFormatError(f"unreadable user state: {type(exc).__name__}") from None
         return cls(u, wm, mx, seq, committed, head, tail, seen, spec)
 
 

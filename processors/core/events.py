@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,6 +29,7 @@ MAX_KEY_LEN = 128
 MAX_VALUE_LEN = 2_048
 MAX_ID_LEN = 256
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_DIGITS = re.compile(r"-?[0-9]+")  # ASCII only: str.isdigit() also accepts "²" and "٣"
 
 
 class EventError(ValueError):
@@ -88,9 +91,11 @@ def parse_ts(value: Any) -> int:
     """ISO-8601 with a zone, or epoch milliseconds (int or digit string) -> epoch milliseconds."""
     if isinstance(value, bool):
         raise EventError("bad_ts", f"ts must be ISO-8601 or epoch milliseconds, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise EventError("bad_ts", f"ts must be a finite number, got {value!r}")
     if isinstance(value, int | float):
         ms = int(value)
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    elif isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
         ms = int(value.strip())
     elif isinstance(value, str):
         text = value.strip()

@@ -73,7 +73,7 @@ class PolicyStore(Protocol):
     ``start_call``) must be atomic: several dispatchers share one store.
     """
 
-    def contact(self, user_id: str) -> Contact | None: ...
+    def contact(self, user_id: str, as_of: int | None = None) -> Contact | None: ...
 
     def begin(self, decision: Decision, token: str, resume_deferred: bool) -> Prior:
         """Reserve ``decision`` for this attempt (``token``).
@@ -89,11 +89,14 @@ class PolicyStore(Protocol):
         """
         ...
 
-    def cancellation(self, decision: Decision) -> str | None:
-        """Reason of a ``DecisionCancelled`` seen for this decision, if any."""
+    def cancellation(self, decision: Decision, as_of: int | None = None) -> str | None:
+        """Reason of a ``DecisionCancelled`` seen for this decision, if any (with ``as_of``:
+        only one whose time is not after ``as_of`` — event-clock replays)."""
         ...
 
-    def cancel(self, cancel: DecisionCancelled, outcome: SmsOutcome) -> bool:
+    def cancel(
+        self, cancel: DecisionCancelled, outcome: SmsOutcome, event_clock: bool = False
+    ) -> bool:
         """Remember the cancellation; if the decision is deferred, drop it and record ``outcome``
         (returns True: the caller publishes it). Otherwise step 3 / ``start_call`` will see it."""
         ...
@@ -129,7 +132,7 @@ class PolicyStore(Protocol):
         times; each is claimed for this caller until ``finish`` (or a lease expires)."""
         ...
 
-    def start_call(self, decision: Decision, token: str) -> CallPermit:
+    def start_call(self, decision: Decision, token: str, as_of: int | None = None) -> CallPermit:
         """Right before the gateway call: ``ok`` (state is now ``calling``), ``lost`` (another
         attempt took the decision over) or ``cancelled:<reason>``."""
         ...
@@ -263,7 +266,8 @@ class Policy:
             reason=cancel.reason,
             at=now_ms,
         )
-        return Step([outcome]) if self.store.cancel(cancel, outcome) else Step()
+        hit = self.store.cancel(cancel, outcome, event_clock=self.event_clock)
+        return Step([outcome]) if hit else Step()
 
     def release_due(self, now_ms: int | None, limit: int = 256) -> list[Step]:
         """Evaluate deferred sends due at ``now_ms`` (all of them when None).
@@ -286,7 +290,8 @@ class Policy:
 
     def begin_call(self, plan: SendPlan) -> Step | None:
         """Last check before the gateway (thread-safe): None means go ahead and call."""
-        permit = self.store.start_call(plan.decision, plan.token)
+        as_of = plan.now_ms if self.event_clock else None  # replays: only earlier conversions
+        permit = self.store.start_call(plan.decision, plan.token, as_of)
         if permit == "ok":
             return None
         if permit == "lost":
@@ -333,7 +338,8 @@ class Policy:
         if experiment.in_holdout(campaign, d.user_id):
             return self._final(d, token, now_ms, "suppressed", "holdout")
         # 2. consent
-        contact = self.store.contact(d.user_id)
+        # replays: consent as it stood at the decision's time (a STOP later in the replay waits)
+        contact = self.store.contact(d.user_id, now_ms if self.event_clock else None)
         if contact is None:
             return self._final(d, token, now_ms, "suppressed", "no_contact")
         if contact.consent == "opted_out":
@@ -341,7 +347,7 @@ class Policy:
         if contact.consent != "opted_in":
             return self._final(d, token, now_ms, "suppressed", "no_consent")
         # 3. exit conditions
-        cancelled = self.store.cancellation(d)
+        cancelled = self.store.cancellation(d, now_ms if self.event_clock else None)
         if cancelled is not None:
             return self._final(d, token, now_ms, "cancelled", cancelled)
         if is_stale(d.fire_at, now_ms, campaign.max_defer_ms):

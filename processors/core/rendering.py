@@ -4,6 +4,14 @@ Campaign authors write templates, so they run in Jinja's immutable sandbox with 
 (SMS is plain text). Missing variables fail loudly (a text saying "Hi ," is worse than no text)
 unless the template gives a fallback with ``| default(...)``.
 
+Variable values (a contact's first name, event properties, attributes) are data, never template
+code: Jinja does not evaluate what a variable holds, so ``{{ 7*7 }}`` in a first name is sent as
+those characters. Before rendering, :func:`plain_text` removes control characters from every
+string value, so a name cannot add lines to a text (e.g. a fake "Reply YES" line) or carry
+terminal escapes: tabs and line breaks become one space, other C0/C1 controls and DEL are
+dropped. Format characters such as right-to-left marks and emoji joiners are kept (names in
+Hebrew or Arabic need them).
+
 Segment counting mirrors what carriers bill: a single GSM-7 message holds 160 septets, each part
 of a concatenated one 153 (the user-data header takes the rest); UCS-2 holds 70 / 67 UTF-16 code
 units. An escape sequence (GSM extension character, 2 septets) or a surrogate pair (emoji, 2 code
@@ -12,6 +20,7 @@ units) is never split across parts, so a part may end one unit short of its capa
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -122,6 +131,26 @@ def count_segments(text: str) -> tuple[Encoding, int, int]:
     return encoding, segments, units
 
 
+# --------------------------------------------------------------------------- variable values
+
+_BREAKS = re.compile(r"[\t\n\v\f\r\x1c-\x1e\x85\u2028\u2029]+")
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def plain_text(value: str) -> str:
+    """``value`` fit to appear inside a text: runs of tabs and line breaks (including Unicode
+    line/paragraph separators) become one space, other control characters are removed."""
+    return _CONTROLS.sub("", _BREAKS.sub(" ", value))
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, str):
+        return plain_text(value)
+    if isinstance(value, Mapping):  # properties / attributes: one level of strings
+        return {k: plain_text(v) if isinstance(v, str) else v for k, v in value.items()}
+    return value
+
+
 # --------------------------------------------------------------------------- templates
 
 
@@ -162,8 +191,22 @@ def _environment(undefined: type[jinja2.Undefined]) -> ImmutableSandboxedEnviron
     )
 
 
+class _LoadTimeSandbox(ImmutableSandboxedEnvironment):
+    """The load-time check's sandbox: an unsafe attribute raises at once. The default returns
+    an Undefined that raises only when printed, and ChainableUndefined (needed so that every
+    variable can stand in as "") never does, so the check would pass templates that fail on
+    every send."""
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
+        raise SecurityError(
+            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe."
+        )
+
+
 _ENV = _environment(_StrictUndefined)
-_STATIC_ENV = _environment(jinja2.ChainableUndefined)
+_STATIC_ENV = _LoadTimeSandbox(
+    autoescape=False, undefined=jinja2.ChainableUndefined, keep_trailing_newline=False
+)
 
 
 def compile_template(source: str) -> jinja2.Template:
@@ -191,14 +234,15 @@ def template_variables(source: str) -> set[str]:
 
 
 def render(template: jinja2.Template, variables: Mapping[str, object]) -> str:
-    """Render with ``variables``; the result is whitespace-trimmed.
+    """Render with ``variables`` (string values through :func:`plain_text`); the result is
+    whitespace-trimmed.
 
     Raises ``MissingVariable`` (names the variable), ``TemplateError(reason="unsafe")`` for
     sandbox violations and ``TemplateError(reason="render_failed")`` for anything else the
     template does wrong at runtime (e.g. adding a number to a string).
     """
     try:
-        return template.render(dict(variables)).strip()
+        return template.render({k: _plain(v) for k, v in variables.items()}).strip()
     except SecurityError as exc:
         raise TemplateError(f"template blocked by sandbox: {exc}", reason="unsafe") from None
     except jinja2.UndefinedError as exc:
@@ -263,7 +307,8 @@ def check_static_length(
 
     Every variable is rendered as an empty string, so the result is what any send costs at
     least (for templates without branches on the variables). Raises ``TooLong`` when over the
-    limit and ``TemplateError`` for syntax errors. Returns ``None`` when the template cannot be
+    limit, ``TemplateError`` for syntax errors and for sandbox violations (reason ``unsafe``:
+    such a template would fail on every send). Returns ``None`` when the template cannot be
     rendered with empty strings (e.g. it does arithmetic on a variable): the length is then only
     checked per send.
     """
@@ -272,6 +317,8 @@ def check_static_length(
     names = template_variables(source)
     try:
         text = _STATIC_ENV.from_string(source).render({name: "" for name in names}).strip()
+    except SecurityError as exc:  # it would fail on every send: refuse it when the file loads
+        raise TemplateError(f"template blocked by sandbox: {exc}", reason="unsafe") from None
     except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError):
         return None
     message = measure(compose_message(text, footer, footer is not None))
