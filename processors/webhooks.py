@@ -230,7 +230,7 @@ def _unique(pairs: list[tuple[str, str]]) -> dict[str, str]:
 def _json_params(body: bytes) -> dict[str, str]:
     try:
         data = json.loads(body or b"{}")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise WebhookError(400, "malformed", "body is not valid JSON") from None
     if not isinstance(data, dict):
         raise WebhookError(400, "malformed", "body must be a JSON object")
@@ -1143,12 +1143,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    settings = Settings.load()
     logging.basicConfig(
-        level=logging.INFO,
+        level=(settings.log_level or "info").upper(),  # NUDGEFLOW_LOG_LEVEL
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    settings = Settings.load()
+    secret = settings.webhook_signature_secret
+    if (secret is None or not secret.get_secret_value()) and settings.profile != "dev":
+        # Unsigned webhooks in production would let anyone opt numbers in or out.
+        print(
+            "nudgeflow webhooks: NUDGEFLOW_WEBHOOK_SIGNATURE_SECRET (or _FILE) is required "
+            "outside the dev profile",
+            file=sys.stderr,
+        )
+        return 2
     if args.create_topics or settings.profile == "dev":
         ensure_topics(settings, [settings.topic_delivery, settings.topic_inbound])
     from processors.dispatcher import make_gateway

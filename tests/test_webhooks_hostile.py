@@ -186,11 +186,23 @@ def test_malformed_requests_odd_methods_and_link_codes_are_4xx_and_change_nothin
     assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="processors/webhooks.py _json_params lets RecursionError escape (a 500): reported",
-)
 def test_deeply_nested_json_is_a_400() -> None:
     with pytest.raises(WebhookError) as info:
         _json_params(b"[" * 3000)
     assert info.value.status == 400
+
+
+def test_webhook_service_refuses_to_start_in_production_without_a_signature_secret() -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUDGEFLOW_")}
+    env["NUDGEFLOW_PROFILE"] = "prod"
+    exe = Path(sys.executable).with_name("nudgeflow")
+    proc = subprocess.run(
+        [str(exe), "webhooks"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert "NUDGEFLOW_WEBHOOK_SIGNATURE_SECRET" in proc.stderr
