@@ -76,6 +76,22 @@ def _cancel_fired(state: State, event: ClickEvent) -> list[str]:
     return []
 
 
+def _next_pending(st: State) -> int | None:
+    pending = st.get("p")
+    return min(p[0] for p in pending) if pending else None
+
+
+def _fire_pending(st: State, before: int) -> list[Fire]:
+    """Delayed firings ``[[fire_at, key, ts, ids, props, gap], ...]`` due before ``before``."""
+    pending = st.get("p")
+    if not pending:
+        return []
+    due = sorted((p for p in pending if p[0] < before), key=lambda p: p[0])
+    if due:
+        st["p"] = [p for p in pending if p[0] >= before]
+    return [Fire(p[1], p[0], p[2], p[3], p[4], p[5]) for p in due]
+
+
 class AbsenceMachine:
     """A ``start`` event not followed by a ``cancel`` event within ``after``: the cart timer.
 
@@ -140,18 +156,10 @@ class RepeatMachine:
         self.t = trigger
 
     def next_deadline(self, st: State) -> int | None:
-        pending = st.get("p")
-        return min(p[0] for p in pending) if pending else None
+        return _next_pending(st)
 
     def fire_due(self, st: State, before: int) -> list[Fire]:
-        pending = st.get("p")
-        if not pending:
-            return []
-        due = sorted((p for p in pending if p[0] < before), key=lambda p: p[0])
-        if not due:
-            return []
-        st["p"] = [p for p in pending if p[0] >= before]
-        return [Fire(p[1], p[0], p[2], p[3], p[4], p[5]) for p in due]
+        return _fire_pending(st, before)
 
     def on_event(
         self, st: State, ev: ClickEvent, gap_ms: int | None
@@ -234,19 +242,13 @@ class EventMachine:
         self.t = trigger
 
     def next_deadline(self, st: State) -> int | None:
-        pending = st.get("p")
-        return min(p[0] for p in pending) if pending else None
+        return _next_pending(st)
 
     def fire_due(self, st: State, before: int) -> list[Fire]:
-        pending = st.get("p")
-        if not pending:
-            return []
-        due = sorted((p for p in pending if p[0] < before), key=lambda p: p[0])
-        if not due:
-            return []
-        st["p"] = [p for p in pending if p[0] >= before]
-        st["last"] = [due[-1][1], due[-1][0]]
-        return [Fire(p[1], p[0], p[2], p[3], p[4], p[5]) for p in due]
+        fires = _fire_pending(st, before)
+        if fires:
+            st["last"] = [fires[-1].key_event_id, fires[-1].fire_at]
+        return fires
 
     def fire_at_for(self, ev: ClickEvent) -> int | None:
         """When this event's text is due, or None when it should not fire (time already past)."""
