@@ -71,6 +71,11 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 @pytest.fixture
 def settings(stack: StackInfo, tmp_path: Path) -> Settings:
     """Dev-profile settings on the session stack with per-test topics and groups (created)."""
+    return isolated_settings(stack, outbox_path=tmp_path / "outbox.jsonl")
+
+
+def isolated_settings(stack: StackInfo, **overrides: object) -> Settings:
+    """Settings on ``stack`` with fresh topics (created), consumer groups and worker id."""
     suffix = uuid.uuid4().hex[:10]
     defaults = Settings()
     topics = {
@@ -85,8 +90,7 @@ def settings(stack: StackInfo, tmp_path: Path) -> Settings:
         redis_url=stack.redis_url,
         dispatcher_group=f"{defaults.dispatcher_group}-{suffix}",
         worker_id=f"{defaults.worker_id}-{suffix}",
-        outbox_path=tmp_path / "outbox.jsonl",
-        **topics,
+        **{**topics, **overrides},  # type: ignore[arg-type]
     )
     create_topics(stack.bootstrap_servers, result)
     return result

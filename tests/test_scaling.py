@@ -58,11 +58,12 @@ from processors.core.decision import Decision
 from processors.core.events import ClickEvent
 from processors.core.outcome import SmsOutcome
 from processors.demo import EXAMPLES
-from processors.devstack import StackInfo, create_topics
+from processors.devstack import StackInfo
 from processors.produce import send_flush
 from processors.settings import Settings
 from processors.simulate import generate
 from schemas.codec import Codec
+from tests.conftest import isolated_settings
 from tests.test_metrics import Samples, free_port, scrape
 from tests.test_streams_smoke import NUDGEFLOW, worker_env
 
@@ -153,29 +154,14 @@ class Proc:
 
 def scaling_settings(stack: StackInfo, tmp_path: Path) -> Settings:
     """Dev settings on the session stack with fresh 6-partition topics and fresh groups."""
-    suffix = uuid.uuid4().hex[:10]
-    defaults = Settings()
-    topics = {
-        name: f"{getattr(defaults, name)}-{suffix}"
-        for name in Settings.model_fields
-        if name.startswith("topic_")
-    }
-    settings = Settings.load(
-        profile="dev",
-        state_dir=stack.state_dir,
-        bootstrap_servers=stack.bootstrap_servers,
-        redis_url=stack.redis_url,
+    return isolated_settings(
+        stack,
         partitions=PARTITIONS,
         clock="event",
         gateway="outbox",
         campaigns_file=CAMPAIGNS,
-        dispatcher_group=f"{defaults.dispatcher_group}-{suffix}",
-        worker_id=f"{defaults.worker_id}-{suffix}",
         outbox_path=tmp_path / "unused-outbox.jsonl",
-        **topics,
     )
-    create_topics(stack.bootstrap_servers, settings)
-    return settings
 
 
 def dispatcher_env(settings: Settings, **extra: object) -> dict[str, str]:
