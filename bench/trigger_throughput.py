@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -67,7 +67,7 @@ class BenchError(RuntimeError):
 
 def say(text: str) -> None:
     """Progress goes to stderr so that stdout holds only the ``key=value`` figures."""
-    print(f"[trigger_throughput] {text}", file=sys.stderr, flush=True)
+    print(f"[{Path(sys.argv[0]).stem}] {text}", file=sys.stderr, flush=True)
 
 
 def free_port() -> int:
@@ -150,11 +150,15 @@ def partitions(consumer: Consumer, topic: str) -> list[int]:
 # --------------------------------------------------------------------------- raw baseline
 
 
-def raw_consume_rate(settings: Settings, codec: Codec, expected: int, timeout_s: float) -> float:
-    """Events/s of ``consume(1000)`` + ``Codec.decode`` over the whole topic.
+def raw_consume_rate(
+    settings: Settings, codec: Codec, expected: int, timeout_s: float
+) -> tuple[float, float]:
+    """(events/s, events per CPU-second) of ``consume(1000)`` + ``Codec.decode`` over the whole
+    topic.
 
     The clock starts when the first batch arrives (connection set-up left out, as the Faust
-    figure leaves out its join) and counts only the messages after that batch.
+    figure leaves out its join) and counts only the messages after that batch. CPU time is this
+    process's (librdkafka's threads included).
     """
     consumer = Consumer(
         {
@@ -172,6 +176,7 @@ def raw_consume_rate(settings: Settings, codec: Codec, expected: int, timeout_s:
         seen = 0
         first_batch = 0
         started: float | None = None
+        cpu_started = 0.0
         deadline = time.monotonic() + timeout_s
         while seen < expected:
             msgs = consumer.consume(1000, timeout=1.0)
@@ -186,12 +191,14 @@ def raw_consume_rate(settings: Settings, codec: Codec, expected: int, timeout_s:
             seen += len(msgs)
             if started is None:
                 started = time.perf_counter()
+                cpu_started = time.process_time()
                 first_batch = len(msgs)
         elapsed = time.perf_counter() - (started or 0.0)
+        cpu = time.process_time() - cpu_started
         counted = seen - first_batch
         if counted <= 0 or elapsed <= 0:
             raise BenchError("raw consumer got everything in one batch; use more --events")
-        return counted / elapsed
+        return counted / elapsed, (counted / cpu if cpu > 0 else 0.0)
     finally:
         consumer.close()
 
@@ -202,19 +209,35 @@ def raw_consume_rate(settings: Settings, codec: Codec, expected: int, timeout_s:
 class Worker:
     """A ``nudgeflow worker`` subprocess; ``stop`` is safe to call twice and after it died."""
 
-    def __init__(self, settings: Settings, workdir: Path) -> None:
-        exe = Path(sys.executable).with_name("nudgeflow")
-        argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "processors.cli"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NUDGEFLOW_")}
+    def __init__(
+        self,
+        settings: Settings,
+        workdir: Path,
+        *,
+        argv: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        name: str = "worker",
+    ) -> None:
+        """``argv`` replaces ``nudgeflow worker`` (e.g. a bench launcher); ``env`` adds to the
+        environment (``NUDGEFLOW_*`` of this process never reach the child, only ``settings``)."""
+        if argv is None:
+            exe = Path(sys.executable).with_name("nudgeflow")
+            argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "processors.cli"]
+            argv = [*argv, "worker"]
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("NUDGEFLOW_")}
         shared = [*SHARED_FIELDS, *(f for f in Settings.model_fields if f.startswith("topic_"))]
-        env.update({f"NUDGEFLOW_{f.upper()}": str(getattr(settings, f)) for f in shared})
-        self.log_path = workdir / "worker.log"
+        child_env.update({f"NUDGEFLOW_{f.upper()}": str(getattr(settings, f)) for f in shared})
+        child_env.update(env or {})
+        child_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), child_env.get("PYTHONPATH", "")) if p
+        )
+        self.log_path = workdir / f"{name}.log"
         self._log: IO[bytes] = self.log_path.open("wb")
         # cwd=workdir: Faust puts its ``<app id>-data`` directory in the working directory.
         self.proc = subprocess.Popen(
-            [*argv, "worker"],
+            argv,
             cwd=workdir,
-            env=env,
+            env=child_env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -255,13 +278,27 @@ class Worker:
 class Sample:
     t: float  # monotonic seconds
     committed: int  # sum of committed offsets over all partitions
+    cpu: float = 0.0  # the worker's user + system CPU seconds so far (all threads)
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (Linux ``/proc``; 0.0 where unavailable).
+
+    On a shared machine wall-clock rates move with the neighbours' load; events per CPU-second
+    of the process itself move much less, so the bench reports both.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def committed_total(watcher: Consumer, tps: list[TopicPartition]) -> int:
     return sum(max(tp.offset, 0) for tp in watcher.committed(tps, timeout=5))
 
 
-def steady_rate(samples: list[Sample], target: int) -> float:
+def steady_window(samples: list[Sample], target: int) -> tuple[Sample, Sample]:
     """Events/s between the first sample where the offsets moved and the last one.
 
     Faust commits every 10,000 acked messages or every 2.8 s. The commits while it is busy are
@@ -281,16 +318,74 @@ def steady_rate(samples: list[Sample], target: int) -> float:
     last = busy[-1] if len(busy) >= 2 and busy[-1].t - first.t >= 1.0 else moved[-1]
     if last is first:
         raise BenchError("the worker committed everything at once; use more --events")
+    return first, last
+
+
+def steady_rate(samples: list[Sample], target: int) -> float:
+    """Events/s over :func:`steady_window`."""
+    first, last = steady_window(samples, target)
     return (last.committed - first.committed) / (last.t - first.t)
 
 
+def steady_cpu_rate(samples: list[Sample], target: int) -> float:
+    """Events per CPU-second of the worker over :func:`steady_window` (0.0 if unmeasured)."""
+    first, last = steady_window(samples, target)
+    cpu = last.cpu - first.cpu
+    return (last.committed - first.committed) / cpu if cpu > 0 else 0.0
+
+
+class Profiler:
+    """``py-spy record`` attached to the worker (non-blocking sampling, 100 Hz, raw format)."""
+
+    def __init__(self, out: Path, exe: str) -> None:
+        found = shutil.which(exe)
+        if found is None:
+            raise BenchError(f"--profile needs py-spy; {exe!r} not found")
+        self.exe, self.out = found, out
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, worker: Worker) -> None:
+        argv = [self.exe, "record", "--nonblocking", "-r", "100", "-f", "raw"]
+        self.proc = subprocess.Popen(
+            [*argv, "-o", str(self.out), "-p", str(worker.pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def finish(self) -> None:
+        """After the worker stopped: py-spy writes its file and exits; print the summary."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(timeout=30)
+        from _profile import summarize  # bench/ is sys.path[0] when run as a script
+
+        if self.out.exists():
+            say(f"profile written to {self.out}:\n{summarize(self.out)}")
+
+
+@dataclass(frozen=True)
+class FaustRun:
+    rate: float  # steady events/s
+    cpu_rate: float  # steady events per CPU-second of the worker
+    wall_s: float  # from spawn to everything committed
+    worker: Worker
+
+
 def faust_rate(
-    settings: Settings, workdir: Path, expected: int, timeout_s: float
-) -> tuple[float, float, Worker]:
+    settings: Settings,
+    workdir: Path,
+    expected: int,
+    timeout_s: float,
+    on_start: Callable[[Worker], None] | None = None,
+) -> FaustRun:
     """Start the worker, sample its group's committed offsets until ``expected``.
 
-    Returns (steady events/s, seconds from spawn to all committed, the running worker). The
-    worker's pid is logged so that a profiler can be attached (``py-spy record -p PID``).
+    The worker's pid is logged so that a profiler can be attached (``py-spy record -p PID``);
+    ``on_start`` is called with the worker right after it is spawned (``--profile`` uses it).
     """
     watcher = Consumer(
         {
@@ -307,7 +402,11 @@ def faust_rate(
         tps = [TopicPartition(topic, p) for p in partitions(watcher, topic)]
         worker = Worker(settings, workdir)
         say(f"worker started (pid {worker.pid}), waiting for {expected} committed offsets")
-        samples = [Sample(time.monotonic(), committed_total(watcher, tps))]
+        if on_start is not None:
+            on_start(worker)
+        samples = [
+            Sample(time.monotonic(), committed_total(watcher, tps), process_cpu_s(worker.pid))
+        ]
         deadline = worker.started + timeout_s
         while samples[-1].committed < expected:
             worker.check_alive()
@@ -317,14 +416,17 @@ def faust_rate(
                     f"{timeout_s:.0f} s; last lines of its log:\n{worker.log_tail()}"
                 )
             time.sleep(max(0.0, samples[-1].t + SAMPLE_INTERVAL_S - time.monotonic()))
-            samples.append(Sample(time.monotonic(), committed_total(watcher, tps)))
+            committed = committed_total(watcher, tps)
+            samples.append(Sample(time.monotonic(), committed, process_cpu_s(worker.pid)))
         total = samples[-1].t - worker.started
         moves = [b for a, b in zip(samples, samples[1:], strict=False) if b.committed > a.committed]
         say(
             "commits seen (s after spawn: committed): "
             + " ".join(f"{s.t - worker.started:.1f}:{s.committed}" for s in moves)
         )
-        return steady_rate(samples, expected), total, worker
+        return FaustRun(
+            steady_rate(samples, expected), steady_cpu_rate(samples, expected), total, worker
+        )
     except BaseException:
         if worker is not None:
             worker.stop()
@@ -394,7 +496,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--events", type=int, default=200_000, help="events (default 200000)")
+    parser.add_argument("--events", type=int, default=50_000, help="events (default 50000)")
     parser.add_argument("--users", type=int, default=100_000, help="users (default 100000)")
     parser.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
     parser.add_argument(
@@ -408,6 +510,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("none", "gzip", "lz4", "snappy", "zstd"),
         default="lz4",
         help="producer compression (default lz4, as `nudgeflow produce` and `simulate` write)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="write py-spy collapsed stacks of the worker (from spawn to stop) to this file and "
+        "print a summary on stderr",
+    )
+    parser.add_argument(
+        "--py-spy", default="py-spy", help="py-spy executable for --profile (default: on PATH)"
     )
     args = parser.parse_args(argv)
     if args.events < 10_000 or args.users < 1:
@@ -436,24 +548,37 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
             settings, codec, args.events, args.users, args.seed, args.compression
         )
 
-        raw = raw_consume_rate(settings, codec, n, args.timeout)
-        say(f"raw consume + decode: {raw:,.0f} events/s")
-        faust, wall, worker = faust_rate(settings, tmp, n, args.timeout)
-        say(f"faust worker: {faust:,.0f} events/s steady, all committed {wall:.1f} s after spawn")
+        raw, raw_cpu = raw_consume_rate(settings, codec, n, args.timeout)
+        say(f"raw consume + decode: {raw:,.0f} events/s, {raw_cpu:,.0f} per CPU-second")
+        profiler = Profiler(args.profile, args.py_spy) if args.profile else None
+        result = faust_rate(
+            settings, tmp, n, args.timeout, on_start=profiler.start if profiler else None
+        )
+        worker = result.worker
+        say(
+            f"faust worker: {result.rate:,.0f} events/s steady ({result.cpu_rate:,.0f} per "
+            f"CPU-second), all committed {result.wall_s:.1f} s after spawn"
+        )
         worker.stop()
+        if profiler is not None:
+            profiler.finish()
+        cpu_ratio = result.cpu_rate / raw_cpu if raw_cpu > 0 else 0.0
         lines = [
             ("events", str(n)),
             ("users", str(args.users)),
             ("raw_events_per_s", f"{raw:.0f}"),
-            ("faust_events_per_s", f"{faust:.0f}"),
-            ("faust_wall_s", f"{wall:.1f}"),
+            ("faust_events_per_s", f"{result.rate:.0f}"),
+            ("faust_wall_s", f"{result.wall_s:.1f}"),
+            ("raw_events_per_cpu_s", f"{raw_cpu:.0f}"),
+            ("faust_events_per_cpu_s", f"{result.cpu_rate:.0f}"),
+            ("cpu_ratio", f"{cpu_ratio:.3f}"),
         ]
         try:
             per_user, users = state_bytes_per_user(settings)
             lines += [("state_users", str(users)), ("state_bytes_per_user", f"{per_user:.0f}")]
         except BenchError as exc:
             say(f"state_bytes_per_user skipped: {exc}")
-        lines.append(("ratio", f"{faust / raw:.3f}"))
+        lines.append(("ratio", f"{result.rate / raw:.3f}"))
         return lines
     finally:
         if worker is not None:

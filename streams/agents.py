@@ -72,7 +72,7 @@ from streams.topics import (
 
 log = logging.getLogger(__name__)
 
-TICK_INTERVAL_S = 1.0
+TICK_INTERVAL_S = 0.5  # a due timer waits at most this long for its tick (lateness p99 <= 1 s)
 LAG_INTERVAL_S = 5.0  # how often every worker samples the consumer lag of its partitions
 YIELD_EVERY = 256  # users per flush/tick batch before giving the event loop (heartbeats) a turn
 BATCH_MAX = 2000  # clickstream records per batch (stream.take_events)

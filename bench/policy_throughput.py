@@ -1,0 +1,138 @@
+"""Dispatcher policy throughput: decisions fully suppressed by frequency caps (no gateway call).
+
+Issue 7's target is >= 5,000 decisions/s per process. One in-process
+:class:`processors.dispatcher.Dispatcher` (the real shell: consumer, Redis store with its Lua cap
+check, outcome producer, commits) drains a backlog of decisions for opted-in users whose global
+cap is already used up (one reserved send each), so every decision runs the ordered policy up
+to the cap check, is suppressed, and produces its ``SmsOutcome``. The rate is measured from the
+dispatcher's decision counter between 10% and 90% of the backlog.
+
+Prints ``policy_decisions``, ``policy_outcomes`` and ``policy_per_s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from _common import EXAMPLE_CAMPAIGNS, FakeGateway, bench_settings, write_contacts
+from confluent_kafka import Producer
+from trigger_throughput import BenchError, say, sigterm_as_interrupt
+
+from processors.contacts_import import import_contacts
+from processors.core.campaign import load_campaigns
+from processors.core.decision import Decision
+from processors.devstack import EmbeddedStack, StackError, create_topics
+from processors.dispatcher import Dispatcher
+from schemas.codec import Codec
+
+
+def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
+    stack = EmbeddedStack()
+    state_dir = tmp / "stack"
+    info = stack.up(state_dir)
+    dispatcher: Dispatcher | None = None
+    thread: threading.Thread | None = None
+    try:
+        settings = bench_settings(state_dir, clock="live", campaigns_file=EXAMPLE_CAMPAIGNS)
+        create_topics(info.bootstrap_servers, settings)
+        users = [f"p{i:05d}" for i in range(args.users)]
+        import_contacts(write_contacts(tmp / "contacts.jsonl", users), settings, echo_errors=False)
+        now = int(time.time() * 1000)
+        total = args.users * args.per_user
+        codec = Codec(settings.schema_registry_url)
+        producer = Producer({**settings.kafka_common(), "linger.ms": 20})
+        for i in range(total):
+            user = users[i % args.users]
+            d = Decision(f"pd-{i}", "loyalty-gold", user, now, (f"pe-{i}",), now)
+            value = codec.encode("TriggerDecision", d.to_record())
+            while True:
+                try:
+                    producer.produce(settings.topic_decisions, key=user.encode(), value=value)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+        if producer.flush(30):
+            raise BenchError("the decision backlog was not delivered")
+        dispatcher = Dispatcher(
+            settings, load_campaigns(EXAMPLE_CAMPAIGNS), FakeGateway(), rate_per_s=30.0
+        )
+        for user in users:  # use up each user's global cap (max 1 per 4 h)
+            seed = Decision(f"seed-{user}", "loyalty-gold", user, now, ("seed",), now)
+            dispatcher.store.check_caps(seed, dispatcher.policy.global_rules, now, True)
+        say(f"{total} decisions for {args.users} capped users; dispatching")
+        errors: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                assert dispatcher is not None
+                dispatcher.run()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        marks: dict[str, float] = {}
+        deadline = time.monotonic() + args.timeout
+        while dispatcher.stats.decisions < total:
+            if errors:
+                raise BenchError(f"dispatcher failed: {errors[0]!r}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{dispatcher.stats.decisions} of {total} decisions in time")
+            seen = dispatcher.stats.decisions
+            for name, frac in (("lo", 0.1), ("hi", 0.9)):
+                if name not in marks and seen >= frac * total:
+                    marks[name] = time.perf_counter()
+                    marks[f"{name}_n"] = seen
+            time.sleep(0.01)
+        if "hi" not in marks:
+            marks["hi"], marks["hi_n"] = time.perf_counter(), dispatcher.stats.decisions
+        rate = (marks["hi_n"] - marks["lo_n"]) / max(1e-9, marks["hi"] - marks["lo"])
+        outcomes = dispatcher.stats.outcomes
+        capped = outcomes.get("suppressed:frequency_cap", 0)
+        say(f"{rate:,.0f} decisions/s; outcomes {dict(outcomes)}")
+        if capped < 0.99 * total:
+            raise BenchError(f"only {capped} of {total} decisions were suppressed by caps")
+        return [
+            ("policy_decisions", str(total)),
+            ("policy_capped", str(capped)),
+            ("policy_per_s", f"{rate:.0f}"),
+        ]
+    finally:
+        if dispatcher is not None:
+            dispatcher.stop()
+        if thread is not None:
+            thread.join(30)
+        stack.down(state_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--users", type=int, default=500, help="capped users (500)")
+    parser.add_argument("--per-user", type=int, default=10, help="decisions per user (10)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to drain (120)")
+    args = parser.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="nudgeflow-bench-"))
+    try:
+        with sigterm_as_interrupt():
+            lines = run(args, tmp)
+    except (BenchError, StackError) as exc:
+        print(f"policy_throughput: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("policy_throughput: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for key, value in lines:
+        print(f"{key}={value}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
