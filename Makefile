@@ -1,5 +1,6 @@
 # NudgeFlow developer tasks (GNU make). Works on a fresh Debian/Ubuntu machine with Python >= 3.11.
 #   make test [PYTEST_ARGS=...]   unit + integration tests (embedded tansu broker + redis-server)
+#   make chaos [PYTEST_ARGS=...]  the fault-injection suite (~10 min; docs/chaos.md)
 #   make demo [DEMO_ARGS=...]     the whole pipeline on the embedded stack
 #   make lint | bench | clean | distclean
 
@@ -20,7 +21,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: .venv venv redis test demo lint bench clean distclean
+.PHONY: .venv venv redis test chaos demo lint bench clean distclean
 
 .venv venv: $(STAMP)
 
@@ -53,7 +54,13 @@ redis:
 	fi
 
 test: .venv redis
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -m "not chaos" $(PYTEST_ARGS)
+
+# The summary line (kills=… lost=… duplicates=…) is printed again as the very last line.
+chaos: .venv redis
+	@summary=$$(mktemp); \
+	NUDGEFLOW_CHAOS_SUMMARY=$$summary $(VENV)/bin/pytest -m chaos -s $(PYTEST_ARGS); rc=$$?; \
+	if [ -s $$summary ]; then echo; tail -n 1 $$summary; fi; rm -f $$summary; exit $$rc
 
 demo: .venv redis
 	$(VENV)/bin/nudgeflow demo $(DEMO_ARGS)

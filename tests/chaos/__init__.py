@@ -1,0 +1,1 @@
+"""Chaos suite: the pipeline as real processes under injected faults (docs/chaos.md)."""

@@ -1,0 +1,1141 @@
+"""The chaos harness: the whole pipeline as real processes, faults injected, invariants checked.
+
+What runs (every piece real, nothing of ours mocked):
+
+* a tansu broker (memory storage) behind :mod:`tests.chaos.proxy`: the broker advertises the
+  proxy's port, so every client's traffic can be cut for a broker outage without the broker
+  losing its topics;
+* redis-server with an append-only file fsynced on every write (``appendfsync always``), the
+  production recommendation (docs/chaos.md): a SIGKILL + restart keeps every acknowledged write;
+* ``nudgeflow worker`` and ``nudgeflow dispatcher`` processes (event clock, so the decisions can
+  be compared with ``nudgeflow backtest``), the dispatchers sending through the real Vonage SDK to
+  the HTTPS fake of ``tests/fakes/vonage_fake.py``, under a supervisor that restarts any process
+  that exits (what Kubernetes or systemd does);
+* a feeder replaying a ``nudgeflow simulate`` stream at a controllable rate, an observer reading
+  decisions, outcomes and the dead-letter topic, and a sampler of every process's RSS.
+
+:meth:`Chaos.report` turns what happened into a :class:`Report` whose ``line`` is the summary
+``kills=… lost=… duplicates=… redis_restarts=… broker_outages=… gateway_faults=… dlq=…``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from pydantic import SecretStr
+
+from processors.backtest import run_backtest
+from processors.contacts_import import import_contacts
+from processors.control import FlushTracker, is_control
+from processors.core.campaign import load_campaigns
+from processors.core.decision import Decision
+from processors.core.events import ClickEvent
+from processors.devstack import broker_binary, broker_healthy, create_topics, redis_binary
+from processors.dispatcher import DLQ_REASON_HEADER
+from processors.produce import send_flush
+from processors.settings import REPO_ROOT, Settings
+from schemas.codec import Codec
+from tests.fakes.vonage_fake import Reply, VonageFake
+
+UNKNOWN_AFTER_CRASH = "unknown_after_crash"
+GATEWAY_TIMEOUT_S = 1.0  # the dispatchers' Vonage timeout: short, so timeout faults are quick
+RATE_PER_S = 30  # Vonage's default account limit, the dispatcher's default
+FAIL_CLOSED_GRACE_S = 1.5  # a request that passed its checks before Redis died may still land
+
+# The gateway fault mix: (weight, behaviour). The hung answers (503 after the client's timeout)
+# are timeouts in which Vonage took nothing; see docs/chaos.md for timeouts after acceptance.
+FAULT_MIX: tuple[tuple[int, str | Reply], ...] = (
+    (30, "ok"),
+    (14, "throttle"),
+    (12, "http429"),
+    (12, "http500"),
+    (5, "http503"),
+    (10, "close"),
+    (12, Reply("http", http_status=503, delay_s=GATEWAY_TIMEOUT_S + 0.6)),
+    (3, "status:7"),  # number barred: permanent
+    (2, "status:29"),  # non-whitelisted destination: permanent
+)
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident set size of ``pid`` in MB (Linux), None when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def accepted(reply: Reply) -> bool:
+    """Whether the fake took the text (a real gateway would have sent it)."""
+    return reply.kind in ("ok", "partial")
+
+
+def faulty(reply: Reply) -> bool:
+    return reply.kind != "ok" or reply.delay_s > 0
+
+
+def contacts_for(users: int, seed: int) -> list[dict[str, Any]]:
+    """Contacts for simulate's ``u000001``…: most opted in, some opted out, unknown or missing,
+    in four time zones (quiet hours defer a share of the texts)."""
+    rng = random.Random(seed)
+    zones = ["America/Los_Angeles", "America/New_York", "Europe/London", "Asia/Kolkata"]
+    areas = ["415", "212", "312", "617", "646", "718", "213", "202"]
+    rows = []
+    for i in range(1, users + 1):
+        roll = rng.random()
+        if roll < 0.05:
+            continue  # no contact at all
+        consent = "opted_in" if roll < 0.87 else ("opted_out" if roll < 0.94 else "unknown")
+        rows.append(
+            {
+                "user_id": f"u{i:06d}",
+                "phone": f"+1{areas[i // 10_000 % len(areas)]}555{i % 10_000:04d}",
+                "consent": consent,
+                "timezone": zones[i % len(zones)],
+                "first_name": f"Pat{i % 97}",
+            }
+        )
+    return rows
+
+
+def fault_script(n: int, seed: int) -> list[str | Reply]:
+    rng = random.Random(seed)
+    weights = [w for w, _b in FAULT_MIX]
+    behaviours = [b for _w, b in FAULT_MIX]
+    return rng.choices(behaviours, weights=weights, k=n)
+
+
+def max_in_window(times: Sequence[float], window_s: float = 1.0) -> int:
+    """The most events in any half-open sliding window ``[t, t + window_s)``."""
+    ts = sorted(times)
+    best, lo = 0, 0
+    for hi, t in enumerate(ts):
+        while ts[lo] <= t - window_s:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+# --------------------------------------------------------------------------- timeline
+
+
+class Timeline:
+    """What the harness did and saw, with seconds since the start; printed and kept in a file."""
+
+    def __init__(self, path: Path, echo: bool) -> None:
+        self.t0 = time.monotonic()
+        self.path = path
+        self.echo = echo
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def say(self, text: str) -> None:
+        line = f"[chaos {self.now():7.1f}s] {text}"
+        with self._lock:
+            self.lines.append(line)
+            with self.path.open("a") as fh:
+                fh.write(line + "\n")
+        if self.echo:
+            print(line, flush=True)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Service:
+    """One ``nudgeflow`` process (worker or dispatcher), restartable, its log appended to."""
+
+    def __init__(
+        self, name: str, role: str, argv: list[str], env: dict[str, str], cwd: Path, log: Path
+    ) -> None:
+        self.name = name
+        self.role = role
+        self.argv = argv
+        self.env = env
+        self.cwd = cwd
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.starts = 0
+        self.expected_exit = False  # set while we kill or stop it on purpose
+        self.stopped = False
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            out.write(f"\n===== start #{self.starts + 1} =====\n".encode())
+            out.flush()
+            self.proc = subprocess.Popen(
+                self.argv, env=self.env, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT
+            )
+        self.started_at = time.monotonic()
+        self.starts += 1
+        self.expected_exit = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook runs, nothing is flushed or committed."""
+        self.expected_exit = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        self.stopped = self.expected_exit = True
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+class Supervisor(threading.Thread):
+    """Restarts any service that exits on its own (with backoff), like a process manager."""
+
+    def __init__(self, services: list[Service], timeline: Timeline) -> None:
+        super().__init__(daemon=True, name="chaos-supervisor")
+        self.services = services
+        self.timeline = timeline
+        self.crashes: list[tuple[float, str, int]] = []  # (t, service, exit code)
+        self._halt = threading.Event()
+        self._lock = threading.Lock()
+        self._backoff: dict[str, float] = {}
+
+    def run(self) -> None:
+        while not self._halt.wait(0.25):
+            for svc in self.services:
+                with self._lock:
+                    if svc.stopped or svc.expected_exit or svc.proc is None:
+                        continue
+                    code = svc.proc.poll()
+                    if code is None:
+                        continue
+                    self.crashes.append((self.timeline.now(), svc.name, code))
+                    # Quick successive crashes back off (0.5, 1, 2, 4 s), like a crash loop
+                    # under a process manager; a process that ran 30 s starts fresh.
+                    ran = time.monotonic() - svc.started_at
+                    delay = 0.5 if ran > 30 else min(4.0, 2 * self._backoff.get(svc.name, 0.25))
+                    self._backoff[svc.name] = delay
+                    self.timeline.say(
+                        f"{svc.name} exited by itself (code {code}); restarting in {delay:.1f}s"
+                    )
+                    svc.expected_exit = True  # until restarted
+                threading.Timer(delay, self._restart, args=(svc,)).start()
+
+    def _restart(self, svc: Service) -> None:
+        with self._lock:
+            if not svc.stopped and not svc.alive():
+                svc.start()
+
+    def kill_and_restart(self, svc: Service, after_s: float = 0.0) -> None:
+        with self._lock:
+            svc.kill()
+            if after_s <= 0:
+                svc.start()
+        if after_s > 0:  # expected_exit stays set, so the loop above leaves it alone
+            threading.Timer(after_s, self._restart, args=(svc,)).start()
+
+    def halt(self) -> None:
+        self._halt.set()
+
+
+class RedisServer:
+    """redis-server with an fsync-always AOF: ``kill`` + ``start`` keeps every acknowledged
+    write."""
+
+    def __init__(self, workdir: Path, port: int) -> None:
+        self.port = port
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log = workdir / "redis.log"
+        self.argv = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1"]
+        self.argv += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+        self.argv += ["--daemonize", "no", "--dir", str(workdir)]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        client = redis.Redis.from_url(self.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(redis.RedisError):
+                if client.ping():
+                    break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start; see {self.log}")
+            time.sleep(0.05)
+        client.close()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class Broker:
+    """tansu on a private port behind the outage proxy; clients only ever see the proxy."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.tansu_port, self.proxy_port = free_ports(2)
+        self.workdir = workdir
+        self.tansu: subprocess.Popen[bytes] | None = None
+        self.proxy: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.proxy_port}"
+
+    def start(self) -> None:
+        advertised = f"tcp://127.0.0.1:{self.proxy_port}"
+        argv = [broker_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{self.tansu_port}"]
+        argv += ["--advertised-listener-url", advertised, "--storage-engine", "memory://tansu/"]
+        with (self.workdir / "tansu.log").open("ab") as out:
+            self.tansu = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        proxy = [sys.executable, "-m", "tests.chaos.proxy", "--listen", str(self.proxy_port)]
+        proxy += ["--upstream", str(self.tansu_port)]
+        self.proxy_log = self.workdir / "proxy.log"
+        with self.proxy_log.open("ab") as out:
+            self.proxy = subprocess.Popen(
+                proxy, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True
+            )
+        deadline = time.monotonic() + 30
+        while not broker_healthy(self.bootstrap, timeout=1.0):
+            for p in (self.tansu, self.proxy):
+                if p.poll() is not None:
+                    raise RuntimeError(
+                        f"broker or proxy exited during start-up; see {self.workdir}"
+                    )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"broker not reachable through the proxy; see {self.workdir}")
+            time.sleep(0.1)
+
+    def _signal_proxy(self, sig: int, word: str) -> None:
+        assert self.proxy is not None
+        seen = self.proxy_log.read_text().count(word)
+        self.proxy.send_signal(sig)
+        deadline = time.monotonic() + 5
+        while self.proxy_log.read_text().count(word) <= seen:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"proxy did not acknowledge {word}")
+            time.sleep(0.02)
+
+    def cut(self) -> None:
+        self._signal_proxy(signal.SIGUSR1, "paused")
+
+    def restore(self) -> None:
+        self._signal_proxy(signal.SIGUSR2, "resumed")
+
+    def stop(self) -> None:
+        for p in (self.proxy, self.tansu):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
+# --------------------------------------------------------------------------- feeder, observer
+
+
+class Feeder(threading.Thread):
+    """Produces the events in order (keyed by user) at ``rate`` per second, up to ``limit``."""
+
+    def __init__(self, settings: Settings, events: list[ClickEvent]) -> None:
+        super().__init__(daemon=True, name="chaos-feeder")
+        self.settings = settings
+        self.events = events
+        self.sent = 0
+        self.limit = 0
+        self.rate = 1.0
+        self.error: BaseException | None = None
+        self._seg = (time.monotonic(), 0)
+        self._lock = threading.Lock()
+        self._halt = threading.Event()
+        self.failures: list[str] = []
+
+    def feed(self, rate: float, limit: int) -> None:
+        with self._lock:
+            self.rate, self.limit = rate, min(limit, len(self.events))
+            self._seg = (time.monotonic(), self.sent)
+
+    @property
+    def done(self) -> bool:
+        return self.sent >= len(self.events)
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 - reported by the harness
+            self.error = exc
+
+    def _run(self) -> None:
+        codec = Codec(self.settings.schema_registry_url)
+        producer = Producer(
+            {
+                **self.settings.kafka_common(),
+                "enable.idempotence": True,
+                "linger.ms": 5,
+                "compression.type": "lz4",
+                "log_level": 2,
+            }
+        )
+
+        def on_delivery(err: object, _msg: object) -> None:
+            if err is not None:
+                self.failures.append(str(err))
+
+        topic = self.settings.topic_clickstream
+        while not self._halt.is_set():
+            with self._lock:
+                start, base = self._seg
+                allowed = min(self.limit, base + int((time.monotonic() - start) * self.rate))
+            if self.sent >= allowed:
+                producer.poll(0.01)
+                if self.done:
+                    break
+                continue
+            while self.sent < allowed:
+                e = self.events[self.sent]
+                value = codec.encode("ClickEvent", e.to_record())
+                while True:
+                    try:
+                        producer.produce(
+                            topic, key=e.user_id.encode(), value=value, on_delivery=on_delivery
+                        )
+                        break
+                    except BufferError:
+                        producer.poll(0.1)
+                self.sent += 1
+            producer.poll(0)
+        while producer.flush(5):
+            if self._halt.is_set():
+                break
+
+    def halt(self) -> None:
+        self._halt.set()
+
+
+class Observer(threading.Thread):
+    """Reads decisions, outcomes and sms-dlq from the beginning, through the proxy like the rest."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(daemon=True, name="chaos-observer")
+        self.settings = settings
+        self.decisions: dict[str, Decision] = {}
+        self.withdrawn: set[str] = set()
+        self.outcomes: list[dict[str, Any]] = []
+        self.dlq: list[tuple[str, str]] = []  # (decision id, reason header)
+        self.outcome_flushes = FlushTracker(partitions=set(range(settings.partitions)))
+        self.decision_flushes = FlushTracker(partitions=set(range(settings.partitions)))
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 - reported by the harness
+            self.error = exc
+
+    def _run(self) -> None:
+        s = self.settings
+        codec = Codec(s.schema_registry_url)
+        consumer = Consumer(
+            {**s.kafka_common(), "group.id": "chaos-observer", "enable.auto.commit": False,
+             "log_level": 2}
+        )  # fmt: skip
+        topics = (s.topic_decisions, s.topic_outcomes, s.topic_sms_dlq)
+        consumer.assign(
+            [TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in range(s.partitions)]
+        )
+        try:
+            while not self._halt.is_set():
+                for m in consumer.consume(1000, timeout=0.2):
+                    if m.error():
+                        continue
+                    self._take(codec, m)
+        finally:
+            consumer.close()
+
+    def _take(self, codec: Codec, m: Any) -> None:
+        s = self.settings
+        topic, headers = m.topic(), m.headers()
+        with self.lock:
+            if topic == s.topic_sms_dlq:
+                _name, rec = codec.decode(m.value())
+                reason = dict(headers or []).get(DLQ_REASON_HEADER, b"").decode()
+                self.dlq.append((rec["decision_id"], reason))
+                return
+            if is_control(headers):
+                on_decisions = topic == s.topic_decisions
+                tracker = self.decision_flushes if on_decisions else self.outcome_flushes
+                tracker.observe(m.partition(), headers)
+                return
+            name, rec = codec.decode(m.value())
+            if name == "TriggerDecision":
+                self.decisions[rec["decision_id"]] = Decision.from_record(rec)
+            elif name == "DecisionCancelled":
+                if rec["reason"] == "reordered":
+                    self.withdrawn.add(rec["decision_id"])
+            elif name == "SmsOutcome":
+                self.outcomes.append(rec)
+
+    def final_outcomes(self) -> dict[str, list[dict[str, Any]]]:
+        with self.lock:
+            out: dict[str, list[dict[str, Any]]] = {}
+            for o in self.outcomes:
+                if o["status"] != "deferred":
+                    out.setdefault(o["decision_id"], []).append(o)
+            return out
+
+    def live_decisions(self) -> dict[str, Decision]:
+        with self.lock:
+            return {k: d for k, d in self.decisions.items() if k not in self.withdrawn}
+
+    def halt(self) -> None:
+        self._halt.set()
+
+
+class RssSampler(threading.Thread):
+    """Every 0.5 s: the RSS of every service process, tagged with the current phase."""
+
+    def __init__(self, services: list[Service]) -> None:
+        super().__init__(daemon=True, name="chaos-rss")
+        self.services = services
+        self.phase = "start"
+        self.samples: list[tuple[str, str, float]] = []  # (phase, service, MB)
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(0.5):
+            for svc in self.services:
+                pid = svc.pid
+                if pid is None or not svc.alive():
+                    continue
+                mb = rss_mb(pid)
+                if mb is not None:
+                    self.samples.append((self.phase, svc.name, mb))
+
+    def peak(self, role_prefix: str, phases: Iterable[str]) -> float:
+        wanted = set(phases)
+        values = [
+            mb for ph, name, mb in self.samples if ph in wanted and name.startswith(role_prefix)
+        ]
+        return max(values, default=0.0)
+
+    def halt(self) -> None:
+        self._halt.set()
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Report:
+    """What a chaos run proved (or not). ``problems`` lists every broken invariant."""
+
+    kills: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    redis_restarts: int = 0
+    broker_outages: int = 0
+    gateway_faults: int = 0
+    dlq: int = 0
+    events: int = 0
+    decisions: int = 0
+    expected_decisions: int = 0
+    missing_decisions: int = 0
+    extra_decisions: int = 0
+    without_outcome: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+    unknown_after_crash: int = 0
+    unknown_after_crash_sent: int = 0  # of those, the gateway did take the text
+    misreported: int = 0  # the gateway took the text but the final outcome says otherwise
+    conflicting_outcomes: int = 0
+    repeated_outcomes: int = 0  # the same final outcome published again after a crash
+    gateway_requests: int = 0
+    texts_accepted: int = 0
+    max_requests_1s: int = 0
+    calls_while_redis_down: int = 0
+    dlq_missing: int = 0
+    dlq_unexpected: int = 0
+    crash_restarts: int = 0
+    rss: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def line(self) -> str:
+        return (
+            f"kills={self.kills} lost={self.lost} duplicates={self.duplicates} "
+            f"redis_restarts={self.redis_restarts} broker_outages={self.broker_outages} "
+            f"gateway_faults={self.gateway_faults} dlq={self.dlq}"
+        )
+
+    def details(self) -> str:
+        rss = " ".join(f"{k}={v:.0f}MB" for k, v in sorted(self.rss.items()))
+        status = " ".join(f"{k}={v}" for k, v in sorted(self.statuses.items()))
+        return "\n".join(
+            [
+                f"events={self.events} decisions={self.decisions} "
+                f"(backtest {self.expected_decisions}, missing {self.missing_decisions}, "
+                f"extra {self.extra_decisions}) without_outcome={self.without_outcome}",
+                f"final outcomes: {status}",
+                f"unknown_after_crash={self.unknown_after_crash} "
+                f"(gateway had taken {self.unknown_after_crash_sent} of them) "
+                f"misreported={self.misreported} conflicting={self.conflicting_outcomes} "
+                f"republished={self.repeated_outcomes}",
+                f"gateway: requests={self.gateway_requests} texts={self.texts_accepted} "
+                f"faults={self.gateway_faults} busiest_1s={self.max_requests_1s} "
+                f"(limit {RATE_PER_S}) calls_while_redis_down={self.calls_while_redis_down}",
+                f"dlq={self.dlq} (missing {self.dlq_missing}, unexpected {self.dlq_unexpected}) "
+                f"crash_restarts={self.crash_restarts} rss: {rss}",
+                f"took {self.seconds:.0f}s",
+            ]
+        )
+
+
+class Chaos:
+    """One chaos run: build with the scale, ``start()``, inject faults, ``finish()``."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        events: int,
+        users: int,
+        seed: int = 7,
+        workers: int = 1,
+        dispatchers: int = 1,
+        echo: bool = True,
+        campaigns: Path = REPO_ROOT / "examples" / "campaigns.yaml",
+    ) -> None:
+        from processors.simulate import generate
+
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.timeline = Timeline(workdir / "timeline.log", echo)
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.campaigns = campaigns
+        self.users = users
+        self.events = list(generate(users=users, events=events, seed=seed))
+        self.n_workers, self.n_dispatchers = workers, dispatchers
+        self.kills = 0
+        self.redis_restarts = 0
+        self.broker_outages = 0
+        self.redis_down: list[tuple[float, float]] = []  # monotonic windows without Redis
+        self.fault_windows: list[tuple[int, int]] = []  # [start, end) request indexes
+        self.services: list[Service] = []
+        self.started = time.monotonic()
+        self.broker: Broker | None = None
+        self.redis: RedisServer | None = None
+        self.fake: VonageFake | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def start(self) -> None:
+        say = self.timeline.say
+        self.broker = Broker(self.workdir)
+        self.broker.start()
+        self.redis = RedisServer(self.workdir / "redis", free_ports(1)[0])
+        self.redis.start()
+        self.fake = VonageFake().start()
+        say(
+            f"stack up: tansu :{self.broker.tansu_port} behind proxy :{self.broker.proxy_port}, "
+            f"redis :{self.redis.port} (AOF, fsync always), Vonage fake :{self.fake.port}"
+        )
+        self.settings = Settings.load(
+            profile="dev",
+            state_dir=self.workdir,
+            bootstrap_servers=self.broker.bootstrap,
+            redis_url=self.redis.url,
+            partitions=4,
+            clock="event",
+            gateway="vonage",
+            campaigns_file=self.campaigns,
+            vonage_rest_host=self.fake.host,
+            vonage_api_key=SecretStr(self.fake.api_key),
+            vonage_api_secret=SecretStr(self.fake.api_secret),
+            vonage_timeout_s=GATEWAY_TIMEOUT_S,
+            worker_web_port=0,
+            metrics_port=0,
+            worker_store="memory://",
+        )
+        create_topics(self.broker.bootstrap, self.settings)
+        contacts = self.workdir / "contacts.jsonl"
+        contacts.write_text(
+            "".join(json.dumps(r) + "\n" for r in contacts_for(self.users, self.seed))
+        )
+        published, _bad = import_contacts(contacts, self.settings)
+        say(f"{published} contacts imported; {len(self.events)} events to replay")
+        env = self._env()
+        run_dir = self.workdir / "run"
+        run_dir.mkdir(exist_ok=True)
+        exe = [sys.executable, "-m", "processors.cli"]
+        worker_argv = [*exe, "worker", "--clock", "event"]
+        batch = os.environ.get("NUDGEFLOW_CHAOS_WORKER_BATCH_BYTES")
+        if batch:  # experiment: the worker producer's batch size (docs/chaos.md, tansu)
+            worker_argv = [
+                sys.executable,
+                "-c",
+                f"import sys, streams.app as a; a.PRODUCER_MAX_BATCH_BYTES = {int(batch)}; "
+                "from processors.cli import main; sys.exit(main(['worker', '--clock', 'event']))",
+            ]
+        for i in range(self.n_workers):
+            self.services.append(
+                Service(f"worker-{i}", "worker", worker_argv, env, run_dir,
+                        self.workdir / f"worker-{i}.log")
+            )  # fmt: skip
+        for i in range(self.n_dispatchers):
+            argv = [*exe, "dispatcher", "--retry-base", "0.2", "--rate", str(RATE_PER_S)]
+            self.services.append(
+                Service(f"dispatcher-{i}", "dispatcher", argv, env, run_dir,
+                        self.workdir / f"dispatcher-{i}.log")
+            )  # fmt: skip
+        for svc in self.services:
+            svc.start()
+        self.supervisor = Supervisor(self.services, self.timeline)
+        self.supervisor.start()
+        self.rss = RssSampler(self.services)
+        self.rss.start()
+        self.observer = Observer(self.settings)
+        self.observer.start()
+        self.feeder = Feeder(self.settings, self.events)
+        self.feeder.start()
+        self.wait_ready()
+        say(f"{self.n_workers} worker(s) and {self.n_dispatchers} dispatcher(s) running")
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NUDGEFLOW_")}
+        for name in Settings.model_fields:
+            value = getattr(self.settings, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"NUDGEFLOW_{name.upper()}"] = str(value)
+        assert self.fake is not None
+        env["REQUESTS_CA_BUNDLE"] = self.fake.ca_path
+        env["PYTHONPATH"] = str(REPO_ROOT)
+        level = os.environ.get("NUDGEFLOW_CHAOS_LOG_LEVEL")  # e.g. info, to debug a run
+        if level:
+            env["NUDGEFLOW_LOG_LEVEL"] = level
+        return env
+
+    def wait_ready(self, timeout_s: float = 90.0) -> None:
+        """Until every dispatcher owns partitions (its log says so); the workers' progress is
+        :meth:`wait_worker_progress`, once events flow."""
+        deadline = time.monotonic() + timeout_s
+        for svc in self.by_role("dispatcher"):
+            while not self.assigned(svc):
+                self.check_threads()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{svc.name} did not join its group; see {svc.log}")
+                time.sleep(0.2)
+
+    def check_threads(self) -> None:
+        for thread in (self.feeder, self.observer):
+            if thread.error is not None:
+                raise RuntimeError(f"{thread.name} failed: {thread.error!r}") from thread.error
+
+    # ------------------------------------------------------------------ faults
+
+    def by_role(self, role: str) -> list[Service]:
+        return [s for s in self.services if s.role == role]
+
+    def kill(self, svc: Service | None = None, restart_after_s: float = 0.0) -> Service:
+        """SIGKILL a service (random when None) and start it again, at once or after a pause."""
+        svc = svc or self.rng.choice(self.services)
+        self.supervisor.kill_and_restart(svc, restart_after_s)
+        self.kills += 1
+        when = f"restarting in {restart_after_s:g}s" if restart_after_s > 0 else "restarted"
+        self.timeline.say(f"kill #{self.kills}: SIGKILL {svc.name}, {when}")
+        return svc
+
+    def restart_redis(self, down_s: float) -> None:
+        assert self.redis is not None
+        t0 = time.monotonic()
+        self.redis.kill()
+        self.timeline.say(f"redis-server SIGKILLed; down for {down_s:g}s")
+        time.sleep(down_s)
+        self.redis.start()
+        self.redis_down.append((t0, time.monotonic()))
+        self.redis_restarts += 1
+        self.timeline.say(f"redis-server back after {time.monotonic() - t0:.1f}s (AOF reloaded)")
+
+    def broker_outage(self, seconds: float) -> None:
+        assert self.broker is not None
+        self.broker.cut()
+        self.timeline.say("broker unreachable: every connection cut, new ones blackholed")
+        time.sleep(seconds)
+        self.broker.restore()
+        self.broker_outages += 1
+        self.timeline.say(f"broker reachable again after {seconds:g}s")
+
+    def gateway_faults(self, requests: int, wait_s: float = 0.0) -> None:
+        """The next ``requests`` gateway requests get a fault mix (throttling, 429, 5xx,
+        dropped connections, hung answers past the timeout, a few permanent errors); waits up to
+        ``wait_s`` for them to arrive."""
+        assert self.fake is not None
+        start = len(self.fake.requests)
+        self.fake.script(fault_script(requests, self.seed))
+        self.fault_windows.append((start, start + requests))
+        self.timeline.say(f"gateway fault window: the next {requests} requests")
+        deadline = time.monotonic() + wait_s
+        while len(self.fake.requests) < start + requests and time.monotonic() < deadline:
+            self.check_threads()
+            time.sleep(0.2)
+        if wait_s:
+            done = min(requests, len(self.fake.requests) - start)
+            self.timeline.say(f"gateway fault window: {done} of {requests} requests so far")
+
+    def wait_worker_progress(self, timeout_s: float = 60.0) -> None:
+        """Until the worker group has committed offsets: the workers are processing."""
+        deadline = time.monotonic() + timeout_s
+        tps = [
+            TopicPartition(self.settings.topic_clickstream, p)
+            for p in range(self.settings.partitions)
+        ]
+        consumer = Consumer(
+            {**self.settings.kafka_common(), "group.id": self.settings.worker_id,
+             "log_level": 2, "enable.auto.commit": False}
+        )  # fmt: skip
+        try:
+            while True:
+                self.check_threads()
+                with contextlib.suppress(KafkaException):
+                    if any(tp.offset > 0 for tp in consumer.committed(tps, timeout=5)):
+                        return
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the workers committed nothing")
+                time.sleep(0.3)
+        finally:
+            consumer.close()
+
+    # ------------------------------------------------------------------ progress
+
+    def group_lag(self, group: str, topic: str) -> int | None:
+        """Uncommitted records of ``group`` on ``topic`` (None while the broker is unreachable)."""
+        consumer = Consumer(
+            {**self.settings.kafka_common(), "group.id": group, "log_level": 2,
+             "enable.auto.commit": False}
+        )  # fmt: skip
+        try:
+            tps = [TopicPartition(topic, p) for p in range(self.settings.partitions)]
+            committed = consumer.committed(tps, timeout=5)
+            lag = 0
+            for tp in committed:
+                low, high = consumer.get_watermark_offsets(tp, timeout=5)
+                # max(0, …): tansu's high watermark can trail the committed offset by a record
+                # or two after compressed idempotent batches.
+                lag += max(0, high - (tp.offset if tp.offset >= 0 else low))
+            return lag
+        except KafkaException:
+            return None
+        finally:
+            consumer.close()
+
+    def lags(self) -> tuple[int | None, int | None]:
+        s = self.settings
+        return (
+            self.group_lag(s.worker_id, s.topic_clickstream),
+            self.group_lag(s.dispatcher_group, s.topic_decisions),
+        )
+
+    def wait_caught_up(self, timeout_s: float, settle_s: float = 8.0) -> None:
+        """Until everything fed is processed: both groups at lag 0, all processes up ≥ settle_s."""
+        deadline = time.monotonic() + timeout_s
+        streak = 0
+        last_say = 0.0
+        while streak < 3:
+            self.check_threads()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the pipeline did not catch up; lags {self.lags()}")
+            settled = all(
+                s.alive() and time.monotonic() - s.started_at > settle_s for s in self.services
+            )
+            lags = self.lags()
+            if settled and lags == (0, 0) and self.feeder.sent >= self.feeder.limit:
+                streak += 1
+            else:
+                streak = 0
+            if time.monotonic() - last_say > 15:
+                last_say = time.monotonic()
+                self.timeline.say(f"catching up: lags worker/dispatcher {lags}")
+            time.sleep(1.0)
+
+    def assigned(self, svc: Service) -> bool:
+        """A dispatcher logged an assignment since its last start."""
+        tail = svc.log.read_text(errors="replace").rsplit("===== start", 1)[-1]
+        return "assigned partitions [" in tail
+
+    def wait_stable(self, timeout_s: float, settle_s: float = 5.0, max_lag: int = 5_000) -> None:
+        """Until every process has run ``settle_s``, every dispatcher owns partitions and both
+        groups are consuming (lag below ``max_lag``): the next fault hits a running pipeline."""
+        deadline = time.monotonic() + timeout_s
+        streak = 0
+        last_say = time.monotonic()
+        while True:
+            self.check_threads()
+            lags = self.lags()
+            if time.monotonic() - last_say > 15:
+                last_say = time.monotonic()
+                self.timeline.say(f"settling: lags worker/dispatcher {lags}")
+            ok = (
+                all(s.alive() and time.monotonic() - s.started_at > settle_s for s in self.services)
+                and all(self.assigned(s) for s in self.by_role("dispatcher"))
+                and None not in lags
+                and max(x or 0 for x in lags) < max_lag
+            )
+            streak = streak + 1 if ok else 0
+            if streak >= 3:  # three checks in a row, a second apart
+                self.timeline.say(f"stable: lags worker/dispatcher {lags}")
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the pipeline did not settle; lags {lags}")
+            time.sleep(1.0)
+
+    def end_of_input(self, timeout_s: float) -> None:
+        """Flush markers after the last event; then until the dispatchers mark every partition
+        complete and every decision has a final outcome."""
+        producer = Producer({**self.settings.kafka_common(), "log_level": 2})
+        send_flush(producer, self.settings.topic_clickstream)
+        self.timeline.say("end of input marked on every clickstream partition")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.check_threads()
+            with self.observer.lock:
+                flushed = self.observer.outcome_flushes.all_complete()
+            live = self.observer.live_decisions()
+            finals = self.observer.final_outcomes()
+            if flushed and set(live) <= set(finals):
+                break
+            if time.monotonic() > deadline:
+                self.timeline.say(
+                    f"gave up waiting: outcome markers complete={flushed}, "
+                    f"{len(set(live) - set(finals))} decisions without an outcome"
+                )
+                break
+            time.sleep(0.5)
+        self.timeline.say("every partition complete")
+
+    # ------------------------------------------------------------------ the verdict
+
+    def stop(self) -> None:
+        for thread in (getattr(self, "feeder", None), getattr(self, "rss", None)):
+            if thread is not None:
+                thread.halt()
+        if hasattr(self, "supervisor"):
+            self.supervisor.halt()
+        for svc in self.services:
+            code = svc.stop()
+            if code not in (0, None, -signal.SIGKILL):
+                self.timeline.say(f"{svc.name} exited with {code} at shutdown")
+        if hasattr(self, "observer"):
+            time.sleep(0.5)
+            self.observer.halt()
+            self.observer.join(10)
+        if self.fake is not None:
+            self.fake.stop()
+        if self.redis is not None:
+            self.redis.stop()
+        if self.broker is not None:
+            self.broker.stop()
+
+    def report(self) -> Report:
+        assert self.fake is not None
+        r = Report(
+            kills=self.kills,
+            redis_restarts=self.redis_restarts,
+            broker_outages=self.broker_outages,
+            events=len(self.events),
+        )
+        r.seconds = time.monotonic() - self.started
+        expected = {
+            (d.decision_id, d.campaign_id, d.user_id, d.fire_at)
+            for d in run_backtest(self.events, load_campaigns(self.campaigns)).decisions
+        }
+        live_map = self.observer.live_decisions()
+        live = {(d.decision_id, d.campaign_id, d.user_id, d.fire_at) for d in live_map.values()}
+        r.expected_decisions, r.decisions = len(expected), len(live)
+        r.missing_decisions = len(expected - live)
+        r.extra_decisions = len(live - expected)
+        finals = self.observer.final_outcomes()
+        no_outcome = [k for k in live_map if k not in finals]
+        r.without_outcome = len(no_outcome)
+        r.lost = r.missing_decisions + r.without_outcome
+
+        requests = self.fake.requests
+        r.gateway_requests = len(requests)
+        took = Counter(q.fields.get("client-ref", "") for q in requests if accepted(q.reply))
+        asked = Counter(q.fields.get("client-ref", "") for q in requests)
+        r.texts_accepted = sum(took.values())
+        r.duplicates = sum(n - 1 for n in took.values() if n > 1)
+        r.gateway_faults = sum(1 for a, b in self.fault_windows for q in requests[a:b]
+                               if faulty(q.reply))  # fmt: skip
+        r.max_requests_1s = max_in_window([q.monotonic for q in requests])
+        for t0, t1 in self.redis_down:
+            r.calls_while_redis_down += sum(
+                1 for q in requests if t0 + FAIL_CLOSED_GRACE_S < q.monotonic < t1
+            )
+
+        final: dict[str, dict[str, Any]] = {}
+        for did, outs in finals.items():
+            kinds = {(o["status"], o["reason"]) for o in outs}
+            if len(kinds) > 1:
+                r.conflicting_outcomes += 1
+            r.repeated_outcomes += len(outs) - 1
+            final[did] = outs[-1]
+        for did in live_map:
+            o = final.get(did)
+            if o is None:
+                continue
+            r.statuses[o["status"] if o["status"] != "failed" else f"failed:{o['reason']}"] += 1
+            if o["status"] == "failed" and o["reason"] == UNKNOWN_AFTER_CRASH:
+                r.unknown_after_crash += 1
+                r.unknown_after_crash_sent += int(took[did] > 0)
+            elif took[did] and o["status"] != "sent":
+                r.misreported += 1
+            elif o["status"] == "sent" and not took[did]:
+                r.misreported += 1
+        with self.observer.lock:
+            dlq = list(self.observer.dlq)
+        r.dlq = len({d for d, _reason in dlq})
+        dlq_reasons = {d: reason for d, reason in dlq}
+        gateway_failed = {
+            did: o["reason"]
+            for did, o in final.items()
+            if o["status"] == "failed" and o["reason"] != UNKNOWN_AFTER_CRASH and asked[did]
+        }
+        r.dlq_missing = sum(1 for d, why in gateway_failed.items() if dlq_reasons.get(d) != why)
+        r.dlq_unexpected = sum(1 for d in dlq_reasons if d not in gateway_failed)
+        r.crash_restarts = len(self.supervisor.crashes)
+        for role in ("worker", "dispatcher"):
+            for phase in ("steady", "burst"):
+                peak = self.rss.peak(role, [phase])
+                if peak:
+                    r.rss[f"{role}_{phase}"] = peak
+
+        def problem(cond: bool, text: str) -> None:
+            if cond:
+                r.problems.append(text)
+
+        failures = len(self.feeder.failures)
+        problem(
+            failures > 0, f"{failures} events not delivered by the feeder (not a pipeline fault)"
+        )
+        problem(r.missing_decisions > 0, f"{r.missing_decisions} backtest decisions never made")
+        problem(r.extra_decisions > 0, f"{r.extra_decisions} decisions the backtest did not make")
+        problem(r.without_outcome > 0, f"{r.without_outcome} decisions without a final outcome")
+        problem(r.duplicates > 0, f"{r.duplicates} texts accepted twice for one decision")
+        problem(r.misreported > 0, f"{r.misreported} outcomes disagree with the gateway")
+        problem(r.conflicting_outcomes > 0, f"{r.conflicting_outcomes} decisions with two outcomes")
+        problem(r.max_requests_1s > RATE_PER_S, f"{r.max_requests_1s} requests in one second")
+        problem(r.calls_while_redis_down > 0, f"{r.calls_while_redis_down} calls without Redis")
+        problem(r.dlq_missing > 0, f"{r.dlq_missing} gateway failures missing from sms-dlq")
+        problem(r.dlq_unexpected > 0, f"{r.dlq_unexpected} sms-dlq records without a failure")
+        if no_outcome or expected - live or live - expected:
+            sample = {
+                "missing": sorted(expected - live)[:5],
+                "extra": sorted(live - expected)[:5],
+                "no_outcome": sorted(no_outcome)[:5],
+            }
+            self.timeline.say(f"samples: {sample}")
+        (self.workdir / "requests.jsonl").write_text(
+            "".join(
+                json.dumps({"ref": q.fields.get("client-ref"), "t": q.monotonic,
+                            "reply": q.reply.kind, "delay": q.reply.delay_s,
+                            "status": q.reply.status or q.reply.http_status})
+                + "\n"
+                for q in requests
+            )
+        )  # fmt: skip
+        return r
+
+
+def write_summary(report: Report, timeline: Timeline) -> None:
+    """Print the details and, last, the summary line; also into $NUDGEFLOW_CHAOS_SUMMARY."""
+    for line in report.details().splitlines():
+        timeline.say(line)
+    for p in report.problems:
+        timeline.say(f"PROBLEM: {p}")
+    line = report.line
+    if report.problems:  # lost=0 duplicates=0 alone must never read as a pass
+        line += f" FAILED: {len(report.problems)} invariant(s) broken, see PROBLEM above"
+    print(line, flush=True)
+    target = os.environ.get("NUDGEFLOW_CHAOS_SUMMARY")
+    if target:
+        with open(target, "a") as fh:
+            fh.write(report.details() + "\n" + line + "\n")
+
+
+def phases(chaos: Chaos, plan: Sequence[tuple[str, Callable[[], None]]]) -> None:
+    for name, step in plan:
+        chaos.rss.phase = name
+        step()
+        chaos.check_threads()
