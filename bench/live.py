@@ -1,7 +1,7 @@
 """Live-clock figures of the trigger worker: decision and send latency, timer lateness, memory.
 
 One embedded stack, one worker (live clock, every example campaign plus a 30 s absence campaign,
-changelog on, allowed lateness 2 s, state TTL 10 s via ``_worker.py``) and one in-process
+changelog on, allowed lateness 2 s, state TTL 10 s via ``NUDGEFLOW_STATE_TTL_S``) and one in-process
 dispatcher whose gateway answers after 20 ms (``_common.FakeGateway``). Three phases, each
 waiting for the worker to catch up (committed offsets) before the next:
 
@@ -62,8 +62,8 @@ from processors.devstack import EmbeddedStack, StackError, create_topics
 from processors.dispatcher import Dispatcher
 from processors.settings import Settings
 from schemas.codec import Codec
+from streams.clickstream import offsets_group
 
-HERE = Path(__file__).resolve().parent
 LATENESS_S = 2.0
 TTL_MS = 10_000
 ABSENCE_S = 30
@@ -143,7 +143,7 @@ class Progress:
 
     def __init__(self, settings: Settings) -> None:
         self.admin = AdminClient(settings.kafka_common())
-        self.group = settings.worker_id
+        self.group = offsets_group(settings.worker_id)
         topic = settings.topic_clickstream
         parts = self.admin.list_topics(topic, timeout=10).topics[topic].partitions
         self.tps = [TopicPartition(topic, p) for p in parts]
@@ -252,9 +252,9 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         thread.start()
         env = {
             "NUDGEFLOW_ALLOWED_LATENESS_S": str(LATENESS_S),
-            "NUDGEFLOW_BENCH_STATE_TTL_MS": str(TTL_MS),
+            "NUDGEFLOW_STATE_TTL_S": str(TTL_MS / 1000),
         }
-        worker = Worker(settings, tmp, argv=[sys.executable, str(HERE / "_worker.py")], env=env)
+        worker = Worker(settings, tmp, env=env)
         events = Events(settings)
         events.send("warm-up", "points_earned", {"tier": "gold", "points": "1"})
         events.flush()

@@ -40,6 +40,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 from processors.devstack import EmbeddedStack, StackError, create_topics
 from processors.settings import REPO_ROOT, Settings
 from schemas.codec import Codec
+from streams.checkpoint import is_position_key
+from streams.clickstream import offsets_group
 
 SAMPLE_INTERVAL_S = 0.5
 STOP_TIMEOUT_S = 30.0
@@ -392,7 +394,7 @@ def faust_rate(
             **settings.kafka_common(),
             # Same group id, but this consumer never subscribes, so it never joins the group:
             # it only fetches the group's committed offsets.
-            "group.id": settings.worker_id,
+            "group.id": offsets_group(settings.worker_id),
             "enable.auto.commit": False,
         }
     )
@@ -466,6 +468,8 @@ def state_bytes_per_user(settings: Settings, idle_s: float = 2.0) -> tuple[float
                 if msg.error() is not None:
                     raise BenchError(f"changelog read error: {msg.error()}")
                 key, value = msg.key() or b"", msg.value()
+                if is_position_key(key):
+                    continue  # the worker's clickstream positions, not a user's state
                 if value is None:
                     latest.pop(key, None)
                 else:

@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import SecretStr, field_serializer, field_validator
+from pydantic import Field, SecretStr, field_serializer, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     campaigns_file: Path = REPO_ROOT / "examples" / "campaigns.yaml"
     clock: Literal["live", "event"] = "live"
     allowed_lateness_s: float = 30.0
+    # A user idle this long (event time) is forgotten: bounds the state of a worker that sees
+    # millions of one-visit users. 30 days: longer than every campaign window.
+    state_ttl_s: float = Field(default=30 * 86_400.0, gt=0)
     worker_id: str = "nudgeflow-worker"
     worker_web_port: int = 6066
     # Faust table store: RocksDB (rocksdict) keeps state on local disk across restarts, so a

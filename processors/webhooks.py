@@ -998,6 +998,8 @@ class WebhookService:
                 return exc.reason
             except Exception as exc:  # noqa: BLE001 - never crash the service for a reply
                 return f"unexpected_error:{type(exc).__name__}"
+            finally:
+                self.limiter.done()  # answered: the rate limit's lease ends (rate_limit.py)
             if attempt + 1 < self.retry.attempts:
                 time.sleep(self.retry.delay_s(attempt))
         return reason

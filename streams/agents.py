@@ -1,34 +1,32 @@
-"""Faust agents of the trigger worker: a thin shell that moves records in and out of the engine.
+"""The trigger worker's shell: moves records in and out of the engine.
 
 All trigger logic is in :class:`processors.core.engine.Engine`; this module only
 
-* decodes clickstream records (bad ones go to the DLQ byte for byte, with a reason header),
-* loads/stores each user's engine state in the ``user_state`` table (changelog-backed),
-* moves time: flush control records (both clocks) and, with the live clock, ticks,
-* encodes decisions and cancellations onto ``sms-decisions`` keyed by user id,
+* reads the clickstream in batches (:mod:`streams.clickstream`, a confluent-kafka consumer that
+  follows Faust's assignment) and decodes it (bad records go to the DLQ byte for byte, with a
+  reason header),
+* keeps each user's engine state in the ``user_state`` table through a write-back buffer and
+  checkpoints (:mod:`streams.checkpoint`: states and clickstream positions written together to
+  the table's changelog),
+* moves time: flush control records (both clocks) and, with the live clock, ticks (a Faust agent
+  on the co-partitioned ticks topic),
+* produces decisions and cancellations onto ``sms-decisions`` keyed by user id
+  (:mod:`streams.output`),
 * keeps the worker's Prometheus metrics (:mod:`processors.metrics`) up to date.
 
-Metrics are counted when a record has been handed to the producer, so they agree with what the
-topics hold. ``nudgeflow_open_episodes`` is maintained per step from each user's deadlines
-(``core["d"]`` of the head state: one entry per campaign with a pending timer); after a rebalance
-it is rebuilt in the same table scan that rebuilds the timer index, never per event.
+Faust provides group membership and partition assignment (the ticks topic), the table and its
+changelog recovery, the ticks and the web server; the per-record path is ours because Faust's
+costs ~200 us per record (docs/performance.md).
 
-Batches: the clickstream agent takes up to ``BATCH_MAX`` records at a time (waiting at most
-``BATCH_WITHIN_S`` for more) and processes them one by one, in order, sending each record's
-decisions at once. State writes go to a write-back buffer (``_dirty``, packed table values) that
-every read goes through, and the buffer is written to the table once per batch, so a user with
-several events in a batch costs one changelog record, not one per event (a Faust table write is
-the most expensive thing the worker does, docs/performance.md). Faust acks a batch's records
-only after the loop body, so the state is in the table (and its changelog record in the
-producer, which Faust flushes before committing) before the offsets can be committed. Unchanged
-values are not written at all.
+Concurrency: the read loop and the ticks agent are two asyncio tasks over the same state; each
+holds :attr:`TriggerShell.busy` while it touches state, so they never interleave, and a
+rebalance takes it too before it checkpoints and lets partitions go.
 
-Concurrency: the clickstream agent and the ticks agent run as two asyncio tasks over the same
-table. Each user's read-engine-write runs without an ``await`` in between and both read through
-the same write-back buffer, so the two never interleave on one user; sends happen after the
-state is stored. Delivery is at least once (Faust
-flushes the producer before committing offsets): after a crash a few events may be re-applied,
-which the engine de-duplicates by ``event_id``, and decision ids are deterministic.
+Delivery is at least once: after a crash the worker resumes each partition at its last
+checkpoint, so a few events may be applied again, which the engine de-duplicates by
+``event_id``; decision ids are deterministic, so the dispatcher sends each at most once.
+``nudgeflow_open_episodes`` is maintained per step from each user's deadlines (``core["d"]``);
+after a rebalance it is rebuilt in the table scan that rebuilds the timer index.
 """
 
 from __future__ import annotations
@@ -36,14 +34,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-import weakref
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import faust
-from faust.streams import _current_event  # see TriggerShell._flush_dirty
-from faust.types import EventT, TopicT
+from confluent_kafka import Message
 
 from processors import metrics
 from processors.control import flush_headers
@@ -62,6 +59,9 @@ from processors.intake import (  # header, reason_tag: re-exported for callers o
 )
 from processors.settings import Settings
 from schemas.codec import Codec
+from streams.checkpoint import Checkpointer, is_position_key
+from streams.clickstream import ClickstreamReader, offsets_group
+from streams.output import Output
 from streams.timers import StoredState, TimerIndex, pack_state, unpack_state
 from streams.topics import (
     DLQ_DETAIL_HEADER,
@@ -74,9 +74,9 @@ log = logging.getLogger(__name__)
 
 TICK_INTERVAL_S = 0.5  # a due timer waits at most this long for its tick (lateness p99 <= 1 s)
 LAG_INTERVAL_S = 5.0  # how often every worker samples the consumer lag of its partitions
-YIELD_EVERY = 256  # users per flush/tick batch before giving the event loop (heartbeats) a turn
-BATCH_MAX = 2000  # clickstream records per batch (stream.take_events)
-BATCH_WITHIN_S = 0.01  # longest wait for a batch to fill: bounds the added decision latency
+YIELD_EVERY = 1000  # records/users between turns given to the event loop (heartbeats)
+CHECKPOINT_S = 0.5  # longest time a state change stays only in memory
+CHECKPOINT_MAX_PENDING = 50_000  # users buffered before a checkpoint is forced (memory bound)
 _TICK = struct.Struct(">q")
 _REGISTRY_RETRY_MAX_S = 30.0
 
@@ -85,7 +85,7 @@ _REGISTRY_RETRY_MAX_S = 30.0
 class Out:
     """One record to produce."""
 
-    topic: TopicT
+    topic: str
     kind: str  # "decision" | "cancellation" | "dead_letter"
     key: bytes | None
     value: bytes
@@ -121,8 +121,18 @@ def decode_tick(value: bytes | None) -> int:
     raise ValueError("tick value must be 8-byte big-endian or ASCII epoch milliseconds")
 
 
+class _Where:
+    """Partition and offset of a clickstream record, for log lines."""
+
+    __slots__ = ("partition", "offset")
+
+    def __init__(self, partition: int, offset: int) -> None:
+        self.partition = partition
+        self.offset = offset
+
+
 class TriggerShell:
-    """Owns the table, the timer index and the agents of one Faust app."""
+    """Owns the table, the timer index, the clickstream reader and the agents of one Faust app."""
 
     def __init__(
         self,
@@ -148,8 +158,6 @@ class TriggerShell:
             help="engine state per user: streams.timers.pack_state(partition, wake_at, state)",
         )
         self.timers = TimerIndex(self._scan_table)
-        # Write-back buffer: user key -> (packed value or None = delete, the record that wrote it)
-        self._dirty: dict[bytes, tuple[bytes | None, EventT]] = {}
         self.stats = ShellStats()
         self.live = settings.clock == "live"
         self.vocabulary = frozenset(engine.by_type)  # event types some enabled campaign reads
@@ -157,49 +165,186 @@ class TriggerShell:
         for campaign_id in self.campaign_ids:
             metrics.CAMPAIGN_ENABLED.labels(campaign_id).set(1)
         self.episodes = metrics.PartitionedGauge(metrics.OPEN_EPISODES, self.campaign_ids)
-        app.agent(self.topics.clickstream, name="nudgeflow.clickstream")(self._clickstream_agent)
-        if settings.clock == "live":
-            app.agent(self.topics.ticks, name="nudgeflow.ticks")(self._ticks_agent)
+        self.busy = asyncio.Lock()
+        self._output: Output | None = None
+        self._reader: ClickstreamReader | None = None
+        self._checkpointer: Checkpointer | None = None
+        self._last_checkpoint = time.monotonic()
+        self._running = False
+        self._reading: asyncio.Task[None] | None = None
+        # Ticks: a Faust agent in both clocks (the ticks topic carries the assignment); the
+        # event clock ignores tick values.
+        app.agent(self.topics.ticks, name="nudgeflow.ticks")(self._ticks_agent)
+        if self.live:
             app.timer(TICK_INTERVAL_S, on_leader=True, name="nudgeflow.send_ticks")(
                 self._send_ticks
             )
         app.timer(LAG_INTERVAL_S, name="nudgeflow.consumer_lag")(self.sample_lag)
-        app.on_partitions_revoked.connect(self._on_rebalance)
-        app.on_partitions_assigned.connect(self._on_rebalance)
+        app.task(self._read_loop)
+        app.on_rebalance_complete.connect(self._on_rebalance_complete)  # type: ignore[arg-type]
+        hooks = getattr(app, "nudgeflow_hooks", None)
+        if hooks is not None:  # streams.app.WorkerApp: run before Faust's own revoke/stop
+            hooks.before_revoke.append(self._before_revoke)
+            hooks.before_stop.append(self._before_stop)
+        else:
+            app.on_partitions_revoked.connect(self._on_revoked_signal)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ parts made at start
+
+    @property
+    def output(self) -> Output:
+        if self._output is None:
+            self._output = Output(self.settings, client_id=f"{self.settings.worker_id}-out")
+        return self._output
+
+    @property
+    def reader(self) -> ClickstreamReader:
+        if self._reader is None:
+            self._reader = ClickstreamReader(
+                self.settings, client_id=f"{self.settings.worker_id}-clickstream"
+            )
+        return self._reader
+
+    @property
+    def checkpointer(self) -> Checkpointer:
+        if self._checkpointer is None:
+            self._checkpointer = Checkpointer(
+                self.table.data, self.output, self.table.changelog_topic.get_topic_name()
+            )
+        return self._checkpointer
+
+    # ------------------------------------------------------------------ rebalances
+
+    async def _on_rebalance_complete(self, sender: Any, /, *args: Any, **kwargs: Any) -> None:
+        """Tables recovered: read the clickstream partitions that go with our ticks partitions,
+        each from the position stored in the table."""
+        async with self.busy:
+            try:
+                assigned = self.app.consumer.assignment()
+            except Exception:
+                return
+            ticks = self.settings.topic_ticks
+            mine = {tp.partition for tp in assigned if tp.topic == ticks}
+            reader = self.reader
+            gone = reader.owned - mine
+            if gone:  # missed a revoke (should not happen): nothing of theirs is written
+                reader.release_all()
+                self.checkpointer.drop(gone)
+            new = mine - reader.owned
+            positions = {p: self.checkpointer.position(p) for p in sorted(new)}
+            self.timers.clear()
+            self.episodes.clear()
+            reader.assign(positions)
+            for p, off in positions.items():
+                log.info("clickstream partition %d resumes at %s", p, off or "the beginning")
+
+    async def _before_revoke(self, revoked: Any = None) -> None:
+        """Faust is about to give partitions away: write everything, then let go of them all
+        (Faust's eager rebalance revokes every partition; the complete handler takes back what
+        stays ours, at the position just written)."""
+        async with self.busy:
+            if self._checkpointer is not None:
+                await self._checkpoint()
+            if self._reader is not None:
+                self.reader.release_all()
+            self.timers.clear()
+            self.episodes.clear()
+
+    async def _on_revoked_signal(self, sender: Any, /, *args: Any, **kwargs: Any) -> None:
+        await self._before_revoke()
+
+    async def _before_stop(self) -> None:
+        """Worker stopping: stop reading, write the last checkpoint, close the clients."""
+        self._running = False
+        if self._reading is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._reading), timeout=5.0)
+            except (TimeoutError, asyncio.CancelledError, Exception):
+                pass
+        await self._before_revoke()
+        if self._reader is not None:
+            self._reader.close()
+        if self._output is not None:
+            self._output.flush_sync(10.0)
+
+    # ------------------------------------------------------------------ the read loop
+
+    async def _read_loop(self) -> None:
+        """Batches from the reader into the engine; a checkpoint every :data:`CHECKPOINT_S`."""
+        self._running = True
+        self._reading = asyncio.current_task()
+        reader = self.reader
+        while self._running:
+            try:
+                msgs = await reader.poll()
+                async with self.busy:
+                    if msgs:
+                        await self._process(msgs)
+                    due = time.monotonic() - self._last_checkpoint >= CHECKPOINT_S
+                    if due or self.checkpointer.pending() >= CHECKPOINT_MAX_PENDING:
+                        await self._checkpoint()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # The output refused a record or the state cannot be written: stop the worker
+                # (it restarts from its last checkpoint) rather than go on with a gap.
+                log.critical("trigger worker stops: %s: %s", type(exc).__name__, exc)
+                self._running = False
+                await self.app.crash(exc)
+                return
+
+    async def _checkpoint(self) -> None:
+        positions = await self.checkpointer.checkpoint()
+        self._last_checkpoint = time.monotonic()
+        if positions and self._reader is not None:
+            self.reader.commit(positions)
+
+    async def _process(self, msgs: list[Message]) -> None:
+        """One batch, in order (the caller holds :attr:`busy`)."""
+        owned, positions = self.reader.owned, self.reader.positions
+        consumed: Counter[str] = Counter()
+        checkpointer = self.checkpointer
+        for i, msg in enumerate(msgs, 1):
+            if msg.error() is not None:
+                log.warning("clickstream consumer error: %s", msg.error())
+                continue
+            partition = msg.partition()
+            if partition not in owned:
+                continue  # fetched just before the partition was released
+            key, value, offset = msg.key(), msg.value() or b"", int(msg.offset() or 0)
+            try:
+                got = intake(self.codec, key, value, msg.headers())
+            except Exception:  # a registry outage, never bad data: wait for it
+                got = await self._intake(key, value, msg.headers())
+            where = _Where(partition, offset)
+            if isinstance(got, EndOfInput):
+                await self.flush_partition(partition)
+            elif isinstance(got, Rejected) and got.control:
+                self._send([self._dead(key, value, got.reason, got.detail, where)])
+            else:
+                self.stats.events += 1
+                click = got.event if isinstance(got, Rejected) else got
+                label = metrics.OTHER
+                if click is not None:
+                    label = metrics.event_type_label(click.event_type, self.vocabulary)
+                consumed[label] += 1
+                if isinstance(got, Rejected):
+                    self._send([self._dead(key, value, got.reason, got.detail, where)])
+                else:
+                    self._send(self._on_click(got, key, value, where))
+            checkpointer.advance(partition, offset + 1)
+            positions[partition] = offset + 1
+            if i % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+        for label, n in consumed.items():
+            metrics.EVENTS_CONSUMED.labels(label).inc(n)
 
     # ------------------------------------------------------------------ agents
 
-    async def _clickstream_agent(self, stream: faust.StreamT) -> None:
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            try:
-                for event in events:
-                    await self._on_record(event)
-            finally:
-                self._flush_dirty()  # before Faust acks the batch (module docstring)
-
-    async def _on_record(self, event: EventT) -> None:
-        msg = event.message
-        key, value = event.key, event.value
-        got = await self._intake(key, value, msg.headers)
-        if isinstance(got, EndOfInput):
-            await self.flush_partition(msg.partition, event)
-            return
-        if isinstance(got, Rejected) and got.control:
-            await self._send([self._dead(key, value, got.reason, got.detail, msg)])
-            return
-        self.stats.events += 1
-        click = got.event if isinstance(got, Rejected) else got
-        label = metrics.OTHER
-        if click is not None:
-            label = metrics.event_type_label(click.event_type, self.vocabulary)
-        metrics.EVENTS_CONSUMED.labels(label).inc()
-        if isinstance(got, Rejected):
-            await self._send([self._dead(key, value, got.reason, got.detail, msg)])
-            return
-        await self._send(self._on_click(got, key, value, event))
-
     async def _ticks_agent(self, stream: faust.StreamT) -> None:
         async for event in stream.events():
+            if not self.live:
+                continue  # the event clock moves with the events and flush records only
             partition = event.message.partition
             try:
                 now_ms = decode_tick(event.value)
@@ -207,10 +352,10 @@ class TriggerShell:
                 log.warning("ignoring a malformed tick on partition %d", partition)
                 continue
             self.stats.ticks += 1
-            try:
-                await self.advance_partition(partition, now_ms - self.lateness_ms, event)
-            finally:
-                self._flush_dirty()
+            async with self.busy:
+                if self._reader is None or partition not in self.reader.owned:
+                    continue  # not (yet) ours on the clickstream side
+                await self.advance_partition(partition, now_ms - self.lateness_ms)
 
     async def _send_ticks(self) -> None:
         """Leader only: one tick per partition of the ticks topic (co-partitioned)."""
@@ -220,103 +365,87 @@ class TriggerShell:
                 key=str(partition).encode(), value=value, partition=partition
             )
 
-    def _on_rebalance(self, sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-        self.timers.clear()
-        self.episodes.clear()  # rebuilt with the timer index, once the table is recovered
-
     async def sample_lag(self) -> None:
-        """Every worker: lag of its clickstream/ticks partitions -> ``nudgeflow_consumer_lag``.
-
-        Log end offsets come from the broker; the committed offsets from Faust's consumer (it
-        keeps no public view of them: ``_committed_offset`` holds the broker's committed offset
-        at assignment and every commit since; None = nothing committed, or offset 0).
-        """
-        sources = {self.settings.topic_clickstream, self.settings.topic_ticks}
-        consumer = self.app.consumer
+        """Every worker: records behind the log end on its clickstream partitions ->
+        ``nudgeflow_consumer_lag`` (group ``<worker id>-clickstream``, the reader's positions)."""
+        if self._reader is None:
+            return
+        loop = asyncio.get_running_loop()
         try:
-            tps = [tp for tp in consumer.assignment() if tp.topic in sources]
-            ends = await consumer.highwaters(*tps) if tps else {}
-            starts = await consumer.earliest_offsets(*tps) if tps else {}
+            lags = await loop.run_in_executor(None, self.reader.lag)
         except Exception as exc:  # mid-rebalance or broker away: try again next interval
             log.debug("consumer lag not sampled: %s: %s", type(exc).__name__, exc)
             return
-        committed = getattr(consumer, "_committed_offset", {})
-        lags: dict[tuple[str, int], int] = {}
-        for tp in tps:
-            end = ends.get(tp)
-            if end is None:
-                continue
-            start = starts.get(tp) or 0
-            lags[(tp.topic, tp.partition)] = end - max(committed.get(tp) or 0, start)
-        metrics.set_consumer_lag(self.app.conf.id, lags)
+        topic = self.settings.topic_clickstream
+        metrics.set_consumer_lag(
+            offsets_group(self.settings.worker_id), {(topic, p): n for p, n in lags.items()}
+        )
 
     # ------------------------------------------------------------------ time
 
-    async def flush_partition(self, partition: int, event: EventT) -> None:
-        """End of input on ``partition`` (``event`` is the flush record): commit every pending
-        timer of its users."""
+    async def flush_partition(self, partition: int) -> None:
+        """End of input on ``partition``: commit every pending timer of its users."""
         self.stats.flushes += 1
         users = self.timers.partition(partition).all_users()
-        await self._advance_users(partition, users, FLUSH_MS, event)
+        await self._advance_users(partition, users, FLUSH_MS)
         # Forward end of input to every send-topic partition, after this partition's decisions.
         headers = dict(flush_headers(partition, self.settings.partitions))
         for target in range(self.settings.partitions):
-            await self.topics.decisions.send(value=b"", partition=target, headers=headers)
+            self.output.send(
+                self.settings.topic_decisions, b"", None, partition=target, headers=headers
+            )
 
-    async def advance_partition(self, partition: int, watermark_ms: int, event: EventT) -> None:
-        """Move time to ``watermark_ms`` for the users of ``partition`` that are due (``event``
-        is the tick, co-partitioned with the clickstream)."""
+    async def advance_partition(self, partition: int, watermark_ms: int) -> None:
+        """Move time to ``watermark_ms`` for the users of ``partition`` that are due."""
         users = self.timers.partition(partition).pop_due(watermark_ms)
-        await self._advance_users(partition, users, watermark_ms, event)
+        await self._advance_users(partition, users, watermark_ms)
 
-    async def _advance_users(
-        self, partition: int, users: list[str], watermark_ms: int, event: EventT
-    ) -> None:
+    async def _advance_users(self, partition: int, users: list[str], watermark_ms: int) -> None:
         for i, user_id in enumerate(users, 1):
-            await self._send(self._on_time(user_id, partition, watermark_ms, event))
+            self._send(self._on_time(user_id, partition, watermark_ms))
             if i % YIELD_EVERY == 0:
                 await asyncio.sleep(0)
 
     # ------------------------------------------------------------------ synchronous core calls
 
     def _on_click(
-        self, click: ClickEvent, key: bytes | None, value: bytes, event: EventT
+        self, click: ClickEvent, key: bytes | None, value: bytes, where: _Where
     ) -> list[Out]:
-        msg = event.message
+        partition = where.partition
         user_key = click.user_id.encode()  # == key: processors.intake checked it
         try:
-            raw = self._load_raw(user_key)
+            raw = self.checkpointer.get(partition, user_key)
             state = self._decode(raw)
             before = self._open_campaigns(state)  # the engine changes ``state`` in place
             step = self.engine.on_event(state, click)
-            out = self._outputs(step, current=(click, key, value, msg))
+            out = self._outputs(step, current=(click, key, value, where))
             unchanged = state is not None and any(ev is click for ev, _ in step.rejected)
             if not unchanged:
-                self._store(user_key, click.user_id, msg.partition, step, event, raw)
-                self.episodes.change(msg.partition, before, self._open_campaigns(step.state))
+                self._store(user_key, click.user_id, partition, step, raw)
+                self.episodes.change(partition, before, self._open_campaigns(step.state))
         except Exception as exc:  # an engine/state bug must not stop the partition
             log.exception(
                 "engine failed on event %s (partition %d offset %d)",
                 click.event_id,
-                msg.partition,
-                msg.offset,
+                partition,
+                where.offset,
             )
-            return [self._dead(key, value, "internal_error", type(exc).__name__, msg)]
+            return [self._dead(key, value, "internal_error", type(exc).__name__, where)]
         return out
 
-    def _on_time(self, user_id: str, partition: int, watermark_ms: int, event: EventT) -> list[Out]:
+    def _on_time(self, user_id: str, partition: int, watermark_ms: int) -> list[Out]:
         timers = self.timers.partition(partition)
         timers.discard(user_id)
         user_key = user_id.encode()
         try:
-            raw = self._load_raw(user_key)
+            raw = self.checkpointer.get(partition, user_key)
             state = self._decode(raw)
             if state is None:
                 return []
             before = self._open_campaigns(state)
             step = self.engine.on_time(state, watermark_ms)
             out = self._outputs(step, current=None)
-            self._store(user_key, user_id, partition, step, event, raw)
+            self._store(user_key, user_id, partition, step, raw)
             self.episodes.change(partition, before, self._open_campaigns(step.state))
         except Exception:
             # The timer is dropped (the user's next event re-arms it); the state is untouched.
@@ -324,13 +453,6 @@ class TriggerShell:
             log.exception("engine.on_time failed for a user of partition %d", partition)
             return []
         return out
-
-    def _load_raw(self, user_key: bytes) -> bytes | None:
-        """The user's packed table value: the write-back buffer first, then the table."""
-        pending = self._dirty.get(user_key)
-        if pending is not None:
-            return pending[0]
-        return self.table.get(user_key)
 
     @staticmethod
     def _decode(raw: bytes | None) -> UserState | None:
@@ -342,44 +464,20 @@ class TriggerShell:
         user_id: str,
         partition: int,
         step: Step,
-        event: EventT,
         previous: bytes | None,
     ) -> None:
-        """Buffer the new value (None = delete) with the record that caused it; skip it when it
-        equals ``previous``, the value the step started from."""
+        """Buffer the new value (None = delete); skip it when it equals ``previous``, the value
+        the step started from."""
         timers = self.timers.partition(partition)  # build the index before changing the table
         if step.state is None:
             if previous is not None:
-                self._dirty[user_key] = (None, event)
+                self.checkpointer.put(partition, user_key, None)
             timers.discard(user_id)
             return
         value = pack_state(partition, step.wake_at, step.state.to_bytes())
         if value != previous:
-            self._dirty[user_key] = (value, event)
+            self.checkpointer.put(partition, user_key, value)
         timers.set(user_id, step.wake_at)
-
-    def _flush_dirty(self) -> None:
-        """Write the buffered values to the table (one changelog record per user).
-
-        Synchronous, so no other task sees a half-written buffer. Faust sends each changelog
-        record to the partition of the *current event*, and its RocksDB store picks the
-        partition's database the same way; inside ``take_events`` that context belongs to
-        Faust's background drainer, not to this task, so each write runs with the record that
-        produced it set as the current event.
-        """
-        if not self._dirty:
-            return
-        dirty, self._dirty = self._dirty, {}
-        table = self.table
-        for user_key, (value, event) in dirty.items():
-            token = _current_event.set(weakref.ref(event))
-            try:
-                if value is not None:
-                    table[user_key] = value
-                elif user_key in table:
-                    del table[user_key]
-            finally:
-                _current_event.reset(token)
 
     def _open_campaigns(self, state: UserState | None) -> frozenset[str]:
         """Campaigns with a pending timer (open episodes) in the user's head state: committed
@@ -398,10 +496,10 @@ class TriggerShell:
         pending wake-up can have one, so only their states are decoded)."""
         entries: list[tuple[str, StoredState]] = []
         counts: dict[int, Counter[str]] = {}
-        values: dict[bytes, bytes | None] = dict(self.table.items())
-        values.update((k, v) for k, (v, _event) in self._dirty.items())  # not yet written
+        values: dict[bytes, bytes | None] = dict(self.table.data.items())
+        values.update(self.checkpointer.buffered())  # not yet written
         for key, value in values.items():
-            if value is None:
+            if value is None or is_position_key(key):
                 continue
             try:
                 stored = unpack_state(value)
@@ -417,17 +515,9 @@ class TriggerShell:
                 continue  # counted in no campaign; the timer itself still works
             if open_now:
                 counts.setdefault(stored.partition, Counter()).update(open_now)
-        self.episodes.reset(counts, self._owned_partitions(counts))
+        owned = set(self._reader.owned) if self._reader is not None else set(counts)
+        self.episodes.reset(counts, owned)
         return entries
-
-    def _owned_partitions(self, fallback: dict[int, Counter[str]]) -> set[int]:
-        """Clickstream partitions assigned to this worker (the table may hold others' keys)."""
-        try:
-            assigned = self.app.consumer.assignment()
-        except Exception:  # no consumer (unit use): every partition seen counts
-            return set(fallback)
-        topic = self.settings.topic_clickstream
-        return {tp.partition for tp in assigned if tp.topic == topic}
 
     def _outputs(
         self, step: Step, current: tuple[ClickEvent, bytes | None, bytes, Any] | None
@@ -435,7 +525,7 @@ class TriggerShell:
         """Encode everything ``step`` produced (before the state is stored: an encoding error
         leaves the state as it was)."""
         out: list[Out] = []
-        decisions = self.topics.decisions
+        decisions = self.settings.topic_decisions
         for d in step.decisions:
             value = self.codec.encode("TriggerDecision", d.to_record())
             out.append(Out(decisions, "decision", d.user_id.encode(), value, decision=d))
@@ -469,7 +559,8 @@ class TriggerShell:
             where = f" (partition {msg.partition} offset {msg.offset})" if msg is not None else ""
             log.warning("dead-lettering a clickstream record: %s%s [#%d]", reason, where, count)
         headers = {DLQ_REASON_HEADER: reason.encode(), DLQ_DETAIL_HEADER: detail[:500].encode()}
-        return Out(self.topics.clickstream_dlq, "dead_letter", key, value or b"", headers, reason)
+        dlq = self.settings.topic_clickstream_dlq
+        return Out(dlq, "dead_letter", key, value or b"", headers, reason)
 
     # ------------------------------------------------------------------ I/O
 
@@ -487,9 +578,12 @@ class TriggerShell:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _REGISTRY_RETRY_MAX_S)
 
-    async def _send(self, out: list[Out]) -> None:
+    def _send(self, out: list[Out]) -> None:
+        """Hand records to the producer (metrics count them here: they are then on their way;
+        the next checkpoint proves they landed)."""
+        output = self.output
         for o in out:
-            await o.topic.send(key=o.key, value=o.value, headers=o.headers)
+            output.send(o.topic, o.value, o.key, headers=o.headers)
             if o.kind == "decision":
                 self.stats.decisions += 1
                 if o.decision is not None:
@@ -520,5 +614,6 @@ def install(
         allowed_lateness_ms=int(settings.allowed_lateness_s * 1000),
         clock=SystemClock() if live else None,  # decided_at: wall clock live, unset in replays
         clock_name=settings.clock,
+        state_ttl_ms=int(settings.state_ttl_s * 1000),
     )
     return TriggerShell(app, settings, engine, codec or Codec(settings.schema_registry_url))

@@ -47,6 +47,8 @@ Spike findings (faust-streaming 0.15.3, aiokafka 0.14, tansu 0.6 with memory sto
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import faust
@@ -127,6 +129,42 @@ class QuietMonitor(Monitor):
         return None
 
 
+@dataclass
+class WorkerHooks:
+    """Coroutines run *before* Faust's own handling of a revoke or a stop.
+
+    Why not Faust's ``on_partitions_revoked`` signal: Faust sends it after it has already
+    revoked the table partitions (a RocksDB store closes their databases then), and on stop it
+    stops the tables before ``on_before_shutdown``. The worker's last checkpoint
+    (streams.checkpoint) must be written while the table is still open and before the group
+    can hand the partitions to another worker.
+    """
+
+    before_revoke: list[Callable[[Any], Awaitable[None]]] = field(default_factory=list)
+    before_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+class WorkerApp(faust.App):
+    """faust.App with :class:`WorkerHooks` (``app.nudgeflow_hooks``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nudgeflow_hooks = WorkerHooks()
+
+    async def _on_partitions_revoked(self, revoked: Any) -> None:
+        for hook in self.nudgeflow_hooks.before_revoke:
+            await hook(revoked)
+        await super()._on_partitions_revoked(revoked)
+
+    async def on_stop(self) -> None:
+        for stop in self.nudgeflow_hooks.before_stop:
+            try:
+                await stop()
+            except Exception:
+                self.log.exception("before-stop hook failed")
+        await super().on_stop()
+
+
 def broker_urls(bootstrap_servers: str) -> list[str]:
     """``host1:9092,host2:9092`` -> Faust broker URLs."""
     hosts = [h.strip() for h in bootstrap_servers.split(",") if h.strip()]
@@ -167,7 +205,7 @@ def make_app(settings: Settings) -> faust.App:
     options: dict[str, Any] = {"web_enabled": web_port > 0}
     if web_port > 0:
         options["web_port"] = web_port
-    return faust.App(
+    return WorkerApp(
         settings.worker_id,
         broker=broker_urls(settings.bootstrap_servers),
         store=check_store(settings.worker_store),

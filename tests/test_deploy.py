@@ -28,6 +28,7 @@ from processors import metrics
 from processors.core.campaign import load_campaigns
 from processors.devstack import topic_specs
 from processors.settings import Settings
+from streams.clickstream import offsets_group
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -399,7 +400,7 @@ def test_k8s_keda_pdb_and_campaigns(k8s: dict[tuple[str, str], dict[str, Any]]) 
     expected = {
         "nudgeflow-worker": (
             "StatefulSet",
-            config["NUDGEFLOW_WORKER_ID"],
+            offsets_group(config["NUDGEFLOW_WORKER_ID"]),
             SETTINGS.topic_clickstream,
         ),
         "nudgeflow-dispatcher": (

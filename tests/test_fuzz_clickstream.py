@@ -139,6 +139,7 @@ def check_invariants(result: object, key: bytes | None) -> None:
 # ------------------------------------------------------------------ strategies
 
 names = st.text(min_size=1, max_size=20).filter(lambda s: bool(s.strip()))
+user_ids = names.filter(lambda s: not s.startswith("\x00"))  # NUL-first: the worker's own keys
 event_types = st.sampled_from(KNOWN_TYPES) | names  # unknown types are valid events
 timestamps = st.integers(MIN_TS_MS, MAX_TS_MS - 1)
 
@@ -148,7 +149,7 @@ def events(draw: st.DrawFn) -> ClickEvent:
     """Arbitrary valid events (any Unicode but surrogates; NUL, RTL marks and emoji included)."""
     return ClickEvent(
         event_id=draw(names),
-        user_id=draw(names),
+        user_id=draw(user_ids),
         event_type=draw(event_types),
         ts=draw(timestamps),
         session_id=draw(st.none() | st.text(max_size=12)),
@@ -334,6 +335,19 @@ def test_overlong_ids_are_dead_lettered(good: tuple[ClickEvent, bytes], n: int) 
     event = good[0]
     user_id = "u" * n
     value = CODEC.encode("ClickEvent", {**record(event), "user_id": user_id})
+    got = intake(CODEC, user_id.encode(), value)
+    assert isinstance(got, Rejected) and got.reason == "bad_user_id", got
+
+
+@settings(FUZZ, max_examples=200)
+@given(good=pool, rest=st.text(max_size=20))
+def test_user_ids_starting_with_nul_are_dead_lettered(
+    good: tuple[ClickEvent, bytes], rest: str
+) -> None:
+    """The worker keeps its clickstream positions under NUL-prefixed keys in the state table
+    (streams.checkpoint): a user id like that must never reach the table."""
+    user_id = "\x00" + rest
+    value = CODEC.encode("ClickEvent", {**record(good[0]), "user_id": user_id})
     got = intake(CODEC, user_id.encode(), value)
     assert isinstance(got, Rejected) and got.reason == "bad_user_id", got
 

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from processors import metrics
 from processors.settings import Settings
 from schemas.codec import Codec
+from streams.clickstream import offsets_group
 from tests.test_streams_smoke import (
     MINUTE,
     T0,
@@ -210,7 +211,7 @@ def test_worker_metrics_match_what_it_produced_across_a_rocksdb_restart(
         zero = {str(p): 0.0 for p in range(settings.partitions)}
         s3 = wait_for(port, lambda s: clickstream_lag(s) == zero, w2, timeout=20)
         groups = {dict(k)["group"] for (n, k) in s3 if n == "nudgeflow_consumer_lag"}
-        assert groups == {settings.worker_id}
+        assert groups == {offsets_group(settings.worker_id)}
         code, _ = w2.stop()
         assert code == 0, w2.log.read_text()
     finally:
@@ -246,7 +247,7 @@ def test_live_worker_observes_event_to_decision_and_timer_lateness(
     s = wait_for(
         port,
         lambda s: any(
-            n == "nudgeflow_consumer_lag" and dict(k)["topic"] == settings.topic_ticks
+            n == "nudgeflow_consumer_lag" and dict(k)["topic"] == settings.topic_clickstream
             for (n, k) in s
         ),
         w,

@@ -28,7 +28,8 @@ exit the worker sends nothing: the scrape is its final count. It still owns open
   writes its own outbox file, so "sent twice" would show up as a decision id in two lines of the
   two files together.
 
-The workers run with Faust's ``PRODUCER_MAX_BATCH_SIZE=1``, see :data:`TANSU_BATCHES`.
+No tansu workaround is needed: the workers checkpoint their clickstream positions into the state
+changelog (streams/checkpoint.py), which stays consistent under tansu's short high watermarks.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from processors.produce import send_flush
 from processors.settings import Settings
 from processors.simulate import generate
 from schemas.codec import Codec
+from streams.clickstream import offsets_group
 from tests.conftest import isolated_settings
 from tests.test_metrics import Samples, free_port, scrape
 from tests.test_streams_smoke import NUDGEFLOW, worker_env
@@ -102,13 +104,6 @@ WEBHOOK_METRICS = (
     "nudgeflow_conversions_total",
     "nudgeflow_webhook_signature_failures_total",
 )
-# tansu 0.6 (the embedded broker) reports a partition's high watermark as the base offset of its
-# last record batch + 1: short of the log end when that batch holds several records. Faust's
-# changelog recovery reads up to the high watermark, so after a rebalance the new owner of a
-# partition silently lacks the state written in the changelog's last batch (decisions then differ
-# from the backtest), and a worker whose standby read past it crashes with ConsistencyError.
-# Faust's own PRODUCER_MAX_BATCH_SIZE=1 makes every batch one record: the high watermark is exact.
-TANSU_BATCHES = {"PRODUCER_MAX_BATCH_SIZE": "1"}
 _TYPE_LINE = re.compile(r"^# TYPE (\S+) (\S+)$", re.MULTILINE)
 _USER_OR_PHONE = re.compile(r"^(u\d{6}|\+?\d{8,})$")
 
@@ -367,7 +362,6 @@ def test_three_workers_two_dispatchers_rebalance_mid_stream(
         port = free_port()
         env = worker_env(settings, metrics_port=port)
         env["FAUST_DATADIR"] = str(tmp_path / f"worker{n}-data")  # not the repo root
-        env.update(TANSU_BATCHES)
         argv = [str(NUDGEFLOW), "worker", "--campaigns", str(CAMPAIGNS), "--clock", "event"]
         p = Proc(f"worker{n}", argv, env, tmp_path / f"worker{n}.log", port)
         procs.append(p)
@@ -423,7 +417,7 @@ def test_three_workers_two_dispatchers_rebalance_mid_stream(
 
         # ---- first half, processed and committed by the whole group
         ends = produce(settings, codec, events[:half])
-        group = Consumer({**settings.kafka_common(), "group.id": settings.worker_id})
+        group = Consumer({**settings.kafka_common(), "group.id": offsets_group(settings.worker_id)})
         tps = [TopicPartition(settings.topic_clickstream, p) for p in range(PARTITIONS)]
 
         def first_half_committed() -> bool:
@@ -460,7 +454,12 @@ def test_three_workers_two_dispatchers_rebalance_mid_stream(
         wait_until(balanced, "the survivors to take over the partitions", 45)
         times["survivors balanced"] = time.monotonic() - started
         workers.append(start_worker())
-        produce(settings, codec, events[quarter:])
+        # Part of the rest while the new worker joins, the end once it reads its partitions
+        # (the survivors alone would finish the whole rest before the join completes).
+        three_quarters = quarter + (len(events) - quarter) // 2
+        produce(settings, codec, events[quarter:three_quarters])
+        wait_until(balanced, "the new worker to take its partitions", 45)
+        produce(settings, codec, events[three_quarters:])
         send_flush(Producer(settings.kafka_common()), settings.topic_clickstream)
         wait_until(tape.outcome_flushes.all_complete, "the dispatchers' end-of-input", 90)
         times["outcomes complete"] = time.monotonic() - started

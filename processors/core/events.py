@@ -191,6 +191,8 @@ def validate(event: ClickEvent) -> ClickEvent:
             raise EventError(f"missing_{name}", f"{name} is missing or empty")
         if len(value) > MAX_ID_LEN:
             raise EventError(f"bad_{name}", f"{name} is longer than {MAX_ID_LEN} characters")
+    if event.user_id.startswith("\x00"):  # NUL-prefixed keys are the worker's own state keys
+        raise EventError("bad_user_id", "user_id starts with a NUL character")
     if not MIN_TS_MS <= event.ts < MAX_TS_MS:
         raise EventError(
             "ts_out_of_range", f"ts {event.ts} is outside 2000..2100 (epoch milliseconds expected)"

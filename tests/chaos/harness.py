@@ -51,6 +51,7 @@ from processors.dispatcher import DLQ_REASON_HEADER
 from processors.produce import send_flush
 from processors.settings import REPO_ROOT, Settings
 from schemas.codec import Codec
+from streams.clickstream import offsets_group
 from tests.fakes.vonage_fake import Reply, VonageFake
 
 UNKNOWN_AFTER_CRASH = "unknown_after_crash"
@@ -862,7 +863,7 @@ class Chaos:
             for p in range(self.settings.partitions)
         ]
         consumer = Consumer(
-            {**self.settings.kafka_common(), "group.id": self.settings.worker_id,
+            {**self.settings.kafka_common(), "group.id": offsets_group(self.settings.worker_id),
              "log_level": 2, "enable.auto.commit": False}
         )  # fmt: skip
         try:
@@ -903,7 +904,7 @@ class Chaos:
     def lags(self) -> tuple[int | None, int | None]:
         s = self.settings
         return (
-            self.group_lag(s.worker_id, s.topic_clickstream),
+            self.group_lag(offsets_group(s.worker_id), s.topic_clickstream),
             self.group_lag(s.dispatcher_group, s.topic_decisions),
         )
 

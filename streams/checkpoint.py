@@ -1,0 +1,195 @@
+"""Checkpoints: the worker's state and its clickstream positions, written together.
+
+Between checkpoints every state change stays in a write-back buffer (one entry per user, per
+partition) that every read goes through. A checkpoint then
+
+1. flushes the producer: every decision, cancellation and dead letter produced so far is on
+   its topic before any state that presumes it;
+2. writes one changelog record per changed user to the ``user_state`` table's changelog
+   partition p and flushes again;
+3. writes a **position record** (key :func:`position_key`) holding the next clickstream offset
+   of partition p, on its own (see below), and flushes;
+4. applies the same records to the table's local store (what Faust's own recovery would do
+   with them), so reads see them once the buffer is cleared.
+
+Why the position lives in the changelog and not in a consumer group's committed offsets: on
+recovery the new owner of partition p restores the changelog and resumes the clickstream at
+the position it finds there. Any prefix of the changelog is consistent (the position record is
+the last record of its checkpoint, so every state it covers comes before it): a worker killed
+mid-checkpoint, or a broker that reports a short high watermark (tansu, docs/chaos.md), at
+worst restores some users *ahead* of the position, and the replayed events are then
+de-duplicated by the engine (``event_id``), while the decisions they made carry the same
+deterministic ids. The position record is produced alone so that it is the whole last batch
+of its partition: tansu (the dev/CI broker) reports a partition's end as the start of its last
+batch + 1, which would hide a position record batched after states.
+
+A committed group offset, by contrast, can be ahead of the restored state, and then
+events are lost; that is the failure the chaos suite found with Faust's own commits.
+
+Committed offsets are still written (after the checkpoint, to the ``<worker id>-clickstream``
+group) for lag monitoring and autoscaling only; nothing reads them back.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from faust.types import TP
+
+from streams.output import Output
+
+POSITION_PREFIX = b"\x00nudgeflow:position:"
+"""Keys of position records; user ids never start with NUL (processors.intake rejects them)."""
+_POSITION = struct.Struct(">q")
+
+
+def position_key(partition: int) -> bytes:
+    return POSITION_PREFIX + str(partition).encode()
+
+
+def is_position_key(key: bytes) -> bool:
+    return key.startswith(POSITION_PREFIX)
+
+
+def encode_position(offset: int) -> bytes:
+    return _POSITION.pack(offset)
+
+
+def decode_position(value: bytes | None) -> int | None:
+    if value is None or len(value) != _POSITION.size:
+        return None
+    return int(_POSITION.unpack(value)[0])
+
+
+@dataclass(slots=True)
+class _Record:
+    """A changelog record in the shape a Faust store's ``apply_changelog_batch`` reads (an event
+    whose ``message`` is itself)."""
+
+    key: bytes
+    value: bytes | None
+    partition: int
+    offset: int
+    tp: TP
+
+    @property
+    def message(self) -> _Record:
+        return self
+
+
+def _same(x: Any) -> Any:
+    return x
+
+
+class Checkpointer:
+    """The write-back buffer of one worker and the checkpoints that empty it."""
+
+    def __init__(self, store: Any, output: Output, changelog_topic: str) -> None:
+        """``store``: the Faust table's store (``table.data``), read and applied to directly."""
+        self.store = store
+        self.output = output
+        self.changelog_topic = changelog_topic
+        self._dirty: dict[int, dict[bytes, bytes | None]] = {}
+        self._positions: dict[int, int] = {}  # partition -> next offset, not yet checkpointed
+        self.checkpoints = 0
+        self.records_written = 0
+
+    # -------------------------------------------------------------- reads and buffered writes
+
+    def get(self, partition: int, key: bytes) -> bytes | None:
+        """The user's current value: the buffer first, then the store."""
+        dirty = self._dirty.get(partition)
+        if dirty is not None and key in dirty:
+            return dirty[key]
+        return self.store.get(key)
+
+    def put(self, partition: int, key: bytes, value: bytes | None) -> None:
+        """Buffer a new value (None = delete) until the next checkpoint."""
+        dirty = self._dirty.get(partition)
+        if dirty is None:
+            dirty = self._dirty[partition] = {}
+        dirty[key] = value
+
+    def advance(self, partition: int, next_offset: int) -> None:
+        """Record that every clickstream record of ``partition`` before ``next_offset`` has been
+        applied (to the buffer)."""
+        self._positions[partition] = next_offset
+
+    def position(self, partition: int) -> int | None:
+        """The checkpointed clickstream position of ``partition`` (None: never checkpointed)."""
+        return decode_position(self.store.get(position_key(partition)))
+
+    def pending(self) -> int:
+        return sum(len(d) for d in self._dirty.values())
+
+    def buffered(self) -> Iterator[tuple[bytes, bytes | None]]:
+        """Every buffered value (for scans that must see them before they are written)."""
+        for dirty in self._dirty.values():
+            yield from dirty.items()
+
+    def drop(self, partitions: Iterable[int]) -> None:
+        """Forget buffered changes of partitions this worker no longer owns (not written)."""
+        for p in partitions:
+            self._dirty.pop(p, None)
+            self._positions.pop(p, None)
+
+    # -------------------------------------------------------------- the checkpoint
+
+    async def checkpoint(self) -> dict[int, int]:
+        """Write everything buffered (module docstring); returns the positions it recorded."""
+        partitions = set(self._dirty) | set(self._positions)
+        if not partitions:
+            return {}
+        await self.output.flush()  # 1. what the states presume is on its topics
+        delivered: dict[int, int] = {}
+
+        def on_delivery(err: Any, msg: Any) -> None:
+            if err is not None:
+                self.output.failed(err, msg)
+            else:
+                delivered[msg.partition()] = msg.offset()
+
+        batches: dict[int, list[tuple[bytes, bytes | None]]] = {}
+        positions = dict(self._positions)
+        for p in partitions:
+            if p not in positions:  # states only (timers fired): repeat the last position
+                last = self.position(p)
+                if last is not None:
+                    positions[p] = last
+            items = list(self._dirty.get(p, {}).items())
+            for key, value in items:
+                self.output.send(self.changelog_topic, value, key, partition=p)
+            batches[p] = items
+        await self.output.flush()  # 2. the states, durable
+        for p, offset in positions.items():
+            # Alone in its produce request: a broker that reports the start of a partition's
+            # last batch as its end (tansu) still lets recovery read it (module docstring).
+            item = (position_key(p), encode_position(offset))
+            self.output.send(
+                self.changelog_topic, item[1], item[0], partition=p, on_delivery=on_delivery
+            )
+            batches[p].append(item)
+        await self.output.flush()  # 3. then the positions
+        records: list[_Record] = []
+        for p, items in batches.items():
+            tp = TP(self.changelog_topic, p)
+            offset = delivered.get(p, 0)
+            records.extend(_Record(k, v, p, offset, tp) for k, v in items)
+            self.records_written += len(items)
+        self.store.apply_changelog_batch(records, _same, _same)  # 4.
+        for p in partitions:
+            # Changes made while the flushes were awaited stay buffered for the next checkpoint.
+            dirty = self._dirty.get(p)
+            if dirty is not None:
+                for key, value in batches[p]:
+                    if key in dirty and dirty[key] is value:
+                        del dirty[key]
+                if not dirty:
+                    del self._dirty[p]
+            if p in self._positions and self._positions[p] == positions.get(p):
+                self._positions.pop(p, None)
+        self.checkpoints += 1
+        return positions

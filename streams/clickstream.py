@@ -1,0 +1,125 @@
+"""The clickstream reader: a confluent-kafka consumer that follows Faust's partition assignment.
+
+Why not a Faust agent: Faust's per-message path (conductor, stream, event, ack, sensors) costs
+~200 us per record here, while librdkafka hands over a batch of records for ~2 us each; the
+trigger stage was 0.02x a raw consumer with it (docs/performance.md). So the worker reads the
+clickstream in batches with this consumer and gives the batches to the engine, while Faust
+keeps what it is good at: group membership and partition assignment (through the
+co-partitioned ticks topic), the ``user_state`` table, its changelog recovery and standbys, and
+the live clock's ticks.
+
+How it follows Faust: the reader owns clickstream partition p exactly while this worker's Faust
+consumer owns ticks partition p *and* the table's partition p is recovered. Faust announces
+both moments: ``on_partitions_revoked`` (before anything moves: the shell checkpoints and the
+reader lets go of every partition) and ``on_rebalance_complete`` (tables recovered: the reader
+takes the ticks partitions it now has, each at the position stored in the table,
+:mod:`streams.checkpoint`). The consumer never joins a group (``assign``, not ``subscribe``),
+so two workers cannot both read a partition unless Faust gave it to both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+
+from processors.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BATCH_MAX = 5000  # records per consume() call
+POLL_S = 0.05  # longest wait for a batch when the partitions are idle
+FETCH_WAIT_MS = 20  # a broker that holds fetches (tansu) would otherwise add 500 ms
+
+
+def offsets_group(worker_id: str) -> str:
+    """The consumer group the reader commits to, for lag monitoring and autoscaling only."""
+    return f"{worker_id}-clickstream"
+
+
+class ClickstreamReader:
+    """Batches of clickstream records from the partitions this worker owns."""
+
+    def __init__(self, settings: Settings, *, client_id: str) -> None:
+        self.topic = settings.topic_clickstream
+        self._consumer = Consumer(
+            {
+                **settings.kafka_common(),
+                "client.id": client_id,
+                "group.id": offsets_group(settings.worker_id),
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": FETCH_WAIT_MS,
+                "queued.max.messages.kbytes": 64 * 1024,
+                "enable.partition.eof": False,
+            }
+        )
+        self.owned: set[int] = set()
+        self.positions: dict[int, int | None] = {}
+        """Next offset to read per owned partition (None: the beginning); the caller advances it."""
+        self._closed = False
+
+    def assign(self, positions: dict[int, int | None]) -> None:
+        """Start reading ``partition -> offset`` (None: from the beginning)."""
+        if not positions:
+            return
+        tps = [
+            TopicPartition(self.topic, p, OFFSET_BEGINNING if off is None else off)
+            for p, off in positions.items()
+        ]
+        self._consumer.incremental_assign(tps)
+        self.owned.update(positions)
+        self.positions.update(positions)
+        log.info("reading clickstream partitions %s", sorted(positions))
+
+    def release_all(self) -> None:
+        """Stop reading every partition (records already fetched for them are dropped by the
+        caller, which checks :attr:`owned`)."""
+        if self.owned:
+            self._consumer.incremental_unassign(
+                [TopicPartition(self.topic, p) for p in sorted(self.owned)]
+            )
+            log.info("released clickstream partitions %s", sorted(self.owned))
+        self.owned.clear()
+        self.positions.clear()
+
+    async def poll(self) -> list[Message]:
+        """The next batch (possibly empty), fetched in a thread so the event loop keeps running."""
+        if not self.owned or self._closed:
+            await asyncio.sleep(POLL_S)
+            return []
+        loop = asyncio.get_running_loop()
+        msgs: list[Message] = await loop.run_in_executor(
+            None, self._consumer.consume, BATCH_MAX, POLL_S
+        )
+        return msgs
+
+    def commit(self, positions: dict[int, int]) -> None:
+        """Report positions to the offsets group (monitoring only; errors are not fatal)."""
+        tps = [TopicPartition(self.topic, p, off) for p, off in positions.items()]
+        if not tps:
+            return
+        try:
+            self._consumer.commit(offsets=tps, asynchronous=True)
+        except Exception as exc:  # e.g. broker away: the next checkpoint commits again
+            log.debug("clickstream offsets not committed: %s", exc)
+
+    def lag(self) -> dict[int, int]:
+        """Records behind the log end, per owned partition (blocking: call from a thread)."""
+        out: dict[int, int] = {}
+        for p, pos in sorted(dict(self.positions).items()):  # a copy: the loop updates it
+            try:
+                low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, p), timeout=2.0, cached=False
+                )
+            except Exception:
+                continue
+            out[p] = max(0, high - max(low, pos if pos is not None else low))
+        return out
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._consumer.close()
