@@ -5,11 +5,24 @@ topic, the ``contacts`` topic materialized into Redis, a :class:`~processors.red
 shared with every other instance, a Redis rate limit, and gateway calls in a bounded thread pool
 (the Vonage SDK is synchronous; one slow call must not stall the consumer).
 
-Delivery guarantees: an offset is committed only after the outcomes of every decision before it
-are produced and flushed. A crash before that redelivers the decision; the store's reservation
-makes sure the gateway is never called twice for it (``failed: unknown_after_crash`` when the
-first call's result was lost). On a rebalance the instance finishes its in-flight sends and
-commits before it lets go of a partition.
+Delivery guarantees: an offset is committed only after the outcomes (and dead letters) of every
+decision before it are produced and flushed. A crash before that redelivers the decision; the
+store's reservation makes sure the gateway is never called twice for it (``failed:
+unknown_after_crash`` when the first call's result was lost), and a redelivered decision whose
+outcome was recorded but never confirmed published is re-published with its dead letter. On a
+rebalance the instance finishes its in-flight sends and commits before it lets go of a partition.
+
+Throughput (live clock): the consecutive decisions of one ``consume`` batch are decided together
+in two pipelined Redis round trips (``RedisStore.prepare_many``: reservation and reads;
+``settle_many``: outcome records and atomic cap checks, in order), so one user's decisions in a
+batch see each other's cap reservations exactly as they would one at a time. Event-clock replays
+decide one at a time (deferred sends are released between decisions, in replay time).
+
+Redis outage: a connection error or timeout pauses the assigned partitions (the consumer keeps
+polling, so the instance stays in its group), keeps every consumed but undecided record in order,
+makes no gateway call (a send job waits before each Redis step), commits nothing past what is
+done, sets ``nudgeflow_dispatcher_redis_up`` to 0, and probes Redis with backoff; when it
+answers, the partitions resume where they were.
 
 Clocks: live, "now" is the wall clock. With ``NUDGEFLOW_CLOCK=event`` (replays) "now" is each
 decision's ``fire_at``; deferred sends are released when the replay's time passes their due time,
@@ -27,7 +40,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -44,6 +57,8 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from processors import metrics
 from processors.control import CONTROL_HEADER, FLUSH, FlushTracker, flush_headers, header
@@ -51,7 +66,16 @@ from processors.core.campaign import CampaignError, CampaignSet, load_campaigns
 from processors.core.decision import Decision, DecisionCancelled
 from processors.core.links import LinkShortener
 from processors.core.outcome import SmsOutcome
-from processors.core.policy import Policy, RetryPolicy, SendPlan, Step, deliver, with_send_time
+from processors.core.policy import (
+    CapCheck,
+    Final,
+    Policy,
+    RetryPolicy,
+    SendPlan,
+    Step,
+    deliver,
+    with_send_time,
+)
 from processors.gateways.base import Gateway, GatewayError, SendResult, SmsMessage
 from processors.rate_limit import RateLimiter
 from processors.redis_store import DEFAULT_PREFIX, RedisStore
@@ -62,8 +86,30 @@ log = logging.getLogger("nudgeflow.dispatcher")
 
 DLQ_REASON_HEADER = "nudgeflow-dlq-reason"
 DEFAULT_RATE_PER_S = 30.0
+BATCH_MAX = 500
+"""Most records taken from the consumer at once (and decided together, live clock)."""
+FETCH_WAIT_MAX_MS = 50
+"""librdkafka's fetch.wait.max.ms for the decisions consumer: the default (500 ms) is how long
+a fetch may wait for new decisions (tansu waits that long), i.e. added latency per text."""
+REDIS_PROBE_MAX_S = 5.0
+
+REDIS_DOWN: tuple[type[Exception], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+"""Redis errors that mean "unreachable for now" (an outage), not a bug."""
 
 TP = tuple[str, int]
+
+
+@dataclass(slots=True)
+class _Item:
+    """A consumed decisions-topic record, decoded, waiting (in order) to be handled."""
+
+    ref: tuple[TP, int]
+    kind: str  # "decision" | "cancel" | "flush" | "undecodable"
+    payload: Any = None
+    headers: list[tuple[str, bytes | None]] = field(default_factory=list)
 
 
 def make_gateway(settings: Settings) -> Gateway:
@@ -140,7 +186,12 @@ class Dispatcher:
         self.gateway = gateway
         self.event_clock = settings.clock == "event"
         self.codec = Codec(settings.schema_registry_url)
-        self.redis = redis_client or redis.Redis.from_url(settings.redis_url)
+        self.redis = redis_client or redis.Redis.from_url(
+            settings.redis_url,
+            # Few, short retries: a Redis outage is handled by pausing (see the module doc),
+            # not by stalling every call for seconds.
+            retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 2),
+        )
         self.store = RedisStore(
             self.redis,
             key_prefix,
@@ -170,6 +221,12 @@ class Dispatcher:
         self._stop = threading.Event()
         self._futures: dict[Future[Step], TP | None] = {}
         self._later: list[tuple[float, Decision, tuple[TP, int]]] = []  # busy elsewhere
+        self._inbox: deque[_Item] = deque()  # consumed, not yet handled (in order)
+        self._contact_inbox: deque[Message] = deque()
+        self._redis_down_since: float | None = None  # monotonic; None while Redis answers
+        self._redis_probe_at = 0.0
+        self._redis_backoff_s = 0.1
+        self._jobs_wait_for_redis = threading.Event()  # a send job met an outage first
         self._pending: dict[TP, dict[int, bool]] = {}  # offset -> outcome produced
         self._to_mark: list[tuple[str, str, str]] = []
         self._delivery_errors: list[str] = []
@@ -182,7 +239,12 @@ class Dispatcher:
         self.producer = Producer(
             {**settings.kafka_common(), "enable.idempotence": True, "linger.ms": 5}
         )
-        self.consumer = Consumer(settings.consumer_conf(settings.dispatcher_group))
+        self.consumer = Consumer(
+            {
+                "fetch.wait.max.ms": FETCH_WAIT_MAX_MS,
+                **settings.consumer_conf(settings.dispatcher_group),
+            }
+        )
         self.contacts = Consumer(
             {
                 **settings.kafka_common(),
@@ -210,12 +272,20 @@ class Dispatcher:
                 on_assign=self._on_assign,
                 on_revoke=self._on_revoke,
             )
+            metrics.DISPATCHER_REDIS_UP.set(1)
             if ready is not None:
                 ready()
             while not self._stop.is_set():
                 self._step()
-            self._drain()
-            self._commit(force=True)
+            if self._redis_down_since is None:
+                try:
+                    self._drain()
+                    self._commit(force=True)
+                except REDIS_DOWN:
+                    log.warning(
+                        "redis unreachable at shutdown; uncommitted decisions are redelivered"
+                    )
+            # else: what is not committed is redelivered; the sends held in their jobs give up
         finally:
             self.close()
 
@@ -266,9 +336,13 @@ class Dispatcher:
         return loaded
 
     def _poll_contacts(self) -> None:
-        for msg in self.contacts.consume(1000, timeout=0):
+        if not self._contact_inbox:
+            self._contact_inbox.extend(self.contacts.consume(1000, timeout=0))
+        while self._contact_inbox:
+            msg = self._contact_inbox[0]
             if msg.error() is None:
-                self._apply_contact(msg)
+                self._apply_contact(msg)  # kept until stored: a Redis outage loses none
+            self._contact_inbox.popleft()
 
     def _apply_contact(self, msg: Message) -> int:
         key = msg.key()
@@ -293,6 +367,18 @@ class Dispatcher:
     # ------------------------------------------------------------------ main loop
 
     def _step(self) -> None:
+        if self._redis_down_since is not None:
+            self._await_redis()
+            return
+        try:
+            if self._jobs_wait_for_redis.is_set():
+                self._jobs_wait_for_redis.clear()
+                self.redis.ping()  # a send job met an error: is this an outage?
+            self._work()
+        except REDIS_DOWN as exc:
+            self._redis_lost(exc)
+
+    def _work(self) -> None:
         self._poll_contacts()
         self._reap(timeout=0)
         if self._later:
@@ -301,15 +387,13 @@ class Dispatcher:
             # Deferred sends now due (event clock: due by the replay's time, which other
             # partitions may have moved past a send deferred just now).
             self._last_release = time.monotonic()
-            now = self._vnow if self.event_clock else _wall_ms()
-            for step in self._release_due(now):
-                self._handle(step, None)
-        if len(self._futures) < self.max_in_flight:
-            room = self.max_in_flight - len(self._futures)
-            for msg in self.consumer.consume(min(500, max(1, room)), timeout=0.05):
+            self._release_due(self._vnow if self.event_clock else _wall_ms())
+        if not self._inbox:
+            for msg in self.consumer.consume(BATCH_MAX, timeout=0.05):
                 self._on_message(msg)
-        else:
+        if len(self._futures) >= self.max_in_flight:
             self._reap(timeout=0.05)
+        self._process_inbox()
         if (
             self.event_clock
             and not self._ended
@@ -320,7 +404,71 @@ class Dispatcher:
         self._commit()
         self._sample_lag()
 
+    # ------------------------------------------------------------------ Redis outage
+
+    def _redis_lost(self, exc: BaseException) -> None:
+        """Stop taking records (group membership stays), remember to probe Redis."""
+        self._redis_down_since = time.monotonic()
+        self._redis_backoff_s = 0.1
+        self._redis_probe_at = time.monotonic() + self._redis_backoff_s
+        metrics.DISPATCHER_REDIS_UP.set(0)
+        log.warning(
+            "redis unreachable (%s); consumption paused, no texts are sent until it is back",
+            type(exc).__name__,
+        )
+        self._pause()
+
+    def _pause(self) -> None:
+        try:
+            parts = self.consumer.assignment()
+            if parts:
+                self.consumer.pause(parts)
+        except KafkaException as exc:
+            log.warning("could not pause partitions: %s", exc)
+
+    def _await_redis(self) -> None:
+        """During an outage: keep polling (paused), publish finished jobs, probe with backoff."""
+        self._pause()  # also partitions assigned since the outage began
+        for msg in self.consumer.consume(BATCH_MAX, timeout=min(0.1, self._redis_backoff_s)):
+            self._on_message(msg)  # kept in order in the inbox
+        self._reap(timeout=0)
+        if time.monotonic() < self._redis_probe_at:
+            return
+        try:
+            self.redis.ping()
+        except REDIS_DOWN:
+            self._redis_backoff_s = min(REDIS_PROBE_MAX_S, self._redis_backoff_s * 2)
+            self._redis_probe_at = time.monotonic() + self._redis_backoff_s
+            return
+        down_s = time.monotonic() - (self._redis_down_since or time.monotonic())
+        self._redis_down_since = None
+        metrics.DISPATCHER_REDIS_UP.set(1)
+        try:
+            parts = self.consumer.assignment()
+            if parts:
+                self.consumer.resume(parts)
+        except KafkaException as exc:
+            log.warning("could not resume partitions: %s", exc)
+        log.warning("redis is back after %.1f s; resuming where dispatching stopped", down_s)
+
+    def _until_redis(self, call: Callable[[], Any]) -> Any:
+        """In a send job: ``call()``, waiting out a Redis outage (every store step of a send is
+        safe to repeat). Gives up only when the dispatcher stops (the decision is redelivered)."""
+        delay = 0.05
+        while True:
+            try:
+                return call()
+            except REDIS_DOWN:
+                self._jobs_wait_for_redis.set()
+                if self._stop.is_set():
+                    raise
+                time.sleep(delay)
+                delay = min(REDIS_PROBE_MAX_S, delay * 2)
+
+    # ------------------------------------------------------------------ decisions
+
     def _on_message(self, msg: Message) -> None:
+        """Decode a consumed record into the inbox (no Redis here)."""
         err = msg.error()
         if err is not None:
             if err.code() != KafkaError._PARTITION_EOF:
@@ -329,73 +477,138 @@ class Dispatcher:
         topic, partition, offset = _where(msg)
         tp = (topic, partition)
         self._pending.setdefault(tp, {})[offset] = False
+        ref = (tp, offset)
         headers = _headers(msg)
         if header(headers, CONTROL_HEADER) == FLUSH:
-            self._flushes.observe(partition, headers)
-            self._pending[tp][offset] = True
+            self._inbox.append(_Item(ref, "flush", headers=headers))
+            return
+        try:
+            name, record = self.codec.decode(msg.value())
+            if name == "TriggerDecision":
+                item = _Item(ref, "decision", Decision.from_record(record))
+            elif name == "DecisionCancelled":
+                item = _Item(ref, "cancel", DecisionCancelled.from_record(record))
+            else:
+                raise CodecError(f"unexpected {name} record on the decisions topic")
+        except (CodecError, KeyError, TypeError, ValueError) as exc:
+            log.warning("dead-lettering undecodable record at %s[%d]@%d: %s", *tp, offset, exc)
+            key = msg.key()
+            key_b = key.encode() if isinstance(key, str) else key
+            item = _Item(ref, "undecodable", (key_b, msg.value()))
+        self._inbox.append(item)
+
+    def _process_inbox(self) -> None:
+        """Handle the inbox in order; an item leaves it only once handled (a Redis error leaves
+        it, and everything after it, for when Redis is back)."""
+        while self._inbox:
+            room = self.max_in_flight - len(self._futures)
+            if room <= 0:
+                return  # at most max_in_flight sends in progress: the rest waits its turn
+            item = self._inbox[0]
+            if item.kind == "decision" and not self.event_clock:
+                run: list[_Item] = []
+                for queued in self._inbox:
+                    if queued.kind != "decision" or len(run) >= room:
+                        break
+                    run.append(queued)
+                self._decide_batch(run)
+                continue
+            self._handle_item(item)
+            self._inbox.popleft()
+
+    def _handle_item(self, item: _Item) -> None:
+        tp, offset = item.ref
+        partition = tp[1]
+        if item.kind == "flush":
+            self._flushes.observe(partition, item.headers)
+            self._done(item.ref)
             return
         if self._flushes.complete(partition):
             # New input after an end of input: this partition is open again.
             self._flushes.seen.pop(partition, None)
             self._flushes.expected.pop(partition, None)
         self._ended = False
-        ref = (tp, offset)
-        try:
-            name, record = self.codec.decode(msg.value())
-            if name == "TriggerDecision":
-                decision = Decision.from_record(record)
-            elif name == "DecisionCancelled":
-                cancel = DecisionCancelled.from_record(record)
-            else:
-                raise CodecError(f"unexpected {name} record on the decisions topic")
-        except (CodecError, KeyError, TypeError, ValueError) as exc:
+        if item.kind == "undecodable":
             self.stats.undecodable += 1
-            log.warning("dead-lettering undecodable record at %s[%d]@%d: %s", *ref[0], offset, exc)
-            key = msg.key()
-            self._dead_letter(
-                key.encode() if isinstance(key, str) else key, msg.value(), "undecodable"
-            )
-            self._done(ref)
-            return
-        if name == "TriggerDecision":
+            key, value = item.payload
+            self._dead_letter(key, value, "undecodable")
+            self._done(item.ref)
+        elif item.kind == "decision":
+            decision: Decision = item.payload
+            step = self.policy.on_decision(decision, self._now(decision.fire_at))
             self.stats.decisions += 1
-            now = self._now(decision.fire_at)
-            self._handle(self.policy.on_decision(decision, now), ref, decision)
+            self._handle(step, item.ref, decision)
         else:
+            cancel: DecisionCancelled = item.payload
+            step = self.policy.on_cancel(cancel, self._now(cancel.at))
             self.stats.cancels += 1
-            now = self._now(cancel.at)
-            self._handle(self.policy.on_cancel(cancel, now), ref)
+            self._handle(step, item.ref)
+
+    def _decide_batch(self, run: list[_Item]) -> None:
+        """Live clock: the policy for consecutive decisions at the head of the inbox in two
+        pipelined round trips (see the module doc); same outcomes as one at a time."""
+        for item in run:
+            if self._flushes.complete(item.ref[0][1]):
+                self._flushes.seen.pop(item.ref[0][1], None)
+                self._flushes.expected.pop(item.ref[0][1], None)
+        self._ended = False
+        policy = self.policy
+        tokens = [(item.payload, policy.token()) for item in run]
+        prepared = self.store.prepare_many(tokens)
+        pending = [
+            policy.after_begin(d, _wall_ms(), token, prior, reads)
+            for (d, token), (prior, reads) in zip(tokens, prepared, strict=True)
+        ]
+        to_settle = [p for p in pending if isinstance(p, (Final, CapCheck))]
+        settled = iter(self.store.settle_many(to_settle))
+        for item, p in zip(run, pending, strict=True):
+            violated, recorded = (
+                next(settled) if isinstance(p, (Final, CapCheck)) else (None, False)
+            )
+            # A passed cap check continues here with single calls; a Redis error leaves this
+            # item (and the rest) in the inbox, and a retry finds its state as it was left.
+            step = policy.settled(p, violated, recorded)
+            self.stats.decisions += 1
+            self._inbox.popleft()
+            self._handle(step, item.ref, item.payload)
 
     def _retry_busy(self) -> None:
         """Ask again about decisions another instance was busy with (their lease ran out)."""
         now = time.monotonic()
-        due = [item for item in self._later if item[0] <= now]
-        if not due:
-            return
-        self._later = [item for item in self._later if item[0] > now]
-        for _at, decision, ref in due:
-            self._handle(
-                self.policy.on_decision(decision, self._now(decision.fire_at)), ref, decision
-            )
+        for entry in [item for item in self._later if item[0] <= now]:
+            _at, decision, ref = entry
+            step = self.policy.on_decision(decision, self._now(decision.fire_at))
+            self._later.remove(entry)  # only once handled (Redis may be gone meanwhile)
+            self._handle(step, ref, decision)
 
-    def _release_due(self, now_ms: int | None) -> list[Step]:
-        """Deferred sends now due, claimed from the backlog every instance shares. Their ids are
-        kept so that this instance counts the deferred gauge down, also for a send another
-        instance deferred (the sum over dispatchers is the backlog)."""
-        steps = self.policy.release_due(now_ms)
-        for step in steps:
+    def _release_due(self, now_ms: int | None, *, track_vnow: bool = False) -> int:
+        """Deferred sends now due, claimed from the backlog every instance shares, each handled
+        as soon as it is evaluated; returns how many were. Their ids are kept so that this
+        instance counts the deferred gauge down, also for a send another instance deferred (the
+        sum over dispatchers is the backlog)."""
+        handled = 0
+        for decision, due in self.store.claim_due(now_ms, 256):
+            step = self.policy.release_one(decision, due, now_ms)
+            if step is None:
+                continue
             if step.send is not None:
                 self._released_ids.add(step.send.decision.decision_id)
+                if track_vnow:
+                    self._vnow = max(self._vnow, step.send.now_ms)
             self._released_ids.update(o.decision_id for o in step.outcomes)
-        return steps
+            if track_vnow:
+                for outcome in step.outcomes:
+                    self._vnow = max(self._vnow, outcome.at)
+            self._handle(step, None)
+            handled += 1
+        return handled
 
     def _now(self, item_time: int) -> int:
         """Evaluation time of an item; with the event clock also releases due deferred sends."""
         if not self.event_clock:
             return _wall_ms()
         self._vnow = max(self._vnow, item_time)
-        for step in self._release_due(self._vnow):
-            self._handle(step, None)
+        self._release_due(self._vnow)
         return item_time
 
     def _handle(
@@ -417,14 +630,21 @@ class Dispatcher:
         self._futures[future] = ref  # type: ignore[assignment]
 
     def _send_job(self, plan: SendPlan) -> Step:
-        """In a pool thread: rate limit, last cancel check, gateway call(s), outcome."""
+        """In a pool thread: rate limit, last cancel check, gateway call(s), outcome.
+
+        Each Redis step waits out an outage (:meth:`_until_redis`), so no gateway call is made
+        while Redis is down, and a call's answer is recorded once it is back."""
+        redis_step = self._until_redis
         if self.links is not None:
-            plan = self.links.apply(plan)  # tracked short links (webhooks serve /l/{code})
-        self.store.remember_send(plan.decision, plan.message.segments)  # receipts: client-ref
-        self.limiter.acquire()
-        gate = self.policy.begin_call(plan)
+            links = self.links
+            # tracked short links (webhooks serve /l/{code})
+            plan = redis_step(lambda: links.apply(plan))
+        # receipts: client-ref
+        redis_step(lambda: self.store.remember_send(plan.decision, plan.message.segments))
+        redis_step(self.limiter.acquire)
+        gate = redis_step(lambda: self.policy.begin_call(plan))
         if gate is not None:
-            return gate
+            return gate  # type: ignore[no-any-return]
         if not self.event_clock:
             plan = with_send_time(plan, _wall_ms())
         first = [True]
@@ -433,14 +653,14 @@ class Dispatcher:
             if first[0]:
                 first[0] = False  # the first attempt's slot was booked above
             else:
-                self.store.extend_call(plan.decision, plan.token)
-                self.limiter.acquire()
+                redis_step(lambda: self.store.extend_call(plan.decision, plan.token))
+                redis_step(self.limiter.acquire)
 
         result = deliver(plan, self._timed_send, self.retry, acquire=acquire)
         at = plan.now_ms if self.event_clock else _wall_ms()
         if not self.event_clock and isinstance(result, SendResult):
             metrics.EVENT_TO_SEND.observe(max(0.0, (at - plan.decision.trigger_ts) / 1000))
-        return self.policy.complete(plan, result, at)
+        return redis_step(lambda: self.policy.complete(plan, result, at))  # type: ignore[no-any-return]
 
     def _timed_send(self, message: SmsMessage) -> SendResult:
         """One gateway request, measured (latency histogram, throttling counter)."""
@@ -452,6 +672,10 @@ class Dispatcher:
                 metrics.GATEWAY_THROTTLED.inc()
             raise
         finally:
+            try:
+                self.limiter.done()  # answered (or failed): its rate-limit lease ends now
+            except Exception:  # Redis away: the lease then simply runs out (rate_limit.py)
+                pass
             metrics.GATEWAY_REQUEST.observe(time.perf_counter() - started)
 
     def _reap(self, timeout: float) -> None:
@@ -462,7 +686,11 @@ class Dispatcher:
             ref = self._futures.pop(future)
             try:
                 step = future.result()
-            except Exception as exc:  # noqa: BLE001 - a bug or Redis outage: stop; redelivery
+            except REDIS_DOWN:
+                # Given up at shutdown during an outage: not committed, so redelivered.
+                log.warning("a send job stopped waiting for redis; its decision is redelivered")
+                continue
+            except Exception as exc:  # noqa: BLE001 - a bug: stop; redelivery
                 log.exception("send job failed; stopping so that the decision is redelivered")
                 self.error = exc
                 self._stop.set()
@@ -473,6 +701,14 @@ class Dispatcher:
     def _drain(self) -> None:
         while self._futures:
             self._reap(timeout=1.0)
+            if self._redis_down_since is not None or self._jobs_wait_for_redis.is_set():
+                return  # jobs wait for Redis; what they hold is not committed (redelivered)
+
+    def _drain_all(self) -> None:
+        """Every send finished, or an outage (end of input waits for it: markers go last)."""
+        self._drain()
+        if self._futures:
+            raise redis.exceptions.ConnectionError("send jobs are waiting for redis")
 
     def _done(self, ref: Any) -> None:
         if ref is None:
@@ -576,7 +812,7 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ commits
 
-    def _commit(self, force: bool = False) -> None:
+    def _commit(self, force: bool = False, revoking: bool = False) -> None:
         """Flush outcomes, then commit each partition up to its first undone offset."""
         self.producer.poll(0)
         if not force and time.monotonic() - self._last_commit < self.commit_interval_s:
@@ -593,15 +829,23 @@ class Dispatcher:
                 offsets.append(TopicPartition(topic, partition, done_upto + 1))
         if not offsets and not self._to_mark:
             return
+        # Outcomes and dead letters are confirmed delivered before any offset moves past them.
         remaining = self.producer.flush(30)
         if remaining or self._delivery_errors:
             errors, self._delivery_errors = self._delivery_errors, []
             raise RuntimeError(
-                f"could not deliver {remaining} outcome(s) ({'; '.join(errors[:3])}); "
-                "stopping without committing so the decisions are redelivered"
+                f"could not deliver {remaining} outcome(s) or dead letter(s) "
+                f"({'; '.join(errors[:3])}); stopping without committing so the decisions are "
+                "redelivered"
             )
-        marks, self._to_mark = self._to_mark, []
-        self.store.mark_emitted_many(marks)
+        if self._to_mark:
+            try:
+                self.store.mark_emitted_many(self._to_mark)
+                self._to_mark = []
+            except REDIS_DOWN:
+                if not revoking:
+                    raise  # an outage: commit once Redis is back (the marks are kept)
+                # Letting go of partitions: the outcomes are out, so commit; marks later.
         if not offsets:
             return
         try:
@@ -621,9 +865,9 @@ class Dispatcher:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Finish in-flight sends and commit before another instance takes the partitions."""
-        self._drain()
         try:
-            self._commit(force=True)
+            self._drain()
+            self._commit(force=True, revoking=True)
         except RuntimeError as exc:
             log.error("%s", exc)
         for tp in partitions:
@@ -634,24 +878,16 @@ class Dispatcher:
             self._pending.pop(key, None)
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._later = [item for item in self._later if item[2][0] not in gone]
+        self._inbox = deque(item for item in self._inbox if item.ref[0] not in gone)
         log.info("revoked partitions %s", sorted(tp.partition for tp in partitions))
 
     # ------------------------------------------------------------------ end of input
 
     def _end_of_input(self) -> None:
         """Event clock: every partition is flushed. Release all deferred sends, mark the end."""
-        self._drain()
-        while True:
-            steps = self._release_due(None)
-            if not steps:
-                break
-            for step in steps:
-                if step.send is not None:
-                    self._vnow = max(self._vnow, step.send.now_ms)
-                for outcome in step.outcomes:
-                    self._vnow = max(self._vnow, outcome.at)
-                self._handle(step, None)
-            self._drain()
+        self._drain_all()
+        while self._release_due(None, track_vnow=True):
+            self._drain_all()
         self._commit(force=True)
         # Like the worker: for each decisions partition we own (a source), a marker on every
         # outcomes partition, so a reader knows when every source is complete.

@@ -106,6 +106,13 @@ EVENT_TO_DECISION = Histogram(
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
+CHECKPOINT = Histogram(
+    "nudgeflow_checkpoint_seconds",
+    "Trigger worker: one checkpoint, from taking the write-back buffer to its states and "
+    "clickstream positions being acknowledged by the broker (streams/checkpoint.py).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    registry=REGISTRY,
+)
 TIMER_LATENESS = Histogram(
     "nudgeflow_timer_lateness_seconds",
     "Live clock only: wall clock when a timer decision was produced minus (fire_at + allowed "
@@ -170,6 +177,11 @@ GATEWAY_REQUEST = Histogram(
 GATEWAY_THROTTLED = Counter(
     "nudgeflow_gateway_throttled_total",
     "Gateway requests rejected for throughput (HTTP 429 or Vonage status 1) and retried.",
+    registry=REGISTRY,
+)
+DISPATCHER_REDIS_UP = Gauge(
+    "nudgeflow_dispatcher_redis_up",
+    "1 while the dispatcher reaches Redis; 0 during an outage (consumption paused, no texts).",
     registry=REGISTRY,
 )
 EVENT_TO_SEND = Histogram(

@@ -29,6 +29,7 @@ class _Entry:
     emitted: str | None = None
     cancel: str | None = None
     cancel_at: int = 0
+    dead_letter: bool = False
 
 
 @dataclass
@@ -58,7 +59,7 @@ class InMemoryStore:
         emitted = e.outcome is not None and e.emitted == e.outcome.status
         if e.state == "calling" or not emitted:
             e.token = token  # the previous attempt is gone: this one owns the decision
-        return Prior(e.state, e.outcome, emitted)  # type: ignore[arg-type]
+        return Prior(e.state, e.outcome, emitted, dead_letter=e.dead_letter)  # type: ignore[arg-type]
 
     def cancellation(self, decision: Decision, as_of: int | None = None) -> str | None:
         e = self._entry(decision.decision_id)
@@ -136,11 +137,18 @@ class InMemoryStore:
         e.state = "calling"
         return "ok"
 
-    def finish(self, decision: Decision, outcome: SmsOutcome, sent: bool, token: str) -> bool:
+    def finish(
+        self,
+        decision: Decision,
+        outcome: SmsOutcome,
+        sent: bool,
+        token: str,
+        dead_letter: bool = False,
+    ) -> bool:
         e = self._entry(decision.decision_id)
         if e.token != token:
             return False
-        e.state, e.outcome, e.emitted = "done", outcome, None
+        e.state, e.outcome, e.emitted, e.dead_letter = "done", outcome, None, dead_letter
         self.claimed.discard(decision.decision_id)
         return True
 

@@ -6,25 +6,41 @@ both atomic in Redis and timed by Redis' own clock (hosts with skewed clocks agr
 1. **Pacing (GCRA).** Each caller books the next free slot (``slot = max(now, tat)``,
    ``tat = slot + window / limit``) and sleeps until it, so requests go out evenly spaced
    instead of in bursts.
-2. **Guard (sliding window).** Each admitted request is kept in a sorted set scored with the
-   latest time the gateway can have received it; a new request is admitted only while fewer than
-   ``limit`` requests score within the last ``window`` (else it sleeps until the lowest score
-   leaves it). A request is scored ``admitted + hold_s`` at first, and lowered to "now" when the
-   same thread calls :meth:`RateLimiter.acquire` again (or :meth:`RateLimiter.done`): callers make
-   the request synchronously in the thread that acquired it, so by then the gateway has answered
-   and therefore received it.
+2. **Guard (sliding window).** Each admitted request is kept in a sorted set, scored with a time
+   the gateway cannot have received it after: ``admitted + lease_s`` while it is in flight, and
+   "now" once the caller reports the answer (:meth:`RateLimiter.done`, or the same thread's next
+   :meth:`RateLimiter.acquire`: callers make the request synchronously in the thread that
+   acquired it). A request is admitted only while fewer than ``limit`` members score later than
+   ``now - window``, i.e. fewer than ``limit`` requests are still in flight or were answered
+   within the last window. A waiting caller sleeps until the lowest answered score leaves the
+   window, or polls (``poll_s``) when every counted request is still in flight.
 
-Why: slots alone cannot promise "never more than ``limit`` in any ``window``" at full speed. The
-gateway sees each request some time after the slot (thread wake-up, Redis round trips, HTTP);
-request k+30 lands less than a second after request k whenever k was delayed more than k+30,
-which happens all the time, so a previous version stretched every slot by 10% (and still only
-tolerated 100 ms of jitter, leaving 9% of the limit unused). Counting "latest possible receipt"
-times instead makes the cap exact: if the gateway ever saw ``limit + 1`` requests within one
-``window``, the last one admitted would have seen the other ``limit`` still scored inside the
-window. The price is each request's own latency (it holds its place for ``window`` plus the time
-until its answer), ~2-3% of the limit with a 20 ms gateway, and ``hold_s`` for a request whose
-thread does not come back (end of a backlog: nothing is lost then). The one assumption left: a
-request whose thread is away longer than ``hold_s`` reached the gateway within ``hold_s``.
+Why this is exact ("the gateway never receives more than ``limit`` requests in any window"):
+suppose it received ``limit + 1`` within one window, and let R be the one admitted last (Redis
+serialises admissions), at time ``a``. R reached the gateway at ``r >= a``; every other one, Q,
+at ``r_Q > r - window >= a - window``. When R was admitted, Q's score was either
+``admitted_Q + lease_s`` (no answer yet; ``>= r_Q`` by the one assumption below) or the time its
+answer was reported (``>= r_Q``: the gateway answers after it receives). Either way Q scored
+later than ``a - window`` and was counted, so R saw ``limit`` members and was not admitted: a
+contradiction. Nothing here depends on how long a request takes between its slot and the
+gateway: a request whose write was delayed (CPU contention, a new TLS connection, a slow
+server thread) stays counted until its answer is in.
+
+The one assumption: a request without a reported answer reaches the gateway within ``lease_s``
+of its admission (default 30 s: longer than one gateway attempt, which requests bounds by the
+connect plus the read timeout, 2 x 10 s by default). A caller that gives up on a request
+(timeout) reports it like an answer; the gateway reading that request even later is beyond what
+a client can see.
+
+What it costs: each request holds its place from admission to ``answer + window``, so the
+achieved rate is ``limit * window / (window + round trip)``, ~97% of the limit with a 20 ms
+gateway. A request whose thread goes idle without :meth:`RateLimiter.done` holds its place for
+``lease_s``: callers should call ``done()`` right after the answer (with thread pools much larger
+than ``limit`` this matters). A crashed process's requests hold their places for ``lease_s``.
+
+An earlier version scored a request ``admitted + 250 ms`` until its thread came back; a request
+that reached the gateway more than 250 ms after its admission (under heavy CPU load) was no
+longer counted, and the gateway saw 31-32 requests in a sliding second.
 """
 
 from __future__ import annotations
@@ -40,7 +56,8 @@ from dataclasses import dataclass
 
 import redis
 
-DEFAULT_HOLD_S = 0.25
+DEFAULT_LEASE_S = 30.0
+MIN_POLL_S = 0.01
 
 # KEYS[1] GCRA key, KEYS[2] the guard's sorted set; ARGV: slot spacing in us, the calling
 # thread's previous request ('' if none). Marks that request answered, books a slot, returns
@@ -59,24 +76,30 @@ redis.call('SET', KEYS[1], string.format('%d', nxt), 'PX', math.ceil((nxt - now)
 return {string.format('%d', slot - now)}
 """
 
-# KEYS[1] the guard's sorted set (score = latest possible receipt, Redis time in us); ARGV:
-# limit, window in us, hold in us, a unique member. Returns 0 when admitted, else the us to wait.
+# KEYS[1] the guard's sorted set (score: the request cannot reach the gateway later; Redis time
+# in us); ARGV: limit, window, lease, poll (all us), a unique member. Returns 0 when admitted,
+# else the us to wait: until the lowest answered request leaves the window, or the poll
+# interval when the lowest is still in flight (its answer may come any time).
 _GUARD = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
-local hold = tonumber(ARGV[3])
+local lease = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now - window))
 if redis.call('ZCARD', KEYS[1]) < limit then
-  redis.call('ZADD', KEYS[1], string.format('%d', now + hold), ARGV[4])
-  redis.call('PEXPIRE', KEYS[1], math.ceil((window + hold) / 1000) + 1000)
+  redis.call('ZADD', KEYS[1], string.format('%d', now + lease), ARGV[5])
+  redis.call('PEXPIRE', KEYS[1], math.ceil((window + lease) / 1000) + 1000)
   return {'0'}
 end
 local lowest = tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2])
+if lowest > now then
+  return {ARGV[4]}
+end
 return {string.format('%d', math.max(1, lowest + window - now + 1))}
 """
 
+# KEYS[1] the guard's sorted set; ARGV[1] a member: its answer is in, score it "now".
 _DONE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -87,33 +110,40 @@ return 0
 
 @dataclass(frozen=True, slots=True)
 class Budget:
-    """At most ``limit`` requests in any ``window_s``; slots ``window_s / limit`` apart."""
+    """At most ``limit`` requests in any ``window_s``; slots ``window_s / limit`` apart;
+    a request without a reported answer counts as in flight for ``lease_s``."""
 
     limit: int
     window_s: float
-    hold_s: float
+    lease_s: float
 
     @classmethod
-    def for_rate(cls, rate_per_s: float, hold_s: float = DEFAULT_HOLD_S) -> Budget:
+    def for_rate(cls, rate_per_s: float, lease_s: float = DEFAULT_LEASE_S) -> Budget:
         """30/s -> 30 per 1 s; 0.5/s -> 1 per 2 s; 30.5/s -> 30 per 0.984 s."""
         if not rate_per_s > 0 or not math.isfinite(rate_per_s):
             raise ValueError(f"rate must be > 0 requests/s, got {rate_per_s}")
-        if not hold_s >= 0:
-            raise ValueError(f"hold must be >= 0 s, got {hold_s}")
+        if not lease_s > 0:
+            raise ValueError(f"lease must be > 0 s, got {lease_s}")
         limit = max(1, math.floor(rate_per_s))
-        return cls(limit, limit / rate_per_s, hold_s)
+        return cls(limit, limit / rate_per_s, lease_s)
 
     @property
     def spacing_s(self) -> float:
         return self.window_s / self.limit
+
+    @property
+    def poll_s(self) -> float:
+        """How often a caller blocked by requests still in flight checks again."""
+        return max(MIN_POLL_S, self.spacing_s)
 
 
 class RateLimiter:
     """``acquire()`` blocks until one more request is allowed; thread- and process-safe.
 
     Every instance that shares ``key`` (and the Redis) shares the budget. Contract: make the
-    request right after ``acquire()`` returns, synchronously, in the same thread; the thread's
-    next ``acquire()`` (or ``done()``) tells the limiter that the request was answered.
+    request right after ``acquire()`` returns, synchronously, in the same thread, and call
+    ``done()`` once its answer is in (or the attempt failed); the thread's next ``acquire()``
+    says so too, but a thread that goes idle without ``done()`` holds a place for ``lease_s``.
     """
 
     def __init__(
@@ -122,16 +152,17 @@ class RateLimiter:
         rate_per_s: float,
         key: str = "nudgeflow:ratelimit:gateway",
         *,
-        hold_s: float = DEFAULT_HOLD_S,
+        lease_s: float = DEFAULT_LEASE_S,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.budget = Budget.for_rate(rate_per_s, hold_s)
+        self.budget = Budget.for_rate(rate_per_s, lease_s)
         self.rate_per_s = rate_per_s
         self.key = key
         self.sent_key = f"{key}:sent"
         self.interval_us = max(1, round(1_000_000 * self.budget.spacing_s))
         self._window_us = max(1, round(1_000_000 * self.budget.window_s))
-        self._hold_us = round(1_000_000 * self.budget.hold_s)
+        self._lease_us = max(1, round(1_000_000 * self.budget.lease_s))
+        self._poll_us = max(1, round(1_000_000 * self.budget.poll_s))
         self._book = client.register_script(_BOOK)
         self._guard = client.register_script(_GUARD)
         self._done = client.register_script(_DONE)
@@ -158,20 +189,24 @@ class RateLimiter:
         """Record this request once the window has room (usually at once after :meth:`pace`);
         returns the seconds waited. The request should go out right after this returns."""
         member = f"{self._me}-{next(self._ids)}"
+        args: list[str | int] = [
+            self.budget.limit,
+            self._window_us,
+            self._lease_us,
+            self._poll_us,
+            member,
+        ]
         waited = 0.0
         while True:
-            (wait_us,) = self._guard(
-                keys=[self.sent_key],
-                args=[self.budget.limit, self._window_us, self._hold_us, member],
-            )
+            (wait_us,) = self._guard(keys=[self.sent_key], args=args)
             if int(wait_us) == 0:
                 self._local.member = member
                 return waited
             waited += self._wait(int(wait_us) / 1_000_000)
 
     def done(self) -> None:
-        """This thread's last request was answered (optional: the next ``acquire`` says it too,
-        but a thread that goes idle frees its place sooner this way)."""
+        """This thread's last request was answered (or failed): from now on it counts only
+        until it leaves the window."""
         member = getattr(self._local, "member", None)
         if member:
             self._local.member = None
@@ -189,21 +224,26 @@ class RateLimiter:
 class LocalRateLimiter:
     """The same pacing and window cap in one process (backtests and tests without Redis)."""
 
-    def __init__(self, rate_per_s: float, *, hold_s: float = DEFAULT_HOLD_S) -> None:
-        self.budget = Budget.for_rate(rate_per_s, hold_s)
+    def __init__(self, rate_per_s: float, *, lease_s: float = DEFAULT_LEASE_S) -> None:
+        self.budget = Budget.for_rate(rate_per_s, lease_s)
         self.interval_s = self.budget.spacing_s
         self._tat = 0.0
-        self._scores: dict[int, float] = {}  # request number -> latest possible receipt
+        self._scores: dict[int, float] = {}  # request number -> cannot be received later
         self._ids = itertools.count()
         self._local = threading.local()
         self._lock = threading.Lock()
 
+    def _answered(self, now: float) -> None:
+        """Lock held: this thread's previous request is answered."""
+        previous = getattr(self._local, "member", None)
+        self._local.member = None
+        if previous in self._scores:
+            self._scores[previous] = min(self._scores[previous], now)
+
     def acquire(self) -> float:
         now = time.monotonic()
         with self._lock:
-            previous = getattr(self._local, "member", None)
-            if previous in self._scores:
-                self._scores[previous] = min(self._scores[previous], now)
+            self._answered(now)
             slot = max(now, self._tat)
             self._tat = slot + self.interval_s
         waited = max(0.0, slot - now)
@@ -217,9 +257,14 @@ class LocalRateLimiter:
                 self._scores = live
                 if len(live) < self.budget.limit:
                     member = next(self._ids)
-                    live[member] = now + self.budget.hold_s
+                    live[member] = now + self.budget.lease_s
                     self._local.member = member
                     return waited
-                pause = min(live.values()) + window - now
+                lowest = min(live.values())
+                pause = self.budget.poll_s if lowest > now else lowest + window - now
             time.sleep(pause)
             waited += pause
+
+    def done(self) -> None:
+        with self._lock:
+            self._answered(time.monotonic())

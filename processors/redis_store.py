@@ -6,7 +6,9 @@ as a hash tag, so one user's keys share a cluster slot):
 
 * ``P{u}:d:<decision_id>`` hash: ``s`` state (reserved|deferred|calling|done), ``t`` attempt
   token, ``o`` last outcome (JSON), ``e`` status of the last published outcome, ``c`` reason of a
-  cancellation. Expires after ``state_ttl_ms`` (longer than any redelivery or replay window).
+  cancellation, ``dl`` set when the outcome is also dead-lettered (a redelivery that re-publishes
+  the outcome re-produces the dead letter too). Expires after ``state_ttl_ms`` (longer than any
+  redelivery or replay window).
 * ``P{u}:sends`` / ``P{u}:sends:<campaign>`` sorted sets: decision ids scored by send time, the
   rolling windows of the caps (``processors.core.cap`` semantics: window ``(now-per, +inf)``).
 * ``P{u}:texted``: the decision id that claimed the first text to the contact (the STOP footer
@@ -47,7 +49,7 @@ from processors.core.cap import GLOBAL_SCOPE, CapRule, longest_window_ms
 from processors.core.contact import Consent, Contact, ContactError
 from processors.core.decision import Decision, DecisionCancelled
 from processors.core.outcome import OutcomeError, SmsOutcome
-from processors.core.policy import CallPermit, Prior
+from processors.core.policy import CallPermit, CapCheck, Final, Prefetched, Prior
 
 DEFAULT_PREFIX = "nudgeflow:"
 STATE_TTL_MS = 30 * 86_400_000
@@ -68,17 +70,38 @@ local s = redis.call('HGET', KEYS[1], 's')
 if (not s) or s == 'reserved' or (s == 'deferred' and ARGV[2] == '1') then
   redis.call('HSET', KEYS[1], 's', 'reserved', 't', ARGV[1])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  return {s or 'new', false, 0, 0}
+  return {s or 'new', false, 0, 0, false}
 end
-local f = redis.call('HMGET', KEYS[1], 'o', 'os', 'e', 'l')
+local f = redis.call('HMGET', KEYS[1], 'o', 'os', 'e', 'l', 'dl')
 local emitted = f[2] and f[3] == f[2]
 local lease = tonumber(f[4] or '0')
 if s == 'calling' or not emitted then
-  if lease > now then return {'busy', false, 0, lease - now} end
+  if lease > now then return {'busy', false, 0, lease - now, false} end
   -- the previous owner's lease ran out: this attempt takes over (and holds a fresh lease)
   redis.call('HSET', KEYS[1], 't', ARGV[1], 'l', now + ARGV[4])
 end
-return {s, f[1], emitted and 1 or 0, 0}
+return {s, f[1], emitted and 1 or 0, 0, f[5]}
+"""
+)
+
+# KEYS: decision, contact. ARGV: as _BEGIN, then the phone key prefix. ``begin`` plus the
+# policy's reads (profile, the keyword consent of its number, cancellation) at the same instant.
+_PREPARE = (
+    "local function begin()\n"
+    + _BEGIN
+    + """
+end
+local b = begin()
+local v = redis.call('HGET', KEYS[2], 'v')
+local p = {false, false, false}
+if v then
+  local ok, rec = pcall(cjson.decode, v)
+  if ok and type(rec) == 'table' and type(rec['phone']) == 'string' then
+    p = redis.call('HMGET', ARGV[5] .. rec['phone'], 's', 'at', 'src')
+  end
+end
+local c = redis.call('HMGET', KEYS[1], 'c', 'ca')
+return {b[1], b[2], b[3], b[4], b[5], v, p[1], p[2], p[3], c[1], c[2]}
 """
 )
 
@@ -99,7 +122,7 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 if redis.call('HGET', KEYS[1], 's') == 'deferred' and redis.call('ZREM', KEYS[2], ARGV[2]) == 1 then
   redis.call('HDEL', KEYS[3], ARGV[2])
   redis.call('HSET', KEYS[1], 's', 'done', 'o', ARGV[3], 'os', 'cancelled', 'l', now + ARGV[5])
-  redis.call('HDEL', KEYS[1], 'e')
+  redis.call('HDEL', KEYS[1], 'e', 'dl')
   return 1
 end
 return 0
@@ -129,12 +152,48 @@ end
 return 0
 """
 
+# KEYS: global sends, campaign sends, decision, lease, data. ARGV: decision id, now, reserve,
+# ttl, trim_before, token, state ttl, grace, rule count, then per rule: is_global, exclusive
+# lower bound, max, the outcome when it is violated. _CAPS, and when a rule is violated _FINISH
+# with that rule's outcome: a decision suppressed by caps in one call. Returns {rule + 1 or 0,
+# recorded}.
+_CAPS_OR_FINISH = (
+    _NOW
+    + """
+local did = ARGV[1]
+if redis.call('ZSCORE', KEYS[1], did) then return {0, 0} end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[5])
+for i = 0, tonumber(ARGV[9]) - 1 do
+  local at = 10 + 4 * i
+  local key = KEYS[2]
+  if ARGV[at] == '1' then key = KEYS[1] end
+  if redis.call('ZCOUNT', key, '(' .. ARGV[at + 1], '+inf') >= tonumber(ARGV[at + 2]) then
+    if redis.call('HGET', KEYS[3], 't') ~= ARGV[6] then return {i + 1, 0} end
+    redis.call('HSET', KEYS[3], 's', 'done', 'o', ARGV[at + 3], 'os', 'suppressed',
+      'l', now + ARGV[8])
+    redis.call('HDEL', KEYS[3], 'e', 'dl')
+    redis.call('PEXPIRE', KEYS[3], ARGV[7])
+    if redis.call('ZREM', KEYS[4], did) == 1 then redis.call('HDEL', KEYS[5], did) end
+    return {i + 1, 1}
+  end
+end
+if ARGV[3] == '1' then
+  redis.call('ZADD', KEYS[1], ARGV[2], did)
+  redis.call('ZADD', KEYS[2], ARGV[2], did)
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+return {0, 0}
+"""
+)
+
 _DEFER = (
     _NOW
     + """
 if redis.call('HGET', KEYS[1], 't') ~= ARGV[7] then return 0 end
 redis.call('HSET', KEYS[1], 's', 'deferred', 'o', ARGV[3], 'os', 'deferred', 'l', now + ARGV[6])
-redis.call('HDEL', KEYS[1], 'e')
+redis.call('HDEL', KEYS[1], 'e', 'dl')
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
@@ -178,7 +237,14 @@ _START_CALL = (
     _NOW
     + """
 local owner = redis.call('HGET', KEYS[1], 't')
-if owner ~= ARGV[1] or redis.call('HGET', KEYS[1], 's') ~= 'reserved' then return 'lost' end
+local state = redis.call('HGET', KEYS[1], 's')
+if owner == ARGV[1] and state == 'calling' then
+  -- this attempt's own earlier call whose answer was lost (Redis went away): the gateway has
+  -- not been called yet (that comes after this script answers), so go ahead
+  redis.call('HSET', KEYS[1], 'l', now + ARGV[2])
+  return 'ok'
+end
+if owner ~= ARGV[1] or state ~= 'reserved' then return 'lost' end
 local c = redis.call('HGET', KEYS[1], 'c')
 local as_of = tonumber(ARGV[4])
 if c and (as_of < 0 or tonumber(redis.call('HGET', KEYS[1], 'ca') or '0') <= as_of) then
@@ -216,13 +282,19 @@ return 0
 """
 )
 
-# KEYS: decision, lease, data. ARGV: outcome, sent, decision id, ttl, status, grace, token.
+# KEYS: decision, lease, data. ARGV: outcome, sent, decision id, ttl, status, grace, token,
+# dead-lettered (1/0).
 _FINISH = (
     _NOW
     + """
 if redis.call('HGET', KEYS[1], 't') ~= ARGV[7] then return 0 end
 redis.call('HSET', KEYS[1], 's', 'done', 'o', ARGV[1], 'os', ARGV[5], 'l', now + ARGV[6])
 redis.call('HDEL', KEYS[1], 'e')
+if ARGV[8] == '1' then
+  redis.call('HSET', KEYS[1], 'dl', '1')
+else
+  redis.call('HDEL', KEYS[1], 'dl')
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 if redis.call('ZREM', KEYS[2], ARGV[3]) == 1 then redis.call('HDEL', KEYS[3], ARGV[3]) end
 return 1
@@ -323,6 +395,52 @@ def _text(value: Any) -> str | None:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _parse_contact(raw: Any) -> Contact | None:
+    return _parse_contact_record(raw)[0]
+
+
+def _parse_contact_record(raw: Any) -> tuple[Contact | None, Any]:
+    """The profile and the JSON it was read from (None, None when absent or unreadable)."""
+    if raw is None:
+        return None, None
+    try:
+        record = json.loads(raw)
+        return Contact.from_record(record), record
+    except (ContactError, ValueError):
+        return None, None  # unreadable profile: treated as no contact (never texted)
+
+
+def _parse_phone_consent(raw: Sequence[Any]) -> PhoneConsent | None:
+    status, at = _text(raw[0]), _text(raw[1])
+    if status not in ("opted_out", "opted_in") or at is None:
+        return None
+    return PhoneConsent(status, int(at), _text(raw[2]))  # type: ignore[arg-type]
+
+
+def _apply_phone_consent(contact: Contact, state: PhoneConsent | None) -> Contact:
+    if state is None or state.status != "opted_out":
+        return contact
+    return dataclasses.replace(
+        contact, consent="opted_out", consent_at_ms=state.at_ms, consent_source=state.source
+    )
+
+
+def _prior(raw: Sequence[Any]) -> Prior:
+    """``Prior`` from the first five fields _BEGIN returns."""
+    state, outcome, emitted, wait_ms, dead_letter = raw[:5]
+    state_s = _text(state) or "new"
+    if state_s == "busy":
+        return Prior("busy", wait_ms=int(wait_ms))
+    parsed: SmsOutcome | None = None
+    text = _text(outcome)
+    if text:
+        try:
+            parsed = SmsOutcome.loads(text)
+        except OutcomeError:
+            parsed = None
+    return Prior(state_s, parsed, bool(emitted), dead_letter=bool(dead_letter))  # type: ignore[arg-type]
+
+
 def decision_json(d: Decision) -> str:
     rec = d.to_record()
     return json.dumps(rec, separators=(",", ":"), sort_keys=True)
@@ -358,6 +476,9 @@ class RedisStore:
         self._claim_first = client.register_script(_CLAIM_FIRST)
         self._release = client.register_script(_RELEASE)
         self._put_contact = client.register_script(_PUT_CONTACT)
+        self._prepare = client.register_script(_PREPARE)
+        self._parsed_contacts: dict[Any, tuple[Contact | None, Any]] = {}
+        self._caps_or_finish = client.register_script(_CAPS_OR_FINISH)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX, **kw: Any) -> RedisStore:
@@ -386,13 +507,9 @@ class RedisStore:
         )
 
     def contact(self, user_id: str, as_of: int | None = None) -> Contact | None:
-        raw = self.r.hget(f"{self._user(user_id)}:contact", "v")
-        if raw is None:
+        contact = _parse_contact(self.r.hget(f"{self._user(user_id)}:contact", "v"))
+        if contact is None:
             return None
-        try:
-            contact = Contact.from_record(json.loads(raw))
-        except (ContactError, ValueError):
-            return None  # unreadable profile: treated as no contact (never texted)
         if as_of is not None:
             contact = self._with_keyword_timeline(contact, as_of)
         return self._with_phone_consent(contact)
@@ -418,21 +535,96 @@ class RedisStore:
 
     def begin(self, decision: Decision, token: str, resume_deferred: bool) -> Prior:
         key = self._dkey(decision.user_id, decision.decision_id)
-        state, outcome, emitted, wait_ms = self._begin(
+        raw = self._begin(
             keys=[key],
             args=[token, "1" if resume_deferred else "0", self.state_ttl_ms, self.emit_grace_ms],
         )
-        state_s = _text(state) or "new"
-        if state_s == "busy":
-            return Prior("busy", wait_ms=int(wait_ms))
-        parsed: SmsOutcome | None = None
-        raw = _text(outcome)
-        if raw:
-            try:
-                parsed = SmsOutcome.loads(raw)
-            except OutcomeError:
-                parsed = None
-        return Prior(state_s, parsed, bool(emitted))  # type: ignore[arg-type]
+        return _prior(raw)
+
+    # -- batches: the policy of many decisions in two round trips --------------------------------
+
+    def prepare_many(self, items: Sequence[tuple[Decision, str]]) -> list[tuple[Prior, Prefetched]]:
+        """``begin`` (not resuming deferred sends) for each ``(decision, token)``, with the live
+        policy's reads (``contact()``, ``cancellation()``), in one pipelined round trip."""
+        if not items:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for d, token in items:
+            user = self._user(d.user_id)
+            self._prepare(
+                keys=[f"{user}:d:{d.decision_id}", f"{user}:contact"],
+                args=[token, "0", self.state_ttl_ms, self.emit_grace_ms, self._phone_prefix],
+                client=pipe,
+            )
+        out = []
+        parsed = self._parsed_contacts
+        if len(parsed) > 4096:
+            parsed.clear()  # a small memo: a batch often holds one user several times
+        for raw in pipe.execute():
+            known = parsed.get(raw[5]) if raw[5] is not None else None
+            if known is None:
+                known = parsed[raw[5]] = _parse_contact_record(raw[5])
+            contact, record = known
+            if contact is not None and contact.consent != "opted_out":
+                if isinstance(record, dict) and record.get("phone") == contact.phone:
+                    state = _parse_phone_consent(raw[6:9])
+                else:  # the script looked up the number as stored, not as parsed
+                    state = self.phone_consent(contact.phone)
+                contact = _apply_phone_consent(contact, state)
+            out.append((_prior(raw), Prefetched(contact, _text(raw[9]))))
+        return out
+
+    def settle_many(self, items: Sequence[Final | CapCheck]) -> list[tuple[int | None, bool]]:
+        """Record each ``Final`` (``finish``) or check each ``CapCheck``'s caps (``check_caps``;
+        a violation records that rule's outcome at once), in order, in one pipelined round trip.
+
+        Returns ``(violated rule or None, recorded)`` per item (``(None, recorded)`` for a Final).
+        Each item is atomic on its own; the order makes one user's decisions see each other's
+        reservations exactly as one at a time would."""
+        if not items:
+            return []
+        deferred, data, lease = self._deferred
+        pipe = self.r.pipeline(transaction=False)
+        for item in items:
+            d = item.decision
+            key = self._dkey(d.user_id, d.decision_id)
+            if isinstance(item, Final):
+                self._finish(
+                    keys=[key, lease, data],
+                    args=self._finish_args(d, item.outcome, False, item.token, item.dead_letter),
+                    client=pipe,
+                )
+                continue
+            user = self._user(d.user_id)
+            longest = longest_window_ms(item.rules)
+            args: list[Any] = [
+                d.decision_id,
+                item.now_ms,
+                "1" if item.reserve else "0",
+                max(longest * 2, 60_000),
+                item.now_ms - 2 * longest,
+                item.token,
+                self.state_ttl_ms,
+                self.emit_grace_ms,
+                len(item.rules),
+            ]
+            for rule, outcome in zip(item.rules, item.capped, strict=True):
+                args += [
+                    "1" if rule.scope == GLOBAL_SCOPE else "0",
+                    item.now_ms - rule.per_ms,
+                    rule.max,
+                    outcome.dumps(),
+                ]
+            keys = [f"{user}:sends", f"{user}:sends:{d.campaign_id}", key, lease, data]
+            self._caps_or_finish(keys=keys, args=args, client=pipe)
+        out: list[tuple[int | None, bool]] = []
+        for item, raw in zip(items, pipe.execute(), strict=True):
+            if isinstance(item, Final):
+                out.append((None, bool(raw)))
+            else:
+                index, recorded = int(raw[0]), bool(raw[1])
+                out.append((None if index == 0 else index - 1, recorded))
+        return out
 
     def cancellation(self, decision: Decision, as_of: int | None = None) -> str | None:
         reason, at = self.r.hmget(self._dkey(decision.user_id, decision.decision_id), "c", "ca")
@@ -543,22 +735,35 @@ class RedisStore:
         key = self._dkey(decision.user_id, decision.decision_id)
         return bool(self._extend(keys=[key], args=[token, self.call_lease_ms]))
 
-    def finish(self, decision: Decision, outcome: SmsOutcome, sent: bool, token: str) -> bool:
+    def finish(
+        self,
+        decision: Decision,
+        outcome: SmsOutcome,
+        sent: bool,
+        token: str,
+        dead_letter: bool = False,
+    ) -> bool:
         _deferred, data, lease = self._deferred
         return bool(
             self._finish(
                 keys=[self._dkey(decision.user_id, decision.decision_id), lease, data],
-                args=[
-                    outcome.dumps(),
-                    "1" if sent else "0",
-                    decision.decision_id,
-                    self.state_ttl_ms,
-                    outcome.status,
-                    self.emit_grace_ms,
-                    token,
-                ],
+                args=self._finish_args(decision, outcome, sent, token, dead_letter),
             )
         )
+
+    def _finish_args(
+        self, decision: Decision, outcome: SmsOutcome, sent: bool, token: str, dead_letter: bool
+    ) -> list[Any]:
+        return [
+            outcome.dumps(),
+            "1" if sent else "0",
+            decision.decision_id,
+            self.state_ttl_ms,
+            outcome.status,
+            self.emit_grace_ms,
+            token,
+            "1" if dead_letter else "0",
+        ]
 
     def mark_emitted(self, decision: Decision, status: str) -> None:
         self.r.hset(self._dkey(decision.user_id, decision.decision_id), "e", status)
@@ -598,20 +803,11 @@ class RedisStore:
         """The profile as the policy must see it: a STOP from its number overrides it."""
         if contact.consent == "opted_out":
             return contact
-        state = self.phone_consent(contact.phone)
-        if state is None or state.status != "opted_out":
-            return contact
-        return dataclasses.replace(
-            contact, consent="opted_out", consent_at_ms=state.at_ms, consent_source=state.source
-        )
+        return _apply_phone_consent(contact, self.phone_consent(contact.phone))
 
     def phone_consent(self, phone: str) -> PhoneConsent | None:
         """The last keyword consent (STOP/START) received from ``phone`` (E.164), if any."""
-        raw = self.r.hmget(self._phone_prefix + phone, ["s", "at", "src"])
-        status, at = _text(raw[0]), _text(raw[1])
-        if status not in ("opted_out", "opted_in") or at is None:
-            return None
-        return PhoneConsent(status, int(at), _text(raw[2]))  # type: ignore[arg-type]
+        return _parse_phone_consent(self.r.hmget(self._phone_prefix + phone, ["s", "at", "src"]))
 
     def set_phone_consent(self, phone: str, status: Consent, at_ms: int, source: str) -> bool:
         """Record a keyword consent of ``phone``; False when a newer one is already recorded.

@@ -170,6 +170,7 @@ class TriggerShell:
         self._reader: ClickstreamReader | None = None
         self._checkpointer: Checkpointer | None = None
         self._last_checkpoint = time.monotonic()
+        self._writer: asyncio.Future[None] | None = None
         self._running = False
         self._reading: asyncio.Task[None] | None = None
         # Ticks: a Faust agent in both clocks (the ticks topic carries the assignment); the
@@ -244,7 +245,8 @@ class TriggerShell:
         stays ours, at the position just written)."""
         async with self.busy:
             if self._checkpointer is not None:
-                await self._checkpoint()
+                await self._finish_writing()
+                await self._checkpoint_now()
             if self._reader is not None:
                 self.reader.release_all()
             self.timers.clear()
@@ -270,34 +272,68 @@ class TriggerShell:
     # ------------------------------------------------------------------ the read loop
 
     async def _read_loop(self) -> None:
-        """Batches from the reader into the engine; a checkpoint every :data:`CHECKPOINT_S`."""
+        """Batches from the reader into the engine; a checkpoint every :data:`CHECKPOINT_S`,
+        written while the next batches are processed."""
         self._running = True
         self._reading = asyncio.current_task()
         reader = self.reader
         while self._running:
             try:
                 msgs = await reader.poll()
+                if self.checkpointer.pending() >= CHECKPOINT_MAX_PENDING:
+                    await self._finish_writing()  # backpressure: memory stays bounded
                 async with self.busy:
                     if msgs:
                         await self._process(msgs)
                     due = time.monotonic() - self._last_checkpoint >= CHECKPOINT_S
                     if due or self.checkpointer.pending() >= CHECKPOINT_MAX_PENDING:
-                        await self._checkpoint()
+                        self._start_checkpoint()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # The output refused a record or the state cannot be written: stop the worker
-                # (it restarts from its last checkpoint) rather than go on with a gap.
-                log.critical("trigger worker stops: %s: %s", type(exc).__name__, exc)
-                self._running = False
-                await self.app.crash(exc)
+                await self._fail(exc)
                 return
 
-    async def _checkpoint(self) -> None:
-        positions = await self.checkpointer.checkpoint()
+    async def _fail(self, exc: BaseException) -> None:
+        """The output refused a record or the state cannot be written: stop the worker (it
+        restarts from its last checkpoint) rather than go on with a gap."""
+        log.critical("trigger worker stops: %s: %s", type(exc).__name__, exc)
+        self._running = False
+        await self.app.crash(exc)
+
+    def _start_checkpoint(self) -> None:
+        """Take the buffer and write it in the background (at most one checkpoint at a time)."""
+        if self._writer is not None and not self._writer.done():
+            return
+        taken = self.checkpointer.take()
         self._last_checkpoint = time.monotonic()
+        if taken is not None:
+            self._writer = asyncio.ensure_future(self._write(taken))
+
+    async def _write(self, taken: Any) -> None:
+        started = time.monotonic()
+        try:
+            positions = await self.checkpointer.write(taken)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._fail(exc)
+            return
+        metrics.CHECKPOINT.observe(time.monotonic() - started)
         if positions and self._reader is not None:
             self.reader.commit(positions)
+
+    async def _finish_writing(self) -> None:
+        writer = self._writer
+        if writer is not None:
+            self._writer = None
+            await writer
+
+    async def _checkpoint_now(self) -> None:
+        """A whole checkpoint with processing stopped (the caller holds :attr:`busy`)."""
+        await self._finish_writing()
+        self._start_checkpoint()
+        await self._finish_writing()
 
     async def _process(self, msgs: list[Message]) -> None:
         """One batch, in order (the caller holds :attr:`busy`)."""

@@ -85,7 +85,12 @@ def _same(x: Any) -> Any:
 
 
 class Checkpointer:
-    """The write-back buffer of one worker and the checkpoints that empty it."""
+    """The write-back buffer of one worker and the checkpoints that empty it.
+
+    A checkpoint takes the buffer as it is (:meth:`take`, synchronous: the caller holds the
+    shell's lock for that instant only) and writes it while processing goes on into a fresh
+    buffer; reads look at the fresh buffer, then the one being written, then the store.
+    """
 
     def __init__(self, store: Any, output: Output, changelog_topic: str) -> None:
         """``store``: the Faust table's store (``table.data``), read and applied to directly."""
@@ -93,17 +98,22 @@ class Checkpointer:
         self.output = output
         self.changelog_topic = changelog_topic
         self._dirty: dict[int, dict[bytes, bytes | None]] = {}
+        self._writing: dict[int, dict[bytes, bytes | None]] = {}
         self._positions: dict[int, int] = {}  # partition -> next offset, not yet checkpointed
+        self._last: dict[int, int] = {}  # partition -> last position written
         self.checkpoints = 0
         self.records_written = 0
 
     # -------------------------------------------------------------- reads and buffered writes
 
     def get(self, partition: int, key: bytes) -> bytes | None:
-        """The user's current value: the buffer first, then the store."""
+        """The user's current value: the buffer first, then the one being written, the store."""
         dirty = self._dirty.get(partition)
         if dirty is not None and key in dirty:
             return dirty[key]
+        writing = self._writing.get(partition)
+        if writing is not None and key in writing:
+            return writing[key]
         return self.store.get(key)
 
     def put(self, partition: int, key: bytes, value: bytes | None) -> None:
@@ -126,70 +136,94 @@ class Checkpointer:
         return sum(len(d) for d in self._dirty.values())
 
     def buffered(self) -> Iterator[tuple[bytes, bytes | None]]:
-        """Every buffered value (for scans that must see them before they are written)."""
-        for dirty in self._dirty.values():
-            yield from dirty.items()
+        """Every buffered value, oldest layer first (for scans that must see them)."""
+        for layer in (self._writing, self._dirty):
+            for dirty in list(layer.values()):
+                yield from dirty.items()
 
     def drop(self, partitions: Iterable[int]) -> None:
         """Forget buffered changes of partitions this worker no longer owns (not written)."""
         for p in partitions:
             self._dirty.pop(p, None)
             self._positions.pop(p, None)
+            self._last.pop(p, None)
 
     # -------------------------------------------------------------- the checkpoint
 
-    async def checkpoint(self) -> dict[int, int]:
-        """Write everything buffered (module docstring); returns the positions it recorded."""
-        partitions = set(self._dirty) | set(self._positions)
-        if not partitions:
-            return {}
-        await self.output.flush()  # 1. what the states presume is on its topics
-        delivered: dict[int, int] = {}
-
-        def on_delivery(err: Any, msg: Any) -> None:
-            if err is not None:
-                self.output.failed(err, msg)
-            else:
-                delivered[msg.partition()] = msg.offset()
-
-        batches: dict[int, list[tuple[bytes, bytes | None]]] = {}
-        positions = dict(self._positions)
-        for p in partitions:
+    def take(self) -> tuple[dict[int, dict[bytes, bytes | None]], dict[int, int], int] | None:
+        """Start a checkpoint: the buffer, the positions it covers and the output barrier of
+        everything produced so far; None when there is nothing to write."""
+        if not self._dirty and not self._positions:
+            return None
+        if self._writing:
+            raise RuntimeError("a checkpoint is already being written")
+        batch, positions = self._dirty, self._positions
+        self._dirty, self._positions = {}, {}
+        self._writing = batch
+        for p in batch:
             if p not in positions:  # states only (timers fired): repeat the last position
-                last = self.position(p)
+                last = self._last.get(p)
+                if last is None:
+                    last = self.position(p)
                 if last is not None:
                     positions[p] = last
-            items = list(self._dirty.get(p, {}).items())
-            for key, value in items:
-                self.output.send(self.changelog_topic, value, key, partition=p)
-            batches[p] = items
-        await self.output.flush()  # 2. the states, durable
-        for p, offset in positions.items():
-            # Alone in its produce request: a broker that reports the start of a partition's
-            # last batch as its end (tansu) still lets recovery read it (module docstring).
-            item = (position_key(p), encode_position(offset))
-            self.output.send(
-                self.changelog_topic, item[1], item[0], partition=p, on_delivery=on_delivery
-            )
-            batches[p].append(item)
-        await self.output.flush()  # 3. then the positions
+        return batch, positions, self.output.barrier()
+
+    async def write(
+        self, taken: tuple[dict[int, dict[bytes, bytes | None]], dict[int, int], int]
+    ) -> dict[int, int]:
+        """Finish the checkpoint :meth:`take` started (module docstring); returns the positions
+        it recorded. Processing may go on meanwhile (it writes into a fresh buffer)."""
+        batch, positions, barrier = taken
+        try:
+            await self.output.wait(barrier)  # 1. what the states presume is on its topics
+            for p, items in batch.items():
+                for key, value in items.items():
+                    self.output.send(self.changelog_topic, value, key, partition=p)
+            await self.output.flush()  # 2. the states, durable
+            delivered: dict[int, int] = {}
+
+            def on_delivery(err: Any, msg: Any) -> None:
+                if err is None:
+                    delivered[msg.partition()] = msg.offset()
+
+            for p, offset in positions.items():
+                # Alone in its produce request: a broker that reports the start of a
+                # partition's last batch as its end (tansu) still lets recovery read it.
+                self.output.send(
+                    self.changelog_topic,
+                    encode_position(offset),
+                    position_key(p),
+                    partition=p,
+                    on_delivery=on_delivery,
+                )
+            await self.output.flush()  # 3. then the positions
+        except BaseException:
+            # Not written: put it back under anything newer, so nothing is lost if the caller
+            # goes on (it normally stops the worker).
+            for p, items in batch.items():
+                newer = self._dirty.get(p, {})
+                self._dirty[p] = {**items, **newer}
+            for p, offset in positions.items():
+                self._positions.setdefault(p, offset)
+            self._writing = {}
+            raise
         records: list[_Record] = []
-        for p, items in batches.items():
+        for p in set(batch) | set(positions):
             tp = TP(self.changelog_topic, p)
             offset = delivered.get(p, 0)
-            records.extend(_Record(k, v, p, offset, tp) for k, v in items)
-            self.records_written += len(items)
+            items_p = list(batch.get(p, {}).items())
+            if p in positions:
+                items_p.append((position_key(p), encode_position(positions[p])))
+                self._last[p] = positions[p]
+            records.extend(_Record(k, v, p, offset, tp) for k, v in items_p)
+            self.records_written += len(items_p)
         self.store.apply_changelog_batch(records, _same, _same)  # 4.
-        for p in partitions:
-            # Changes made while the flushes were awaited stay buffered for the next checkpoint.
-            dirty = self._dirty.get(p)
-            if dirty is not None:
-                for key, value in batches[p]:
-                    if key in dirty and dirty[key] is value:
-                        del dirty[key]
-                if not dirty:
-                    del self._dirty[p]
-            if p in self._positions and self._positions[p] == positions.get(p):
-                self._positions.pop(p, None)
+        self._writing = {}
         self.checkpoints += 1
         return positions
+
+    async def checkpoint(self) -> dict[int, int]:
+        """:meth:`take` + :meth:`write` in one go (the caller keeps processing stopped)."""
+        taken = self.take()
+        return {} if taken is None else await self.write(taken)

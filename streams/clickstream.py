@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 BATCH_MAX = 5000  # records per consume() call
 POLL_S = 0.05  # longest wait for a batch when the partitions are idle
-FETCH_WAIT_MS = 20  # a broker that holds fetches (tansu) would otherwise add 500 ms
+FETCH_WAIT_MS = 10  # a broker that holds fetches (tansu) would otherwise add 500 ms
 
 
 def offsets_group(worker_id: str) -> str:
@@ -56,6 +57,8 @@ class ClickstreamReader:
                 "enable.partition.eof": False,
             }
         )
+        # Its own thread: a shared executor's other work must never delay a fetch (latency).
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="clickstream")
         self.owned: set[int] = set()
         self.positions: dict[int, int | None] = {}
         """Next offset to read per owned partition (None: the beginning); the caller advances it."""
@@ -91,10 +94,22 @@ class ClickstreamReader:
             await asyncio.sleep(POLL_S)
             return []
         loop = asyncio.get_running_loop()
-        msgs: list[Message] = await loop.run_in_executor(
-            None, self._consumer.consume, BATCH_MAX, POLL_S
-        )
-        return msgs
+        return await loop.run_in_executor(self._thread, self._fetch)
+
+    def _fetch(self) -> list[Message]:
+        """What is there, or the first record within :data:`POLL_S` plus what came with it.
+
+        ``consume(n, timeout)`` waits for all ``n`` records or the whole timeout, so a single
+        blocking call would hold every record of a quiet stream for the full timeout.
+        """
+        consumer = self._consumer
+        msgs: list[Message] = consumer.consume(BATCH_MAX, 0)
+        if msgs:
+            return msgs
+        first: list[Message] = consumer.consume(1, POLL_S)
+        if not first:
+            return first
+        return first + consumer.consume(BATCH_MAX - 1, 0)
 
     def commit(self, positions: dict[int, int]) -> None:
         """Report positions to the offsets group (monitoring only; errors are not fatal)."""
@@ -122,4 +137,5 @@ class ClickstreamReader:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._thread.shutdown(wait=True)
             self._consumer.close()

@@ -4,10 +4,10 @@ Decisions, cancellations, dead letters, flush markers and the ``user_state`` cha
 (:mod:`streams.checkpoint`) share it. librdkafka batches in C threads: a record costs a few
 microseconds here, where Faust's producer path cost tens (docs/performance.md).
 
-Durability: :meth:`Output.flush` returns only once every record handed over so far is
-acknowledged by the broker (``acks=all``); a checkpoint calls it before it records a position,
+Durability: :meth:`Output.wait` returns only once every record of the epochs it waits for is
+acknowledged by the broker (``acks=all``); a checkpoint waits before it records a position,
 so nothing the worker reports as consumed can be missing from its topics. A record the broker
-finally refuses is not retried here: :meth:`Output.flush` raises :class:`OutputError` and the
+finally refuses is not retried here: :meth:`Output.wait` raises :class:`OutputError` and the
 worker stops, to restart from its last checkpoint (at least once, never a silent gap).
 """
 
@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
@@ -24,7 +27,7 @@ from processors.settings import Settings
 log = logging.getLogger(__name__)
 
 LINGER_MS = 5  # a decision waits at most this long for its batch (latency budget: 100 ms)
-FLUSH_POLL_S = 0.5  # flush() slices: the event loop's other tasks run in between
+POLL_S = 0.05  # wait() polls for delivery reports in slices this long, in a thread
 
 
 class OutputError(RuntimeError):
@@ -32,7 +35,14 @@ class OutputError(RuntimeError):
 
 
 class Output:
-    """The worker's producer: fire-and-forget sends, a flush that proves they all landed."""
+    """The worker's producer: fire-and-forget sends, and barriers that prove they landed.
+
+    Every record belongs to an *epoch*; :meth:`barrier` closes the current one and
+    :meth:`wait` returns once every record of that epoch and the earlier ones is acknowledged.
+    Unlike ``flush()``, a barrier does not wait for records produced after it, so a checkpoint
+    cannot be starved by a steady stream of new decisions, and the worker keeps processing
+    while it waits.
+    """
 
     def __init__(self, settings: Settings, *, client_id: str) -> None:
         self._producer = Producer(
@@ -49,10 +59,22 @@ class Output:
             }
         )
         self._failure: str | None = None
+        self._epoch = 0
+        self._produced: dict[int, int] = {0: 0}  # written by the event loop's thread only
+        self._delivered: dict[int, int] = {}  # written by delivery callbacks, under the lock
+        self._lock = threading.Lock()  # callbacks run in whichever thread polls
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="output")
 
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None and self._failure is None:
-            self._failure = f"{err.name()} on topic {msg.topic()}"
+    def _callback(self, epoch: int, then: Callable[[Any, Any], None] | None) -> Callable[..., None]:
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            with self._lock:
+                self._delivered[epoch] = self._delivered.get(epoch, 0) + 1
+                if err is not None and self._failure is None:
+                    self._failure = f"{err.name()} on topic {msg.topic()}"
+            if then is not None:
+                then(err, msg)
+
+        return on_delivery
 
     def send(
         self,
@@ -62,10 +84,11 @@ class Output:
         *,
         partition: int | None = None,
         headers: dict[str, bytes] | list[tuple[str, bytes]] | None = None,
-        on_delivery: Any = None,
+        on_delivery: Callable[[Any, Any], None] | None = None,
     ) -> None:
         """Queue one record (blocks only while librdkafka's queue is full)."""
-        kwargs: dict[str, Any] = {"on_delivery": on_delivery or self._on_delivery}
+        epoch = self._epoch
+        kwargs: dict[str, Any] = {"on_delivery": self._callback(epoch, on_delivery)}
         if partition is not None:
             kwargs["partition"] = partition
         if headers:
@@ -76,21 +99,37 @@ class Output:
                 break
             except BufferError:  # queue full: let deliveries drain
                 self._producer.poll(0.05)
+        self._produced[epoch] += 1
         self._producer.poll(0)
 
-    def failed(self, err: KafkaError | None, msg: Message) -> None:
-        """Delivery callback helper for callers that wrap :meth:`_on_delivery`."""
-        self._on_delivery(err, msg)
+    def barrier(self) -> int:
+        """Close the current epoch; :meth:`wait` on the returned value."""
+        closed = self._epoch
+        self._epoch += 1
+        self._produced[self._epoch] = 0
+        return closed
 
-    async def flush(self) -> None:
-        """Wait until every queued record is acknowledged (without blocking the event loop for
-        more than :data:`FLUSH_POLL_S` at a time); raise :class:`OutputError` if one failed."""
+    def _pending(self, upto: int) -> int:
+        with self._lock:
+            delivered = dict(self._delivered)
+        return sum(n - delivered.get(e, 0) for e, n in self._produced.items() if e <= upto)
+
+    async def wait(self, upto: int) -> None:
+        """Until every record of epochs ``<= upto`` is acknowledged; raises :class:`OutputError`
+        if the broker refused one (the event loop keeps running meanwhile)."""
         loop = asyncio.get_running_loop()
-        remaining = self._producer.flush(0)
-        while remaining:
-            remaining = await loop.run_in_executor(None, self._producer.flush, FLUSH_POLL_S)
+        while self._pending(upto) > 0:
+            await loop.run_in_executor(self._thread, self._producer.poll, POLL_S)
+        for e in [e for e in self._produced if e <= upto]:
+            with self._lock:
+                self._delivered.pop(e, None)
+            del self._produced[e]
         if self._failure is not None:
             raise OutputError(f"the broker refused a record: {self._failure}")
+
+    async def flush(self) -> None:
+        """Everything produced so far is acknowledged."""
+        await self.wait(self.barrier())
 
     def flush_sync(self, timeout_s: float) -> int:
         """Blocking flush for shutdown paths; returns the number of records still queued."""

@@ -16,6 +16,7 @@ import pytest
 
 from processors.core.events import iso_ms
 from processors.gateways import (
+    AmbiguousGatewayError,
     Gateway,
     GatewayError,
     PermanentGatewayError,
@@ -25,7 +26,7 @@ from processors.gateways import (
 from processors.gateways.base import VONAGE_STATUSES
 from processors.gateways.outbox import OutboxGateway
 from processors.gateways.vonage import VonageGateway
-from tests.fakes.vonage_fake import VonageFake, message_parts
+from tests.fakes.vonage_fake import Blackhole, VonageFake, message_parts
 
 PHONE = "+447700900123"
 TEXT = "Your cart misses you: 2 items left"
@@ -293,33 +294,95 @@ def test_vonage_http_403_is_permanent(fake: VonageFake, gw: VonageGateway) -> No
     assert (info.value.reason, info.value.http_status) == ("forbidden", 403)
 
 
-def test_vonage_slow_answer_times_out_retryably(fake: VonageFake) -> None:
+def short_timeout_gateway(fake: VonageFake, host: str | None = None) -> VonageGateway:
     gw = VonageGateway(
-        fake.api_key, fake.api_secret, "NudgeFlow", rest_host=fake.host, timeout_s=0.5
+        fake.api_key, fake.api_secret, "NudgeFlow", rest_host=host or fake.host, timeout_s=0.5
     )
     assert gw.timeout_s == 1  # the SDK only takes whole seconds
-    fake.script(["delay:3"])
+    return gw
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "reason", "took"),
+    [
+        # The fake took the text, then the answer came after the client's 1 s timeout.
+        ("delay:3", "timeout", True),
+        # The text was taken, then the connection closed / was reset / the answer was cut.
+        ("took:close", "connection_lost", True),
+        ("took:reset", "connection_lost", True),
+        ("took:truncate", "connection_lost", True),
+        # Dropped after the request was read, nothing taken: the client cannot tell the difference.
+        ("close", "connection_lost", False),
+    ],
+)
+def test_vonage_failure_after_the_request_was_sent_is_ambiguous_and_not_resent(
+    fake: VonageFake, behaviour: str, reason: str, took: bool
+) -> None:
+    gw = short_timeout_gateway(fake)
+    fake.script([behaviour])
     start = time.monotonic()
-    with pytest.raises(RetryableGatewayError) as info:
+    with pytest.raises(AmbiguousGatewayError) as info:
         gw.send(make_msg())
     elapsed = time.monotonic() - start
+    time.sleep(0.2)  # a hidden re-POST by the SDK would show up now
     gw.close()
-    assert info.value.reason == "timeout"
-    assert 0.9 <= elapsed < 2.5
-    assert len(fake.requests) == 1
+    assert info.value.reason == reason
+    assert not info.value.retryable
+    assert elapsed < 2.5
+    [req] = fake.requests  # the request reached the gateway, exactly once
+    assert (req.reply.kind in ("ok", "partial")) == took
     assert not leaks(info.value, *secrets_of(fake), PHONE[1:], TEXT)
 
 
-def test_vonage_dropped_connection_is_retryable_and_not_resent(
-    fake: VonageFake, gw: VonageGateway
-) -> None:
-    # Left alone, the SDK re-POSTs after RemoteDisconnected: a possible duplicate text.
-    fake.script(["close"])
-    with pytest.raises(RetryableGatewayError) as info:
-        gw.send(make_msg())
+def test_vonage_refused_connection_is_retryable(fake: VonageFake) -> None:
+    gw = short_timeout_gateway(fake)
+    with fake.refusing():
+        with pytest.raises(RetryableGatewayError) as info:
+            gw.send(make_msg())
     assert info.value.reason == "connection_error"
-    time.sleep(0.2)
-    assert len(fake.requests) == 1
+    assert gw.send(make_msg()).message_id is not None  # listening again: the retry goes through
+    gw.close()
+    assert [r.fields["client-ref"] for r in fake.requests] == ["dec-0000"]
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        # TCP accepted, the TLS handshake never answered: requests raises ReadTimeout, as for a
+        # late answer, yet nothing was sent.
+        ("stall_handshake", "connect_timeout"),
+        # Reset instead of the handshake: ConnectionError(ProtocolError(ConnectionResetError)),
+        # the same shape as a connection lost after sending.
+        ("reset_handshake", "connection_error"),
+    ],
+)
+def test_vonage_failure_during_the_tls_handshake_is_retryable(
+    fake: VonageFake, fault: str, reason: str
+) -> None:
+    gw = short_timeout_gateway(fake)
+    fake.connection_fault = fault  # type: ignore[assignment]
+    try:
+        with pytest.raises(RetryableGatewayError) as info:
+            gw.send(make_msg())
+    finally:
+        fake.connection_fault = None
+    assert info.value.reason == reason
+    assert fake.requests == []
+    assert gw.send(make_msg()).message_id is not None
+    gw.close()
+
+
+def test_vonage_connect_timeout_is_retryable(fake: VonageFake) -> None:
+    with Blackhole() as unreachable:
+        gw = short_timeout_gateway(fake, host=unreachable.host)
+        start = time.monotonic()
+        with pytest.raises(RetryableGatewayError) as info:
+            gw.send(make_msg())
+        elapsed = time.monotonic() - start
+        gw.close()
+    assert info.value.reason == "connect_timeout"
+    assert 0.9 <= elapsed < 2.5
+    assert not leaks(info.value, *secrets_of(fake), PHONE[1:], TEXT)
 
 
 def test_vonage_bad_credentials_are_permanent_and_secret_free(fake: VonageFake) -> None:

@@ -26,11 +26,13 @@ and caps behave in a replay as they would have live.
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
+from zoneinfo import ZoneInfo
 
 import jinja2
 
@@ -40,9 +42,10 @@ from processors.core.cap import GLOBAL_SCOPE, CapRule, rule_key
 from processors.core.contact import Contact, resolve_timezone
 from processors.core.decision import Decision, DecisionCancelled
 from processors.core.outcome import SmsOutcome
-from processors.core.quiet_hours import is_stale, quiet_until
+from processors.core.quiet_hours import QuietHours, is_stale, quiet_until
 from processors.core.rendering import TemplateError, compile_template, render_message
 from processors.gateways.base import (
+    AmbiguousGatewayError,
     GatewayError,
     PermanentGatewayError,
     RetryableGatewayError,
@@ -64,6 +67,7 @@ class Prior:
     outcome: SmsOutcome | None = None  # last recorded outcome (deferred or final)
     emitted: bool = False  # whether that outcome has been published
     wait_ms: int = 0  # busy: another live attempt holds the decision for this long
+    dead_letter: bool = False  # the recorded outcome was dead-lettered (re-produce with it)
 
 
 class PolicyStore(Protocol):
@@ -137,9 +141,17 @@ class PolicyStore(Protocol):
         attempt took the decision over) or ``cancelled:<reason>``."""
         ...
 
-    def finish(self, decision: Decision, outcome: SmsOutcome, sent: bool, token: str) -> bool:
+    def finish(
+        self,
+        decision: Decision,
+        outcome: SmsOutcome,
+        sent: bool,
+        token: str,
+        dead_letter: bool = False,
+    ) -> bool:
         """Record the final outcome and release a deferred claim; False (nothing recorded) if
-        ``token`` no longer owns the decision: the owner publishes, not us."""
+        ``token`` no longer owns the decision: the owner publishes, not us. ``dead_letter``: the
+        outcome goes to the DLQ too (``begin`` returns it, so a redelivery re-produces both)."""
         ...
 
     def mark_emitted(self, decision: Decision, status: str) -> None:
@@ -165,6 +177,50 @@ class Step:
     send: SendPlan | None = None
     dead_letter: tuple[Decision, str] | None = None  # (decision, reason) for the DLQ topic
     retry_after_ms: int | None = None  # undecided (busy elsewhere): call on_decision again
+
+
+@dataclass(frozen=True, slots=True)
+class Final:
+    """A final outcome to record (``PolicyStore.finish``); published only if it is recorded.
+
+    The policy's steps return it instead of recording it themselves, so a shell can record the
+    outcomes of many decisions in one round trip (:meth:`Policy.settle`)."""
+
+    decision: Decision
+    token: str
+    outcome: SmsOutcome
+    dead_letter: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CapCheck:
+    """Step 4 to do: check ``rules`` (reserving a slot when ``reserve``), then
+    :meth:`Policy.after_caps`. ``capped[i]`` is the outcome when rule ``i`` is violated."""
+
+    decision: Decision
+    token: str
+    now_ms: int
+    rules: tuple[CapRule, ...]
+    reserve: bool
+    capped: tuple[SmsOutcome, ...]
+    campaign: Campaign
+    contact: Contact
+    quiet: QuietHours
+    until: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Prefetched:
+    """The reads of steps 2-3 (contact with keyword consent applied, cancellation reason),
+    fetched by the caller together with ``begin`` (batches)."""
+
+    contact: Contact | None
+    cancellation: str | None
+
+
+Pending = Step | Final | CapCheck
+"""A step that may still need the store: :meth:`Policy.resolve` finishes it one call at a
+time; a batching shell records Finals and checks caps for many decisions at once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,18 +300,81 @@ class Policy:
     # ------------------------------------------------------------------ entry points
 
     def on_decision(self, decision: Decision, now_ms: int) -> Step:
-        token = self._token()
+        token = self.token()
         prior = self.store.begin(decision, token, resume_deferred=False)
+        return self.resolve(self.after_begin(decision, now_ms, token, prior))
+
+    def after_begin(
+        self,
+        decision: Decision,
+        now_ms: int,
+        token: str,
+        prior: Prior,
+        prefetched: Prefetched | None = None,
+    ) -> Pending:
+        """Everything after ``begin`` up to the cap check; ``prefetched`` replaces the reads
+        of steps 2-3 (otherwise they are read from the store when needed)."""
         if prior.state == "busy":
             return Step(retry_after_ms=max(1, prior.wait_ms))
         if prior.state == "calling":
-            return self._final(decision, token, now_ms, "failed", UNKNOWN_AFTER_CRASH)
+            return self._pending_final(decision, token, now_ms, "failed", UNKNOWN_AFTER_CRASH)
         if prior.state in ("deferred", "done"):
-            # Redelivery: publish the recorded outcome if it never made it out.
+            # Redelivery: publish the recorded outcome if it never made it out (with its dead
+            # letter: a crash before the commit may have lost that record too).
             if prior.outcome is not None and not prior.emitted:
-                return Step([prior.outcome])
+                step = Step([prior.outcome])
+                if prior.dead_letter:
+                    step.dead_letter = (decision, prior.outcome.reason or "failed")
+                return step
             return Step()
-        return self._evaluate(decision, now_ms, token)
+        return self._pre_caps(decision, now_ms, token, prefetched)
+
+    def resolve(self, pending: Pending) -> Step:
+        """Finish ``pending`` with one store call at a time (cap check, then what follows)."""
+        while not isinstance(pending, Step):
+            if isinstance(pending, Final):
+                return self.settle(pending, self._record(pending))
+            violated = self.store.check_caps(
+                pending.decision, pending.rules, pending.now_ms, pending.reserve
+            )
+            pending = self.after_caps(pending, violated)
+        return pending
+
+    def settle(self, final: Final, recorded: bool) -> Step:
+        """The step for ``final`` once the store said whether it recorded it."""
+        if not recorded:
+            return Step()  # another attempt took the decision over and publishes its outcome
+        step = Step([final.outcome])
+        if final.dead_letter:
+            step.dead_letter = (final.decision, final.outcome.reason or "failed")
+        return step
+
+    def settled(self, pending: Pending, violated: int | None, recorded: bool) -> Step:
+        """The step for ``pending`` once a batching store has recorded it (a ``Final``:
+        ``recorded``) or checked its caps in one call that also recorded the capped outcome (a
+        ``CapCheck``: ``violated``, ``recorded``); what follows a passed check runs here."""
+        if isinstance(pending, Final):
+            return self.settle(pending, recorded)
+        if isinstance(pending, CapCheck):
+            after = self.after_caps(pending, violated)
+            if violated is not None:
+                return self.settle(after, recorded)  # type: ignore[arg-type]
+            return self.resolve(after)
+        return pending
+
+    def after_caps(self, check: CapCheck, violated: int | None) -> Pending:
+        """Steps 5-6 once the caps are checked (``violated``: index of the first broken rule)."""
+        d, token, now_ms, campaign = check.decision, check.token, check.now_ms, check.campaign
+        if violated is not None:
+            return Final(d, token, check.capped[violated])
+        if check.until is not None:
+            if check.quiet.action == "drop":
+                return self._pending_final(d, token, now_ms, "suppressed", "quiet_hours")
+            if is_stale(d.fire_at, check.until, campaign.max_defer_ms):
+                return self._pending_final(d, token, now_ms, "suppressed", "stale")
+            outcome = self._outcome(d, now_ms, "deferred", "quiet_hours", due_at=check.until)
+            return Step([outcome]) if self.store.defer(d, check.until, outcome, token) else Step()
+        return self._render(check)
 
     def on_cancel(self, cancel: DecisionCancelled, now_ms: int) -> Step:
         outcome = SmsOutcome(
@@ -276,17 +395,23 @@ class Policy:
         """
         steps = []
         for decision, due in self.store.claim_due(now_ms, limit):
-            at = due if self.event_clock or now_ms is None else max(now_ms, due)
-            token = self._token()
-            prior = self.store.begin(decision, token, resume_deferred=True)
-            if prior.state == "busy":
-                continue  # our claim's lease runs out and the send comes due again
-            if prior.state == "calling":
-                steps.append(self._final(decision, token, at, "failed", UNKNOWN_AFTER_CRASH))
-            elif prior.state in ("new", "reserved", "deferred"):
-                steps.append(self._evaluate(decision, at, token))
-            # "done": finished meanwhile; the store drops such claims.
+            step = self.release_one(decision, due, now_ms)
+            if step is not None:
+                steps.append(step)
         return steps
+
+    def release_one(self, decision: Decision, due: int, now_ms: int | None) -> Step | None:
+        """Evaluate one claimed deferred send (see :meth:`release_due`); None: nothing to do."""
+        at = due if self.event_clock or now_ms is None else max(now_ms, due)
+        token = self.token()
+        prior = self.store.begin(decision, token, resume_deferred=True)
+        if prior.state == "busy":
+            return None  # our claim's lease runs out and the send comes due again
+        if prior.state == "calling":
+            return self._final(decision, token, at, "failed", UNKNOWN_AFTER_CRASH)
+        if prior.state in ("new", "reserved", "deferred"):
+            return self._evaluate(decision, at, token)
+        return None  # "done": finished meanwhile; the store drops such claims.
 
     def begin_call(self, plan: SendPlan) -> Step | None:
         """Last check before the gateway (thread-safe): None means go ahead and call."""
@@ -319,56 +444,72 @@ class Policy:
             if not self.store.finish(d, outcome, sent=True, token=plan.token):
                 return Step()  # our lease ran out and another instance took over
             return Step([outcome])
+        if isinstance(result, AmbiguousGatewayError):
+            # The text may have gone out: never retried, not dead-lettered (not known to have
+            # failed), its cap slot kept; like a crash during the call (unknown_after_crash).
+            reason = f"unknown_after_{result.reason}"
+            return self._final(d, plan.token, at_ms, "failed", reason, segments=msg.segments)
         if result.reason != "partial_failure":
             self.store.release_caps(d)  # nothing reached the handset
-        step = self._final(d, plan.token, at_ms, "failed", result.reason, segments=msg.segments)
-        if step.outcomes:
-            step.dead_letter = (d, result.reason)
-        return step
+        final = self._pending_final(
+            d, plan.token, at_ms, "failed", result.reason, segments=msg.segments
+        )
+        return self.resolve(replace(final, dead_letter=True))
 
     # ------------------------------------------------------------------ the ordered checks
 
     def _evaluate(self, d: Decision, now_ms: int, token: str) -> Step:
+        return self.resolve(self._pre_caps(d, now_ms, token, None))
+
+    def _pre_caps(
+        self, d: Decision, now_ms: int, token: str, prefetched: Prefetched | None
+    ) -> Pending:
         campaign = self.campaigns.get(d.campaign_id)
         if campaign is None:
-            return self._final(d, token, now_ms, "failed", "unknown_campaign")
+            return self._pending_final(d, token, now_ms, "failed", "unknown_campaign")
         if not campaign.enabled:
-            return self._final(d, token, now_ms, "suppressed", "campaign_disabled")
+            return self._pending_final(d, token, now_ms, "suppressed", "campaign_disabled")
         # control group: decided and recorded, never sent (same hash as everywhere else)
         if experiment.in_holdout(campaign, d.user_id):
-            return self._final(d, token, now_ms, "suppressed", "holdout")
+            return self._pending_final(d, token, now_ms, "suppressed", "holdout")
         # 2. consent
         # replays: consent as it stood at the decision's time (a STOP later in the replay waits)
-        contact = self.store.contact(d.user_id, now_ms if self.event_clock else None)
+        as_of = now_ms if self.event_clock else None
+        if prefetched is not None:
+            contact = prefetched.contact
+        else:
+            contact = self.store.contact(d.user_id, as_of)
         if contact is None:
-            return self._final(d, token, now_ms, "suppressed", "no_contact")
+            return self._pending_final(d, token, now_ms, "suppressed", "no_contact")
         if contact.consent == "opted_out":
-            return self._final(d, token, now_ms, "suppressed", "opted_out")
+            return self._pending_final(d, token, now_ms, "suppressed", "opted_out")
         if contact.consent != "opted_in":
-            return self._final(d, token, now_ms, "suppressed", "no_consent")
+            return self._pending_final(d, token, now_ms, "suppressed", "no_consent")
         # 3. exit conditions
-        cancelled = self.store.cancellation(d, now_ms if self.event_clock else None)
+        if prefetched is not None:
+            cancelled = prefetched.cancellation
+        else:
+            cancelled = self.store.cancellation(d, as_of)
         if cancelled is not None:
-            return self._final(d, token, now_ms, "cancelled", cancelled)
+            return self._pending_final(d, token, now_ms, "cancelled", cancelled)
         if is_stale(d.fire_at, now_ms, campaign.max_defer_ms):
-            return self._final(d, token, now_ms, "suppressed", "stale")
+            return self._pending_final(d, token, now_ms, "suppressed", "stale")
         # 4. caps (reserved only when the text can go now), 5. quiet hours
-        zone = resolve_timezone(contact, self.default_timezone)
+        zone = _zone(contact.timezone, contact.phone, self.default_timezone)
         quiet = campaign.quiet_hours or self.campaigns.quiet_hours
         until = quiet_until(quiet, now_ms, zone)
         rules = (*self.global_rules, *campaign.caps)
-        violated = self.store.check_caps(d, rules, now_ms, reserve=until is None)
-        if violated is not None:
-            return self._final(
-                d, token, now_ms, "suppressed", "frequency_cap", rule=rule_key(rules[violated])
-            )
-        if until is not None:
-            if quiet.action == "drop":
-                return self._final(d, token, now_ms, "suppressed", "quiet_hours")
-            if is_stale(d.fire_at, until, campaign.max_defer_ms):
-                return self._final(d, token, now_ms, "suppressed", "stale")
-            outcome = self._outcome(d, now_ms, "deferred", "quiet_hours", due_at=until)
-            return Step([outcome]) if self.store.defer(d, until, outcome, token) else Step()
+        capped = tuple(
+            self._outcome(d, now_ms, "suppressed", "frequency_cap", rule=rule_key(rule))
+            for rule in rules
+        )
+        return CapCheck(
+            d, token, now_ms, rules, until is None, capped, campaign, contact, quiet, until
+        )
+
+    def _render(self, check: CapCheck) -> Pending:
+        d, token, now_ms, campaign = check.decision, check.token, check.now_ms, check.campaign
+        contact = check.contact
         # 6. rendering
         try:
             variant = d.variant if (campaign.id, d.variant) in self._templates else None
@@ -381,7 +522,7 @@ class Policy:
             )
         except TemplateError as exc:
             self.store.release_caps(d)
-            return self._final(d, token, now_ms, "failed", exc.reason)
+            return self._pending_final(d, token, now_ms, "failed", exc.reason)
         message = SmsMessage(
             decision_id=d.decision_id,
             campaign_id=d.campaign_id,
@@ -396,7 +537,8 @@ class Policy:
 
     # ------------------------------------------------------------------ helpers
 
-    def _token(self) -> str:
+    def token(self) -> str:
+        """A fresh attempt token (unique per dispatcher process and attempt)."""
         self._tokens += 1
         return f"{self._token_prefix}-{self._tokens}"
 
@@ -415,13 +557,22 @@ class Policy:
             **extra,  # type: ignore[arg-type]
         )
 
+    def _pending_final(
+        self, d: Decision, token: str, at: int, status: str, reason: str, **extra: object
+    ) -> Final:
+        return Final(d, token, self._outcome(d, at, status, reason, **extra))
+
     def _final(
         self, d: Decision, token: str, at: int, status: str, reason: str, **extra: object
     ) -> Step:
-        outcome = self._outcome(d, at, status, reason, **extra)
-        if not self.store.finish(d, outcome, sent=False, token=token):
-            return Step()  # another attempt took the decision over and publishes its outcome
-        return Step([outcome])
+        return self.resolve(self._pending_final(d, token, at, status, reason, **extra))
+
+    def _record(self, final: Final) -> bool:
+        if final.dead_letter:
+            return self.store.finish(
+                final.decision, final.outcome, sent=False, token=final.token, dead_letter=True
+            )
+        return self.store.finish(final.decision, final.outcome, sent=False, token=final.token)
 
 
 def deliver(
@@ -462,6 +613,13 @@ def deliver(
 def with_send_time(plan: SendPlan, sent_at_ms: int) -> SendPlan:
     """The plan with the message stamped at the actual send time (live clock)."""
     return replace(plan, message=replace(plan.message, sent_at_ms=sent_at_ms))
+
+
+@functools.lru_cache(maxsize=65_536)
+def _zone(timezone: str | None, phone: str, default_tz: str) -> ZoneInfo:
+    """``resolve_timezone`` memoized: it depends on these three values only, and the phone
+    number lookup costs far more than the rest of a decision's policy."""
+    return resolve_timezone(Contact(user_id="-", phone=phone, timezone=timezone), default_tz)
 
 
 def contacts_by_id(contacts: Mapping[str, Contact] | Sequence[Contact]) -> dict[str, Contact]:

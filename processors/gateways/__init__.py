@@ -1,6 +1,7 @@
 """SMS gateways behind one small interface (``Gateway``): a local outbox and Vonage."""
 
 from processors.gateways.base import (
+    AmbiguousGatewayError,
     Gateway,
     GatewayError,
     PermanentGatewayError,
@@ -10,6 +11,7 @@ from processors.gateways.base import (
 )
 
 __all__ = [
+    "AmbiguousGatewayError",
     "Gateway",
     "GatewayError",
     "PermanentGatewayError",

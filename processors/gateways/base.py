@@ -86,6 +86,15 @@ class PermanentGatewayError(GatewayError):
     """Trying the same message again will fail the same way: dead-letter it."""
 
 
+class AmbiguousGatewayError(GatewayError):
+    """The request may have reached the gateway and been accepted (e.g. a read timeout after
+    the request was written, or the connection dropped while waiting for the answer).
+
+    Sending it again could deliver the text twice, so the dispatcher never retries it: the
+    decision ends as ``failed: unknown_after_<reason>`` (at most one text per decision).
+    """
+
+
 # Vonage SMS API status code -> (reason, retryable, description). Descriptions are Vonage's
 # generic texts, safe to log; the API's own ``error-text`` is not used (it may echo input).
 VONAGE_STATUSES: Final[dict[str, tuple[str, bool, str]]] = {

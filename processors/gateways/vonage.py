@@ -9,13 +9,28 @@ vonage-http-client 1.5 / vonage-sms 1.2):
   status raises ``PartialFailureError`` carrying the response dict. HTTP 401/403/404/429/500 raise
   ``AuthenticationError`` / ``ForbiddenError`` / ``NotFoundError`` / ``RateLimitedError`` /
   ``ServerError`` (all ``HttpRequestError``; other codes raise ``HttpRequestError`` itself).
-  Timeouts and network failures surface as ``requests`` exceptions.
+  Timeouts and network failures surface as ``requests`` exceptions (see "Did it leave?").
 * On a ``RemoteDisconnected`` the SDK silently re-POSTs up to ``pool_maxsize`` times; if Vonage had
   accepted the first POST that is a duplicate text the caller never hears about. Each thread
   therefore gets its own client with ``pool_maxsize=1`` (so exactly one attempt) and
   ``max_retries=0``: one ``send`` is at most one HTTP request, and retrying is the dispatcher's
   decision, made with a typed error in hand.
 * ``HttpClientOptions.timeout`` is an integer number of seconds; ``timeout_s`` is rounded up.
+* Did it leave? The SMS API has no idempotency key, so a failure after the request was written
+  may hide an accepted text: that is ``AmbiguousGatewayError`` (``timeout`` / ``connection_lost``)
+  and must not be retried. The exception type alone cannot tell (measured against the HTTPS fake
+  with requests 2.34 / urllib3 2.8): a TLS handshake that times out raises ``ReadTimeout`` like a
+  late answer, and a reset during the handshake raises ``ConnectionError(ProtocolError(
+  ConnectionResetError))`` like a connection lost while waiting. What tells is where urllib3
+  failed: connecting and the handshake happen in ``HTTPConnectionPool._validate_conn``, before
+  ``conn.request`` writes a byte, and that frame stays in the traceback of the socket error at
+  the bottom of the chain. So: ``ConnectTimeout`` or a ``_validate_conn`` frame anywhere in the
+  chain -> the request never left -> ``RetryableGatewayError`` (``connect_timeout``,
+  ``connection_error`` for refused / reset / DNS, ``tls_error``); any other transport failure
+  (read timeout, ``RemoteDisconnected``, ``ChunkedEncodingError`` on a cut answer, an SSL error
+  while reading) -> ambiguous. That holds because one ``send`` is one attempt (below); a
+  pooled connection that the server closed while idle is normally detected by urllib3 before
+  it is reused, and the rare race with that close counts as ambiguous (a lost text, never two).
 * The ``vonage`` logger writes request params and headers (basic-auth secret, number, text) at
   DEBUG and response bodies at WARNING, so this module drops every record of that logger.
 * TLS trust: the SDK offers no CA option and calls ``Session.request`` without ``verify``, so
@@ -49,6 +64,7 @@ from vonage_sms import SmsMessage as VonageSmsMessage
 
 from processors.gateways.base import (
     VONAGE_STATUSES,
+    AmbiguousGatewayError,
     GatewayError,
     PermanentGatewayError,
     RetryableGatewayError,
@@ -244,12 +260,8 @@ def _translate(exc: Exception, client: Vonage) -> GatewayError:
         if isinstance(exc, NotFoundError):
             return PermanentGatewayError("not_found", "Vonage HTTP 404", http_status=code)
         return PermanentGatewayError("http_error", f"Vonage HTTP {code}", http_status=code)
-    if isinstance(exc, requests.exceptions.Timeout):
-        return RetryableGatewayError("timeout", f"Vonage request timed out ({kind})")
-    if isinstance(exc, requests.exceptions.SSLError):
-        return RetryableGatewayError("tls_error", "TLS handshake with Vonage failed")
     if isinstance(exc, requests.exceptions.RequestException):
-        return RetryableGatewayError("connection_error", f"Vonage connection failed ({kind})")
+        return _transport_error(exc)
     if isinstance(exc, KeyError | TypeError | ValueError):
         # The SDK choked on the answer (e.g. an error without error-text, a non-JSON body).
         seen = _statuses_of_last_response(client)
@@ -257,3 +269,61 @@ def _translate(exc: Exception, client: Vonage) -> GatewayError:
             return _from_statuses(seen)
         return PermanentGatewayError("bad_response", f"unreadable Vonage answer ({kind})")
     return PermanentGatewayError("unexpected_error", f"unexpected SDK failure ({kind})")
+
+
+_NOT_SENDABLE = (
+    requests.exceptions.InvalidURL,
+    requests.exceptions.InvalidSchema,
+    requests.exceptions.MissingSchema,
+    requests.exceptions.InvalidHeader,
+)
+
+
+def _transport_error(exc: requests.exceptions.RequestException) -> GatewayError:
+    """Retryable when the request provably never left, else ambiguous (module docstring)."""
+    kind = type(exc).__name__
+    if isinstance(exc, _NOT_SENDABLE):
+        return PermanentGatewayError("bad_request", f"request to Vonage not sendable ({kind})")
+    if _never_left(exc):
+        if isinstance(exc, requests.exceptions.Timeout):
+            return RetryableGatewayError(
+                "connect_timeout", f"connecting to Vonage timed out ({kind})"
+            )
+        if isinstance(exc, requests.exceptions.SSLError):
+            return RetryableGatewayError("tls_error", "TLS handshake with Vonage failed")
+        return RetryableGatewayError("connection_error", f"Vonage connection failed ({kind})")
+    if isinstance(exc, requests.exceptions.Timeout):
+        return AmbiguousGatewayError(
+            "timeout", f"no answer from Vonage in time; the text may have been sent ({kind})"
+        )
+    return AmbiguousGatewayError(
+        "connection_lost",
+        f"connection to Vonage lost after the request was sent; the text may have been sent "
+        f"({kind})",
+    )
+
+
+def _never_left(exc: BaseException) -> bool:
+    """Whether the failure happened while connecting (TCP or TLS), before the request was
+    written: a ``ConnectTimeout``, or urllib3's ``_validate_conn`` on some traceback in the
+    exception chain (``__cause__`` / ``__context__``)."""
+    todo: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, requests.exceptions.ConnectTimeout):
+            return True
+        tb = current.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            if (
+                frame.f_code.co_name == "_validate_conn"
+                and frame.f_globals.get("__name__") == "urllib3.connectionpool"
+            ):
+                return True
+            tb = tb.tb_next
+        todo += [e for e in (current.__cause__, current.__context__) if e is not None]
+    return False

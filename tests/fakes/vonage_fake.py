@@ -14,10 +14,17 @@ Usage::
 
 Behaviours (``script`` items, or ``default``): ``"ok"``; ``"throttle"`` (status 1); a Vonage
 status as ``3`` or ``"status:3"``; ``"http429"`` / ``"http500"`` / ``"http:503"``; ``"close"``
-(drop the connection without answering); ``"delay:2.5"`` (answer ok after 2.5 s);
-``"partial"`` (a 2+ part answer whose later parts are throttled); or a ``Reply`` for
-combinations. ``latency_s`` delays every answer. Run ``python -m tests.fakes.vonage_fake`` for a
-standalone server.
+(drop the connection without answering); ``"reset"`` (the same with a TCP reset);
+``"delay:2.5"`` (answer ok after 2.5 s); ``"partial"`` (a 2+ part answer whose later parts are
+throttled); ``"took:close"`` / ``"took:reset"`` / ``"took:truncate"`` (the text is taken like
+``"ok"``, then the answer is lost: connection closed, reset, or cut after half the body); or a
+``Reply`` for combinations. ``latency_s`` delays every answer.
+
+Faults before any request (the request never leaves the client): ``with fake.refusing():``
+(connections refused), ``fake.connection_fault = "stall_handshake"`` (TCP accepted, TLS never
+answered) or ``"reset_handshake"`` (reset instead of the TLS handshake), and :class:`Blackhole`
+(a port that drops connection attempts: connect timeouts). Run ``python -m
+tests.fakes.vonage_fake`` for a standalone server.
 """
 
 from __future__ import annotations
@@ -32,12 +39,14 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import tempfile
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -76,13 +85,17 @@ class Reply:
     ``kind``: ``ok`` (normal processing, including credential and parameter checks),
     ``status`` (answer HTTP 200 with this Vonage status), ``http`` (answer this HTTP status),
     ``close`` (drop the connection), ``partial`` (multi-part answer, parts 2+ throttled).
-    ``delay_s`` is waited before acting, on top of the fake's ``latency_s``.
+    ``delay_s`` is waited before acting, on top of the fake's ``latency_s``. ``lose`` loses the
+    answer after the request was processed (for ``ok``: the text was taken): ``close`` the
+    connection without answering, ``reset`` it (TCP RST), or ``truncate`` the answer halfway.
+    With ``kind="close"``, ``lose="reset"`` resets instead of closing.
     """
 
     kind: Literal["ok", "status", "http", "close", "partial"] = "ok"
     status: int = 0
     http_status: int = 200
     delay_s: float = 0.0
+    lose: Literal["close", "reset", "truncate"] | None = None
 
 
 Behaviour = str | int | Reply
@@ -103,6 +116,13 @@ def parse_behaviour(spec: Behaviour) -> Reply:
         return Reply("status", status=1)
     if text == "close":
         return Reply("close")
+    if text == "reset":
+        return Reply("close", lose="reset")
+    if text.startswith("took:"):
+        lose = text.removeprefix("took:").strip()
+        if lose not in ("close", "reset", "truncate"):
+            raise ValueError(f"unknown fake Vonage behaviour: {spec!r}")
+        return Reply(lose=lose)  # type: ignore[arg-type]
     if text == "partial":
         return Reply("partial")
     if text.startswith("status"):
@@ -146,6 +166,13 @@ class _Server(ThreadingHTTPServer):
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         """TLS handshake per connection thread, so a stalled client cannot block accept()."""
+        fault = self.fake.connection_fault
+        if fault == "stall_handshake":
+            self.fake._stopping.wait(30.0)  # never answer the ClientHello
+            return
+        if fault == "reset_handshake":
+            _reset(request)
+            return
         try:
             request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             tls = self.fake._ssl_context.wrap_socket(request, server_side=True)
@@ -186,14 +213,32 @@ class _Handler(BaseHTTPRequestHandler):
         except (OSError, ssl.SSLError):
             self.close_connection = True  # the client went away (e.g. it timed out)
 
-    def _send_json(self, code: int, body: dict[str, Any]) -> None:
+    def _send_json(self, code: int, body: dict[str, Any], lose: str | None = None) -> None:
+        """Answer; ``lose`` ("close" / "reset" / "truncate") loses the answer instead."""
+        if lose in ("close", "reset"):
+            self.close_connection = True
+            if lose == "reset":
+                _reset(self.connection)
+            return
         data = json.dumps(body).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
+        if lose == "truncate":
+            self.close_connection = True
+            data = data[: len(data) // 2]
         self.wfile.write(data)
         self.wfile.flush()
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a TCP reset (SO_LINGER 0) instead of an orderly FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    except OSError:
+        pass
 
 
 class VonageFake:
@@ -217,6 +262,8 @@ class VonageFake:
         self.price = Decimal(price)
         self.network = network
         self.default: Reply = Reply()
+        # A fault on every new connection, before TLS: None, "stall_handshake", "reset_handshake".
+        self.connection_fault: Literal["stall_handshake", "reset_handshake"] | None = None
         self._bind, self._port = bind, port
         self._balance = Decimal(balance)
         self._lock = threading.Condition()
@@ -247,6 +294,7 @@ class VonageFake:
         server = _Server((self._bind, self._port), _Handler)
         server.fake = self
         self._server = server
+        self._port = int(server.server_address[1])  # a restart keeps the port
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -261,6 +309,32 @@ class VonageFake:
         if server is not None:
             server.shutdown()
             server.server_close()
+        self._cut_connections()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._cleanup()
+
+    @contextmanager
+    def refusing(self) -> Iterator[None]:
+        """Refuse new connections (nothing listens on the port) for the ``with`` block.
+
+        Open keep-alive connections are cut too, so every request in the block is refused."""
+        server, self._server = self._server, None
+        if server is None:
+            raise RuntimeError("VonageFake is not started")
+        server.shutdown()
+        server.server_close()
+        self._cut_connections()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        try:
+            yield
+        finally:
+            self.start()
+
+    def _cut_connections(self) -> None:
         with self._lock:
             conns = list(self._conns)
         for conn in conns:
@@ -268,10 +342,6 @@ class VonageFake:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-        self._cleanup()
 
     def __enter__(self) -> VonageFake:
         return self.start()
@@ -283,9 +353,9 @@ class VonageFake:
 
     @property
     def port(self) -> int:
-        if self._server is None:
+        if self._server is None and not self._port:
             raise RuntimeError("VonageFake is not started")
-        return int(self._server.server_address[1])
+        return self._port
 
     @property
     def host(self) -> str:
@@ -376,25 +446,26 @@ class VonageFake:
         if path != "/sms/json":
             h._send_json(404, {"title": "Not Found", "detail": f"no route {path}"})
             return
+        lose = reply.lose
         if reply.kind == "close":
-            h.close_connection = True
+            h._send_json(0, {}, lose="reset" if lose == "reset" else "close")
             return
         if reply.kind == "http":
-            h._send_json(reply.http_status, _http_error_body(reply.http_status))
+            h._send_json(reply.http_status, _http_error_body(reply.http_status), lose)
             if reply.http_status >= 500:
                 h.close_connection = True
             return
         if api_key != self.api_key or secret != self.api_secret:
-            h._send_json(200, _error(4))
+            h._send_json(200, _error(4), lose)
             return
         for name in ("to", "from", "text"):
             if not fields.get(name):
-                h._send_json(200, _error(2, f"Missing {name} param"))
+                h._send_json(200, _error(2, f"Missing {name} param"), lose)
                 return
         if reply.kind == "status" and reply.status != 0:
-            h._send_json(200, _error(reply.status))
+            h._send_json(200, _error(reply.status), lose)
             return
-        h._send_json(200, self._accept(fields, partial=reply.kind == "partial"))
+        h._send_json(200, self._accept(fields, partial=reply.kind == "partial"), lose)
 
     @staticmethod
     def _parse_body(content_type: str, raw: bytes) -> dict[str, str]:
@@ -445,6 +516,45 @@ class VonageFake:
                     msg["client-ref"] = fields["client-ref"]
                 messages.append(msg)
         return {"message-count": str(parts), "messages": messages}
+
+
+class Blackhole:
+    """A local port that never completes a TCP handshake: clients hit their connect timeout.
+
+    A listener with a zero backlog that never accepts, its queue filled by a few connections of
+    its own: Linux then drops further SYNs, as a firewall or an unreachable host would.
+    ``host`` is ``"127.0.0.1:PORT"`` like :attr:`VonageFake.host`.
+    """
+
+    def __init__(self, bind: str = "127.0.0.1") -> None:
+        self._listener = socket.socket()
+        self._listener.bind((bind, 0))
+        self._listener.listen(0)
+        self._fillers: list[socket.socket] = []
+        self.host = f"{bind}:{self._listener.getsockname()[1]}"
+        address = self._listener.getsockname()
+        for _ in range(8):
+            filler = socket.socket()
+            filler.settimeout(0.2)
+            try:
+                filler.connect(address)
+            except OSError:
+                filler.close()
+                return  # the queue is full: SYNs are dropped from now on
+            self._fillers.append(filler)
+        self.close()
+        raise RuntimeError("could not fill the listen queue; connect timeouts not reproducible")
+
+    def close(self) -> None:
+        for sock in (*self._fillers, self._listener):
+            sock.close()
+        self._fillers.clear()
+
+    def __enter__(self) -> Blackhole:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _error(status: int, text: str | None = None) -> dict[str, Any]:
