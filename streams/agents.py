@@ -403,9 +403,9 @@ class TriggerShell:
     async def _send_ticks(self) -> None:
         """Leader only: one tick per partition of the ticks topic (co-partitioned)."""
         value = encode_tick(self.clock.now_ms())
-        for partition in range(self.settings.partitions):
-            await self.topics.ticks.send(
-                key=str(partition).encode(), value=value, partition=partition
+        for partition in range(self.settings.partitions):  # fire and forget: a lost tick is
+            self.output.send(  # made up for by the next one
+                self.settings.topic_ticks, value, str(partition).encode(), partition=partition
             )
 
     async def sample_lag(self) -> None:

@@ -64,6 +64,8 @@ class Output:
         self._delivered: dict[int, int] = {}  # written by delivery callbacks, under the lock
         self._lock = threading.Lock()  # callbacks run in whichever thread polls
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="output")
+        self._epoch_callback = self._callback(0, None)  # one per epoch, not one per record
+        self._sends = 0
 
     def _callback(self, epoch: int, then: Callable[[Any, Any], None] | None) -> Callable[..., None]:
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
@@ -83,30 +85,36 @@ class Output:
         key: bytes | None = None,
         *,
         partition: int | None = None,
-        headers: dict[str, bytes] | list[tuple[str, bytes]] | None = None,
+        headers: Any = None,
         on_delivery: Callable[[Any, Any], None] | None = None,
     ) -> None:
         """Queue one record (blocks only while librdkafka's queue is full)."""
         epoch = self._epoch
-        kwargs: dict[str, Any] = {"on_delivery": self._callback(epoch, on_delivery)}
-        if partition is not None:
-            kwargs["partition"] = partition
-        if headers:
-            kwargs["headers"] = headers
+        callback = self._epoch_callback if on_delivery is None else None
+        if callback is None:
+            callback = self._callback(epoch, on_delivery)
         while True:
             try:
-                self._producer.produce(topic, value, key, **kwargs)
+                if partition is None:
+                    self._producer.produce(topic, value, key, on_delivery=callback, headers=headers)
+                else:
+                    self._producer.produce(
+                        topic, value, key, partition, on_delivery=callback, headers=headers
+                    )
                 break
             except BufferError:  # queue full: let deliveries drain
                 self._producer.poll(0.05)
         self._produced[epoch] += 1
-        self._producer.poll(0)
+        self._sends += 1
+        if self._sends & 1023 == 0:
+            self._producer.poll(0)  # serve delivery reports now and then between checkpoints
 
     def barrier(self) -> int:
         """Close the current epoch; :meth:`wait` on the returned value."""
         closed = self._epoch
         self._epoch += 1
         self._produced[self._epoch] = 0
+        self._epoch_callback = self._callback(self._epoch, None)
         return closed
 
     def _pending(self, upto: int) -> int:
