@@ -82,11 +82,12 @@ def intake(codec: Codec, key: bytes | None, value: bytes | None, headers: Any = 
     Order matters and mirrors what a reader of the DLQ expects: control header first, then the
     wire format and Avro body, then the event's own bounds, then the key.
     """
-    control = header(headers, CONTROL_HEADER)
-    if control == FLUSH:
-        return END_OF_INPUT
-    if control is not None:
-        return Rejected("unknown_control", UNKNOWN_CONTROL_DETAIL, control=True)
+    if headers:  # most records have none
+        control = header(headers, CONTROL_HEADER)
+        if control == FLUSH:
+            return END_OF_INPUT
+        if control is not None:
+            return Rejected("unknown_control", UNKNOWN_CONTROL_DETAIL, control=True)
     try:
         record = codec.decode_as("ClickEvent", value)
     except CodecError as exc:

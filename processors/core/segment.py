@@ -37,14 +37,22 @@ def new_facts() -> Facts:
 
 def observe(facts: Facts, ev: ClickEvent) -> int | None:
     """Fold one event into the facts; returns the inactivity gap before it (None if first)."""
-    gap = None if facts["ls"] is None else ev.ts - facts["ls"]
+    ts = ev.ts
+    last = facts["ls"]
+    if last is None:
+        gap = None
+        facts["ls"] = ts
+    else:
+        gap = ts - last
+        if ts > last:
+            facts["ls"] = ts
     if facts["fs"] is None:
-        facts["fs"] = ev.ts
-    facts["ls"] = ev.ts if facts["ls"] is None else max(facts["ls"], ev.ts)
-    if ev.event_type in PURCHASE_EVENTS:
+        facts["fs"] = ts
+    event_type = ev.event_type
+    if event_type in PURCHASE_EVENTS:
         facts["pc"] += 1
-        facts["lp"] = ev.ts
-    hour = ev.ts // HOUR_MS
+        facts["lp"] = ts
+    hour = ts // HOUR_MS
     recent = facts["r"]
     if recent and recent[-1][0] == hour:
         recent[-1][1] += 1
@@ -55,7 +63,7 @@ def observe(facts: Facts, ev: ClickEvent) -> int | None:
     if ev.session_id != facts["sid"]:
         facts["sid"] = ev.session_id
         facts["si"] = 0
-    if ev.event_type in INTENT_EVENTS:
+    if event_type in INTENT_EVENTS:
         facts["si"] += 1
     return gap
 

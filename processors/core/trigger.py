@@ -50,8 +50,13 @@ class Fire:
 
 
 def _matches(where: dict[str, str], event: ClickEvent) -> bool:
+    if not where:  # most triggers have no ``where``
+        return True
     props = event.properties
-    return all(props.get(k) == v for k, v in where.items())
+    for k, v in where.items():
+        if props.get(k) != v:
+            return False
+    return True
 
 
 def _keep_ids(ids: list[str], new: str) -> list[str]:
