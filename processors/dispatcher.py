@@ -12,11 +12,14 @@ unknown_after_crash`` when the first call's result was lost), and a redelivered 
 outcome was recorded but never confirmed published is re-published with its dead letter. On a
 rebalance the instance finishes its in-flight sends and commits before it lets go of a partition.
 
-Throughput (live clock): the consecutive decisions of one ``consume`` batch are decided together
-in two pipelined Redis round trips (``RedisStore.prepare_many``: reservation and reads;
-``settle_many``: outcome records and atomic cap checks, in order), so one user's decisions in a
-batch see each other's cap reservations exactly as they would one at a time. Event-clock replays
-decide one at a time (deferred sends are released between decisions, in replay time).
+Throughput (live clock): consecutive decisions are decided in batches of two Lua script calls
+(``RedisStore.prepare_many``: reservation and reads; ``settle_many``: outcome records and atomic
+cap checks, in order), so one user's decisions in a batch see each other's cap reservations
+exactly as they would one at a time. A batch is not limited to ``max_in_flight`` (most decisions
+never reach the gateway): its settle step stops after the text that fills the room for sends,
+and the rest is prepared again later with the same attempt tokens. The next batch's reads run in
+a helper thread while this batch's outcomes are published. Event-clock replays decide one at a
+time (deferred sends are released between decisions, in replay time).
 
 Redis outage: a connection error or timeout pauses the assigned partitions (the consumer keeps
 polling, so the instance stays in its group), keeps every consumed but undecided record in order,
@@ -70,6 +73,8 @@ from processors.core.policy import (
     CapCheck,
     Final,
     Policy,
+    Prefetched,
+    Prior,
     RetryPolicy,
     SendPlan,
     Step,
@@ -87,7 +92,13 @@ log = logging.getLogger("nudgeflow.dispatcher")
 DLQ_REASON_HEADER = "nudgeflow-dlq-reason"
 DEFAULT_RATE_PER_S = 30.0
 BATCH_MAX = 500
-"""Most records taken from the consumer at once (and decided together, live clock)."""
+"""Most records taken from the consumer at once."""
+DECIDE_BATCH_MAX = 128
+"""Most decisions decided together (live clock): one Lua script call per phase, so Redis is
+busy with one batch for a few milliseconds at most."""
+DECIDE_RUN_MAX = 1024
+"""Most consecutive decisions taken from the inbox at once, decided batch after batch with the
+next batch's Redis reads overlapping this batch's publishing."""
 FETCH_WAIT_MAX_MS = 50
 """librdkafka's fetch.wait.max.ms for the decisions consumer: the default (500 ms) is how long
 a fetch may wait for new decisions (tansu waits that long), i.e. added latency per text."""
@@ -101,6 +112,12 @@ REDIS_DOWN: tuple[type[Exception], ...] = (
 
 TP = tuple[str, int]
 
+_BY_REASON = {
+    "suppressed": metrics.SMS_SUPPRESSED,
+    "failed": metrics.SMS_FAILED,
+    "cancelled": metrics.SMS_CANCELLED,
+}
+
 
 @dataclass(slots=True)
 class _Item:
@@ -110,6 +127,7 @@ class _Item:
     kind: str  # "decision" | "cancel" | "flush" | "undecodable"
     payload: Any = None
     headers: list[tuple[str, bytes | None]] = field(default_factory=list)
+    token: str | None = None  # a decision's attempt token, once a batch has reserved it
 
 
 def make_gateway(settings: Settings) -> Gateway:
@@ -181,6 +199,7 @@ class Dispatcher:
     ) -> None:
         self.settings = settings
         self._deferred_ids: set[str] = set()  # for the nudgeflow_sms_deferred gauge
+        self._by_reason: dict[tuple[str, str, str], Any] = {}  # metric children (_count)
         self._released_ids: set[str] = set()  # claimed from the shared deferred backlog here
         self._last_lag = 0.0
         self.gateway = gateway
@@ -218,6 +237,7 @@ class Dispatcher:
         self.stats = Stats()
         self.error: BaseException | None = None  # why run() stopped early, if it did
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gateway")
+        self._batch_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="redis-batch")
         self._stop = threading.Event()
         self._futures: dict[Future[Step], TP | None] = {}
         self._later: list[tuple[float, Decision, tuple[TP, int]]] = []  # busy elsewhere
@@ -292,6 +312,7 @@ class Dispatcher:
     def close(self) -> None:
         try:
             self._pool.shutdown(wait=True, cancel_futures=False)
+            self._batch_io.shutdown(wait=True)
             self.producer.flush(10)
         finally:
             for consumer in (self.consumer, self.contacts):
@@ -506,12 +527,14 @@ class Dispatcher:
                 return  # at most max_in_flight sends in progress: the rest waits its turn
             item = self._inbox[0]
             if item.kind == "decision" and not self.event_clock:
+                # As many decisions as there are, not just `room`: most never reach the
+                # gateway, and a batch stops at its room-th send.
                 run: list[_Item] = []
                 for queued in self._inbox:
-                    if queued.kind != "decision" or len(run) >= room:
+                    if queued.kind != "decision" or len(run) >= DECIDE_RUN_MAX:
                         break
                     run.append(queued)
-                self._decide_batch(run)
+                self._decide_run(run)
                 continue
             self._handle_item(item)
             self._inbox.popleft()
@@ -544,33 +567,76 @@ class Dispatcher:
             self.stats.cancels += 1
             self._handle(step, item.ref)
 
-    def _decide_batch(self, run: list[_Item]) -> None:
-        """Live clock: the policy for consecutive decisions at the head of the inbox in two
-        pipelined round trips (see the module doc); same outcomes as one at a time."""
+    def _decide_run(self, run: list[_Item]) -> None:
+        """Live clock: the policy for consecutive decisions at the head of the inbox, in batches
+        of two Redis round trips each (see the module doc); same outcomes as one at a time.
+
+        While a batch's outcomes are published, the next batch's ``prepare_many`` runs in the
+        ``redis-batch`` thread (Redis works while this thread does). It is sent once this
+        batch is settled, so Redis sees prepare, settle, prepare, settle, ... as with one batch
+        after the other; only the single store calls of a passed cap check (rare: a text to
+        send) may come after the next batch's reservations, as within one batch.
+
+        A batch's settle step stops after the ``room``-th text to send; the decisions after it
+        stay in the inbox, reserved with their attempt's token, and the next call prepares them
+        again with that token (the store knows it as its own attempt, not a busy one)."""
         for item in run:
             if self._flushes.complete(item.ref[0][1]):
                 self._flushes.seen.pop(item.ref[0][1], None)
                 self._flushes.expected.pop(item.ref[0][1], None)
         self._ended = False
         policy = self.policy
-        tokens = [(item.payload, policy.token()) for item in run]
-        prepared = self.store.prepare_many(tokens)
-        pending = [
-            policy.after_begin(d, _wall_ms(), token, prior, reads)
-            for (d, token), (prior, reads) in zip(tokens, prepared, strict=True)
-        ]
-        to_settle = [p for p in pending if isinstance(p, (Final, CapCheck))]
-        settled = iter(self.store.settle_many(to_settle))
-        for item, p in zip(run, pending, strict=True):
-            violated, recorded = (
-                next(settled) if isinstance(p, (Final, CapCheck)) else (None, False)
-            )
-            # A passed cap check continues here with single calls; a Redis error leaves this
-            # item (and the rest) in the inbox, and a retry finds its state as it was left.
-            step = policy.settled(p, violated, recorded)
-            self.stats.decisions += 1
-            self._inbox.popleft()
-            self._handle(step, item.ref, item.payload)
+        for item in run:
+            if item.token is None:
+                item.token = policy.token()
+        chunks = [run[i : i + DECIDE_BATCH_MAX] for i in range(0, len(run), DECIDE_BATCH_MAX)]
+        tokens = [[(item.payload, item.token or "") for item in chunk] for chunk in chunks]
+        prepared: Future[list[tuple[Prior, Prefetched]]] | None = None
+        try:
+            for k, chunk in enumerate(chunks):
+                room = self.max_in_flight - len(self._futures)
+                if room <= 0:
+                    return  # the rest waits its turn (reserved, prepared again later)
+                if prepared is None:
+                    reads = self.store.prepare_many(tokens[k])
+                else:
+                    reads, prepared = prepared.result(), None
+                now = _wall_ms()
+                pending = [
+                    policy.after_begin(d, now, token, prior, prefetched)
+                    for (d, token), (prior, prefetched) in zip(tokens[k], reads, strict=True)
+                ]
+                to_settle = [p for p in pending if isinstance(p, (Final, CapCheck))]
+                results = self.store.settle_many(to_settle, most_passes=room)
+                cut = len(chunk)
+                if len(results) < len(to_settle):  # stopped at the room-th send
+                    ran = [i for i, p in enumerate(pending) if isinstance(p, (Final, CapCheck))]
+                    cut = ran[len(results)]
+                elif k + 1 < len(chunks):
+                    prepared = self._batch_io.submit(self.store.prepare_many, tokens[k + 1])
+                settled = iter(results)
+                for item, p in zip(chunk[:cut], pending[:cut], strict=True):
+                    violated, recorded = (
+                        next(settled) if isinstance(p, (Final, CapCheck)) else (None, False)
+                    )
+                    # A passed cap check continues here with single calls; a Redis error leaves
+                    # this item (and the rest) in the inbox, and a retry finds its state as it
+                    # was left.
+                    step = policy.settled(p, violated, recorded)
+                    self.stats.decisions += 1
+                    self._inbox.popleft()
+                    self._handle(step, item.ref, item.payload)
+                if cut < len(chunk):
+                    return
+        finally:
+            if prepared is not None:
+                # Not used (an error above, or no room left): its reservations are its items'
+                # own, kept with their tokens in the inbox. Wait for it, so that Redis order
+                # stays as described.
+                try:
+                    prepared.result()
+                except Exception:  # noqa: BLE001 - the error above is the one that matters
+                    pass
 
     def _retry_busy(self) -> None:
         """Ask again about decisions another instance was busy with (their lease ran out)."""
@@ -734,13 +800,14 @@ class Dispatcher:
         self._to_mark.append((outcome.user_id, outcome.decision_id, outcome.status))
         self.stats.outcomes[f"{outcome.status}:{outcome.reason or '-'}"] += 1
         self._count(outcome)
-        log.info(
-            "decision %s (%s): %s%s",
-            outcome.decision_id,
-            outcome.campaign_id,
-            outcome.status,
-            f" ({outcome.reason})" if outcome.reason else "",
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "decision %s (%s): %s%s",
+                outcome.decision_id,
+                outcome.campaign_id,
+                outcome.status,
+                f" ({outcome.reason})" if outcome.reason else "",
+            )
 
     def _count(self, outcome: SmsOutcome) -> None:
         """Prometheus counters by outcome (campaign, variant and reason only: never a user)."""
@@ -758,12 +825,14 @@ class Dispatcher:
                 campaign=campaign, variant=metrics.variant_label(outcome.variant)
             ).inc()
             metrics.SMS_SEGMENTS.labels(campaign=campaign).inc(outcome.segments or 1)
-        elif outcome.status == "suppressed":
-            metrics.SMS_SUPPRESSED.labels(campaign=campaign, reason=reason).inc()
-        elif outcome.status == "failed":
-            metrics.SMS_FAILED.labels(campaign=campaign, reason=reason).inc()
-        elif outcome.status == "cancelled":
-            metrics.SMS_CANCELLED.labels(campaign=campaign, reason=reason).inc()
+        elif outcome.status in ("suppressed", "failed", "cancelled"):
+            # one labelled child per (status, campaign, reason), looked up once
+            key = (outcome.status, campaign, reason)
+            child = self._by_reason.get(key)
+            if child is None:
+                metric = _BY_REASON[outcome.status]
+                child = self._by_reason[key] = metric.labels(campaign=campaign, reason=reason)
+            child.inc()
         elif outcome.status == "deferred" and not held:
             self._deferred_ids.add(did)
             metrics.SMS_DEFERRED.labels(campaign=campaign).inc()

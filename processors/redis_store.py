@@ -31,7 +31,9 @@ Written by the webhook service (``processors.webhooks``), read by the dispatcher
 * ``Plink:<code>`` JSON of a short link's target (expires after the link TTL).
 
 The deferred index is global (not per user), so the scripts that touch it are not cluster-safe;
-NudgeFlow targets a single Redis (or a primary with replicas) for the dispatcher.
+nor are the batch scripts (``prepare_many``, ``settle_many``, ``mark_emitted_many``: one call for
+the keys of many users, each decision's part exactly as on its own). NudgeFlow targets a single
+Redis (or a primary with replicas) for the dispatcher.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
+import orjson
 import redis
 
 from processors.core.cap import GLOBAL_SCOPE, CapRule, longest_window_ms
@@ -63,45 +66,56 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
-_BEGIN = (
-    _NOW
-    + """
-local s = redis.call('HGET', KEYS[1], 's')
-if (not s) or s == 'reserved' or (s == 'deferred' and ARGV[2] == '1') then
-  redis.call('HSET', KEYS[1], 's', 'reserved', 't', ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  return {s or 'new', false, 0, 0, false}
-end
-local f = redis.call('HMGET', KEYS[1], 'o', 'os', 'e', 'l', 'dl')
-local emitted = f[2] and f[3] == f[2]
-local lease = tonumber(f[4] or '0')
-if s == 'calling' or not emitted then
-  if lease > now then return {'busy', false, 0, lease - now, false} end
-  -- the previous owner's lease ran out: this attempt takes over (and holds a fresh lease)
-  redis.call('HSET', KEYS[1], 't', ARGV[1], 'l', now + ARGV[4])
-end
-return {s, f[1], emitted and 1 or 0, 0, f[5]}
-"""
-)
-
-# KEYS: decision, contact. ARGV: as _BEGIN, then the phone key prefix. ``begin`` plus the
-# policy's reads (profile, the keyword consent of its number, cancellation) at the same instant.
-_PREPARE = (
-    "local function begin()\n"
-    + _BEGIN
-    + """
-end
-local b = begin()
-local v = redis.call('HGET', KEYS[2], 'v')
-local p = {false, false, false}
-if v then
-  local ok, rec = pcall(cjson.decode, v)
-  if ok and type(rec) == 'table' and type(rec['phone']) == 'string' then
-    p = redis.call('HMGET', ARGV[5] .. rec['phone'], 's', 'at', 'src')
+# The reservation (``PolicyStore.begin``) as a Lua function, shared by ``_BEGIN`` and the batch
+# script. An attempt asking again with its own token (a batch cut short, see ``_SETTLE_MANY``) is
+# not "busy" with itself.
+_BEGIN_FN = """
+local function begin(key, token, resume, ttl, grace, now)
+  local s = redis.call('HGET', key, 's')
+  if (not s) or s == 'reserved' or (s == 'deferred' and resume == '1') then
+    redis.call('HSET', key, 's', 'reserved', 't', token)
+    redis.call('PEXPIRE', key, ttl)
+    return {s or 'new', false, 0, 0, false}
   end
+  local f = redis.call('HMGET', key, 'o', 'os', 'e', 'l', 'dl', 't')
+  local emitted = f[2] and f[3] == f[2]
+  local lease = tonumber(f[4] or '0')
+  if s == 'calling' or not emitted then
+    if lease > now and f[6] ~= token then return {'busy', false, 0, lease - now, false} end
+    -- the previous owner's lease ran out: this attempt takes over (and holds a fresh lease)
+    redis.call('HSET', key, 't', token, 'l', now + grace)
+  end
+  return {s, f[1], emitted and 1 or 0, 0, f[5]}
 end
-local c = redis.call('HMGET', KEYS[1], 'c', 'ca')
-return {b[1], b[2], b[3], b[4], b[5], v, p[1], p[2], p[3], c[1], c[2]}
+"""
+
+_BEGIN = _NOW + _BEGIN_FN + "return begin(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], now)\n"
+
+# KEYS: per decision its state hash and its user's contact hash. ARGV: state ttl, grace, the
+# phone key prefix, then one token per decision. For each decision, in order: ``begin`` (not
+# resuming deferred sends) plus the policy's reads (profile, the keyword consent of its number,
+# cancellation) at the same instant. One script for a whole batch: the per-call overhead of a
+# script (in Redis and in redis-py) is most of the cost of a decision's few commands.
+_PREPARE_MANY = (
+    _NOW
+    + _BEGIN_FN
+    + """
+local out = {}
+for i = 1, #ARGV - 3 do
+  local dkey, ckey = KEYS[2 * i - 1], KEYS[2 * i]
+  local b = begin(dkey, ARGV[3 + i], '0', ARGV[1], ARGV[2], now)
+  local v = redis.call('HGET', ckey, 'v')
+  local p = {false, false, false}
+  if v then
+    local ok, rec = pcall(cjson.decode, v)
+    if ok and type(rec) == 'table' and type(rec['phone']) == 'string' then
+      p = redis.call('HMGET', ARGV[3] .. rec['phone'], 's', 'at', 'src')
+    end
+  end
+  local c = redis.call('HMGET', dkey, 'c', 'ca')
+  out[i] = {b[1], b[2], b[3], b[4], b[5], v, p[1], p[2], p[3], c[1], c[2]}
+end
+return out
 """
 )
 
@@ -151,42 +165,6 @@ if ARGV[3] == '1' then
 end
 return 0
 """
-
-# KEYS: global sends, campaign sends, decision, lease, data. ARGV: decision id, now, reserve,
-# ttl, trim_before, token, state ttl, grace, rule count, then per rule: is_global, exclusive
-# lower bound, max, the outcome when it is violated. _CAPS, and when a rule is violated _FINISH
-# with that rule's outcome: a decision suppressed by caps in one call. Returns {rule + 1 or 0,
-# recorded}.
-_CAPS_OR_FINISH = (
-    _NOW
-    + """
-local did = ARGV[1]
-if redis.call('ZSCORE', KEYS[1], did) then return {0, 0} end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[5])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[5])
-for i = 0, tonumber(ARGV[9]) - 1 do
-  local at = 10 + 4 * i
-  local key = KEYS[2]
-  if ARGV[at] == '1' then key = KEYS[1] end
-  if redis.call('ZCOUNT', key, '(' .. ARGV[at + 1], '+inf') >= tonumber(ARGV[at + 2]) then
-    if redis.call('HGET', KEYS[3], 't') ~= ARGV[6] then return {i + 1, 0} end
-    redis.call('HSET', KEYS[3], 's', 'done', 'o', ARGV[at + 3], 'os', 'suppressed',
-      'l', now + ARGV[8])
-    redis.call('HDEL', KEYS[3], 'e', 'dl')
-    redis.call('PEXPIRE', KEYS[3], ARGV[7])
-    if redis.call('ZREM', KEYS[4], did) == 1 then redis.call('HDEL', KEYS[5], did) end
-    return {i + 1, 1}
-  end
-end
-if ARGV[3] == '1' then
-  redis.call('ZADD', KEYS[1], ARGV[2], did)
-  redis.call('ZADD', KEYS[2], ARGV[2], did)
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-end
-return {0, 0}
-"""
-)
 
 _DEFER = (
     _NOW
@@ -282,24 +260,102 @@ return 0
 """
 )
 
+# Record a final outcome if ``token`` still owns the decision (``PolicyStore.finish``).
+_FINISH_FN = """
+local function finish(key, did, outcome, status, token, dl, ttl, grace, now, lease, data)
+  if redis.call('HGET', key, 't') ~= token then return 0 end
+  redis.call('HSET', key, 's', 'done', 'o', outcome, 'os', status, 'l', now + grace)
+  if dl == '1' then
+    redis.call('HSET', key, 'dl', '1')
+    redis.call('HDEL', key, 'e')
+  else
+    redis.call('HDEL', key, 'e', 'dl')
+  end
+  redis.call('PEXPIRE', key, ttl)
+  if redis.call('ZREM', lease, did) == 1 then redis.call('HDEL', data, did) end
+  return 1
+end
+"""
+
 # KEYS: decision, lease, data. ARGV: outcome, sent, decision id, ttl, status, grace, token,
 # dead-lettered (1/0).
 _FINISH = (
     _NOW
+    + _FINISH_FN
     + """
-if redis.call('HGET', KEYS[1], 't') ~= ARGV[7] then return 0 end
-redis.call('HSET', KEYS[1], 's', 'done', 'o', ARGV[1], 'os', ARGV[5], 'l', now + ARGV[6])
-redis.call('HDEL', KEYS[1], 'e')
-if ARGV[8] == '1' then
-  redis.call('HSET', KEYS[1], 'dl', '1')
-else
-  redis.call('HDEL', KEYS[1], 'dl')
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-if redis.call('ZREM', KEYS[2], ARGV[3]) == 1 then redis.call('HDEL', KEYS[3], ARGV[3]) end
-return 1
+return finish(KEYS[1], ARGV[3], ARGV[1], ARGV[5], ARGV[7], ARGV[8], ARGV[4], ARGV[6], now,
+  KEYS[2], KEYS[3])
 """
 )
+
+# KEYS: lease, data, then per item: a Final's decision hash, or a CapCheck's global sends,
+# campaign sends and decision hash. ARGV: most passes, state ttl, grace, then per item either
+#   'f', decision id, outcome, status, token, dead-lettered (1/0)            (``finish``)
+#   'c', decision id, now, reserve, sends ttl, trim_before, token, rule count, then per rule:
+#        is_global (1/0), exclusive lower bound (now - per), max, the outcome when violated
+# A CapCheck is ``_CAPS`` and, when a rule is violated, ``finish`` with that rule's outcome (a
+# decision suppressed by caps in one step). Items run in order, each exactly as on its own; the
+# script stops after the item whose check is the ``most passes``-th to pass with a reservation
+# (a send: the shell has room for that many), so the rest of the batch is left as it was.
+# Returns {violated rule + 1 or 0, recorded} per item it ran.
+_SETTLE_MANY = (
+    _NOW
+    + _FINISH_FN
+    + """
+local lease, data = KEYS[1], KEYS[2]
+local most, ttl, grace = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local out, a, k, passes = {}, 4, 3, 0
+while a <= #ARGV do
+  if ARGV[a] == 'f' then
+    table.insert(out, 0)
+    table.insert(out, finish(KEYS[k], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
+      ARGV[a + 5], ttl, grace, now, lease, data))
+    a, k = a + 6, k + 1
+  else
+    local gkey, ckey, dkey, did = KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[a + 1]
+    local reserve, n = ARGV[a + 3], tonumber(ARGV[a + 7])
+    local violated, recorded = 0, 0
+    if not redis.call('ZSCORE', gkey, did) then
+      for i = 0, n - 1 do
+        local at = a + 8 + 4 * i
+        local key = ckey
+        if ARGV[at] == '1' then key = gkey end
+        if redis.call('ZCOUNT', key, '(' .. ARGV[at + 1], '+inf') >= tonumber(ARGV[at + 2]) then
+          violated = i + 1
+          recorded = finish(dkey, did, ARGV[at + 3], 'suppressed', ARGV[a + 6], '0', ttl, grace,
+            now, lease, data)
+          break
+        end
+      end
+      if violated == 0 and reserve == '1' then
+        -- sends older than twice the longest window are dropped when one is added (as in
+        -- _CAPS, which trims first: no rule counts that far back, so no count differs)
+        redis.call('ZREMRANGEBYSCORE', gkey, '-inf', '(' .. ARGV[a + 5])
+        redis.call('ZREMRANGEBYSCORE', ckey, '-inf', '(' .. ARGV[a + 5])
+        redis.call('ZADD', gkey, ARGV[a + 2], did)
+        redis.call('ZADD', ckey, ARGV[a + 2], did)
+        redis.call('PEXPIRE', gkey, ARGV[a + 4])
+        redis.call('PEXPIRE', ckey, ARGV[a + 4])
+      end
+    end
+    table.insert(out, violated)
+    table.insert(out, recorded)
+    a, k = a + 8 + 4 * n, k + 3
+    if violated == 0 and reserve == '1' then
+      passes = passes + 1
+      if passes >= most then break end
+    end
+  end
+end
+return out
+"""
+)
+
+# KEYS: decision hashes. ARGV: the status of each one's published outcome.
+_MARK_EMITTED_MANY = """
+for i = 1, #KEYS do redis.call('HSET', KEYS[i], 'e', ARGV[i]) end
+return #KEYS
+"""
 
 _CLAIM_FIRST = """
 local holder = redis.call('GET', KEYS[1])
@@ -441,6 +497,12 @@ def _prior(raw: Sequence[Any]) -> Prior:
     return Prior(state_s, parsed, bool(emitted), dead_letter=bool(dead_letter))  # type: ignore[arg-type]
 
 
+def _outcome_json(outcome: SmsOutcome) -> bytes:
+    """``outcome.dumps()`` (same fields, sorted keys, compact) at a fraction of the cost: the
+    batch path stores one per cap rule of every decision."""
+    return orjson.dumps(outcome.to_record(), option=orjson.OPT_SORT_KEYS)
+
+
 def decision_json(d: Decision) -> str:
     rec = d.to_record()
     return json.dumps(rec, separators=(",", ":"), sort_keys=True)
@@ -476,9 +538,10 @@ class RedisStore:
         self._claim_first = client.register_script(_CLAIM_FIRST)
         self._release = client.register_script(_RELEASE)
         self._put_contact = client.register_script(_PUT_CONTACT)
-        self._prepare = client.register_script(_PREPARE)
+        self._prepare_many = client.register_script(_PREPARE_MANY)
+        self._settle_many = client.register_script(_SETTLE_MANY)
+        self._mark_emitted_many = client.register_script(_MARK_EMITTED_MANY)
         self._parsed_contacts: dict[Any, tuple[Contact | None, Any]] = {}
-        self._caps_or_finish = client.register_script(_CAPS_OR_FINISH)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX, **kw: Any) -> RedisStore:
@@ -545,22 +608,20 @@ class RedisStore:
 
     def prepare_many(self, items: Sequence[tuple[Decision, str]]) -> list[tuple[Prior, Prefetched]]:
         """``begin`` (not resuming deferred sends) for each ``(decision, token)``, with the live
-        policy's reads (``contact()``, ``cancellation()``), in one pipelined round trip."""
+        policy's reads (``contact()``, ``cancellation()``), in order, in one script call."""
         if not items:
             return []
-        pipe = self.r.pipeline(transaction=False)
+        keys: list[str] = []
+        args: list[Any] = [self.state_ttl_ms, self.emit_grace_ms, self._phone_prefix]
         for d, token in items:
             user = self._user(d.user_id)
-            self._prepare(
-                keys=[f"{user}:d:{d.decision_id}", f"{user}:contact"],
-                args=[token, "0", self.state_ttl_ms, self.emit_grace_ms, self._phone_prefix],
-                client=pipe,
-            )
+            keys += (f"{user}:d:{d.decision_id}", f"{user}:contact")
+            args.append(token)
         out = []
         parsed = self._parsed_contacts
         if len(parsed) > 4096:
             parsed.clear()  # a small memo: a batch often holds one user several times
-        for raw in pipe.execute():
+        for raw in self._prepare_many(keys=keys, args=args):
             known = parsed.get(raw[5]) if raw[5] is not None else None
             if known is None:
                 known = parsed[raw[5]] = _parse_contact_record(raw[5])
@@ -574,56 +635,65 @@ class RedisStore:
             out.append((_prior(raw), Prefetched(contact, _text(raw[9]))))
         return out
 
-    def settle_many(self, items: Sequence[Final | CapCheck]) -> list[tuple[int | None, bool]]:
+    def settle_many(
+        self, items: Sequence[Final | CapCheck], most_passes: int | None = None
+    ) -> list[tuple[int | None, bool]]:
         """Record each ``Final`` (``finish``) or check each ``CapCheck``'s caps (``check_caps``;
-        a violation records that rule's outcome at once), in order, in one pipelined round trip.
+        a violation records that rule's outcome at once), in order, in one script call.
 
         Returns ``(violated rule or None, recorded)`` per item (``(None, recorded)`` for a Final).
-        Each item is atomic on its own; the order makes one user's decisions see each other's
-        reservations exactly as one at a time would."""
+        Each item is exactly as on its own; the order makes one user's decisions see each other's
+        reservations exactly as one at a time would. With ``most_passes``, the script stops after
+        the item whose check is the ``most_passes``-th to pass with a reservation (a text to
+        send): only the results of the items it ran are returned, the others are untouched."""
         if not items:
             return []
-        deferred, data, lease = self._deferred
-        pipe = self.r.pipeline(transaction=False)
+        _deferred, data, lease = self._deferred
+        keys: list[str] = [lease, data]
+        most = len(items) + 1 if most_passes is None else max(1, most_passes)
+        args: list[Any] = [most, self.state_ttl_ms, self.emit_grace_ms]
         for item in items:
             d = item.decision
-            key = self._dkey(d.user_id, d.decision_id)
+            user = self._user(d.user_id)
+            dkey = f"{user}:d:{d.decision_id}"
             if isinstance(item, Final):
-                self._finish(
-                    keys=[key, lease, data],
-                    args=self._finish_args(d, item.outcome, False, item.token, item.dead_letter),
-                    client=pipe,
+                keys.append(dkey)
+                args += (
+                    "f",
+                    d.decision_id,
+                    _outcome_json(item.outcome),
+                    item.outcome.status,
+                    item.token,
+                    "1" if item.dead_letter else "0",
                 )
                 continue
-            user = self._user(d.user_id)
             longest = longest_window_ms(item.rules)
-            args: list[Any] = [
+            now_ms = item.now_ms
+            keys += (f"{user}:sends", f"{user}:sends:{d.campaign_id}", dkey)
+            args += (
+                "c",
                 d.decision_id,
-                item.now_ms,
+                now_ms,
                 "1" if item.reserve else "0",
                 max(longest * 2, 60_000),
-                item.now_ms - 2 * longest,
+                now_ms - 2 * longest,
                 item.token,
-                self.state_ttl_ms,
-                self.emit_grace_ms,
                 len(item.rules),
-            ]
-            for rule, outcome in zip(item.rules, item.capped, strict=True):
-                args += [
+            )
+            capped = item.capped.to_record()  # the outcome of each rule differs in its key only
+            for rule, key in zip(item.rules, item.rule_keys, strict=True):
+                capped["rule"] = key
+                args += (
                     "1" if rule.scope == GLOBAL_SCOPE else "0",
-                    item.now_ms - rule.per_ms,
+                    now_ms - rule.per_ms,
                     rule.max,
-                    outcome.dumps(),
-                ]
-            keys = [f"{user}:sends", f"{user}:sends:{d.campaign_id}", key, lease, data]
-            self._caps_or_finish(keys=keys, args=args, client=pipe)
+                    orjson.dumps(capped, option=orjson.OPT_SORT_KEYS),
+                )
+        raw = self._settle_many(keys=keys, args=args)
         out: list[tuple[int | None, bool]] = []
-        for item, raw in zip(items, pipe.execute(), strict=True):
-            if isinstance(item, Final):
-                out.append((None, bool(raw)))
-            else:
-                index, recorded = int(raw[0]), bool(raw[1])
-                out.append((None if index == 0 else index - 1, recorded))
+        for i in range(0, len(raw), 2):
+            index = int(raw[i])
+            out.append((None if index == 0 else index - 1, bool(raw[i + 1])))
         return out
 
     def cancellation(self, decision: Decision, as_of: int | None = None) -> str | None:
@@ -769,13 +839,11 @@ class RedisStore:
         self.r.hset(self._dkey(decision.user_id, decision.decision_id), "e", status)
 
     def mark_emitted_many(self, items: Sequence[tuple[str, str, str]]) -> None:
-        """``(user_id, decision_id, status)`` for each published outcome, in one round trip."""
+        """``(user_id, decision_id, status)`` for each published outcome, in one script call."""
         if not items:
             return
-        pipe = self.r.pipeline(transaction=False)
-        for user_id, decision_id, status in items:
-            pipe.hset(self._dkey(user_id, decision_id), "e", status)
-        pipe.execute()
+        keys = [self._dkey(user_id, decision_id) for user_id, decision_id, _status in items]
+        self._mark_emitted_many(keys=keys, args=[status for _u, _d, status in items])
 
     # -- webhooks: handset consent, phone index, sent texts, short links ------------------------
 

@@ -16,9 +16,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import time as dtime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
+import pytest
 import redis
 
 from processors import metrics
@@ -29,6 +32,7 @@ from processors.core.contact import Contact
 from processors.core.decision import Decision, DecisionCancelled
 from processors.core.outcome import SmsOutcome
 from processors.core.policy import Policy, RetryPolicy, SendPlan, Step, deliver
+from processors.core.quiet_hours import QuietHours, quiet_until
 from processors.dispatcher import Dispatcher, make_gateway
 from processors.gateways.base import (
     AmbiguousGatewayError,
@@ -134,9 +138,14 @@ def test_redis_store_keeps_the_dead_letter_flag(redis_client: redis.Redis) -> No
 # --------------------------------------------------------------------------- batches
 
 
-def test_batched_policy_decides_exactly_like_one_at_a_time(redis_client: redis.Redis) -> None:
+@pytest.mark.parametrize("most_passes", [None, 1])
+def test_batched_policy_decides_exactly_like_one_at_a_time(
+    redis_client: redis.Redis, most_passes: int | None
+) -> None:
     """``prepare_many`` + ``settle_many`` (the live dispatcher's batches) against ``on_decision``
-    one by one, on two key prefixes of one Redis: same outcomes, same texts, same cap slots."""
+    one by one, on two key prefixes of one Redis: same outcomes, same texts, same cap slots.
+    With ``most_passes=1`` every batch stops at its first text to send and the rest is prepared
+    again, with the same attempt tokens, in the next batch (the dispatcher's room for sends)."""
     doc = campaign_doc(caps=[{"max": 2, "per": "4h"}], cart={"caps": [{"max": 1, "per": "1d"}]})
     contacts = [Contact.from_record(dict(r, consent={"status": r["consent"]}))
                 for r in contact_rows("Etc/GMT+7")]  # fmt: skip
@@ -156,8 +165,10 @@ def test_batched_policy_decides_exactly_like_one_at_a_time(redis_client: redis.R
         _decision("s1", "u-bea"),  # the handset texted STOP
     ]
     results: dict[str, list[tuple[Any, ...]]] = {}
+    batches = 0
     for prefix in ("one:", "batch:"):
         store = RedisStore(redis_client, prefix)
+        redis_client.delete(*redis_client.keys(f"{prefix}*") or ["-"])
         for c in contacts:
             store.put_contact(c.user_id, c.to_record(), 1)
         store.set_phone_consent("+14155550103", "opted_out", NOW - 1, "sms:STOP")
@@ -171,15 +182,22 @@ def test_batched_policy_decides_exactly_like_one_at_a_time(redis_client: redis.R
                     steps.append(policy.on_cancel(item, NOW))
         else:
             steps += [policy.on_cancel(i, NOW) for i in items if isinstance(i, DecisionCancelled)]
-            run = [(i, policy.token()) for i in items if isinstance(i, Decision)]
-            prepared = zip(run, store.prepare_many(run), strict=True)
-            pending = [policy.after_begin(d, NOW, t, prior, reads)
-                       for (d, t), (prior, reads) in prepared]  # fmt: skip
-            to_settle = [p for p in pending if not isinstance(p, Step)]
-            settled = iter(store.settle_many(to_settle))
-            for p in pending:
-                violated, recorded = (None, False) if isinstance(p, Step) else next(settled)
-                steps.append(policy.settled(p, violated, recorded))
+            queue = [(i, policy.token()) for i in items if isinstance(i, Decision)]
+            while queue:
+                batches += 1
+                prepared = zip(queue, store.prepare_many(queue), strict=True)
+                pending = [policy.after_begin(d, NOW, t, prior, reads)
+                           for (d, t), (prior, reads) in prepared]  # fmt: skip
+                to_settle = [p for p in pending if not isinstance(p, Step)]
+                done = store.settle_many(to_settle, most_passes=most_passes)
+                settled = iter(done)
+                ran = [i for i, p in enumerate(pending) if not isinstance(p, Step)]
+                # the store stopped after len(done) of them: the rest goes into the next batch
+                cut = ran[len(done)] if len(done) < len(ran) else len(queue)
+                for p in pending[:cut]:
+                    violated, recorded = (None, False) if isinstance(p, Step) else next(settled)
+                    steps.append(policy.settled(p, violated, recorded))
+                queue = queue[cut:]
         seen: list[tuple[Any, ...]] = []
         for step in steps:
             seen += [(o.decision_id, o.status, o.reason, o.rule) for o in step.outcomes]
@@ -188,10 +206,47 @@ def test_batched_policy_decides_exactly_like_one_at_a_time(redis_client: redis.R
         ana_sends = redis_client.zrange(f"{prefix}{{u-ana}}:sends", 0, -1)
         results[prefix] = sorted(seen) + [("ana-slots", tuple(sorted(ana_sends)))]  # type: ignore[list-item]
     assert results["one:"] == results["batch:"]
+    # cut after the texts of a1, a3, b1 (twice: "lost" to the second at its call) and r1
+    assert batches == (1 if most_passes is None else 6)
     assert ("a2", "suppressed", "frequency_cap", "cart:1/1d") in results["batch:"]
     assert ("a4", "suppressed", "frequency_cap", "global:2/4h") in results["batch:"]
     assert ("r2", "cancelled", "converted", None) in results["batch:"]
     assert ("s1", "suppressed", "opted_out", None) in results["batch:"]
+
+
+def test_an_attempt_preparing_again_is_not_busy_with_itself(redis_client: redis.Redis) -> None:
+    """A batch cut short prepares its rest again with the same tokens: an unpublished outcome
+    whose lease that very attempt holds is handed back to it; any other attempt must wait."""
+    store = RedisStore(redis_client, "again:")
+    d = _decision("g1")
+    outcome = SmsOutcome("g1", "cart", "u-ana", "suppressed", NOW, reason="holdout")
+    key = "again:{u-ana}:d:g1"
+    redis_client.delete(key)
+    lease = int(time.time() * 1000) + 60_000
+    redis_client.hset(key, mapping={"s": "done", "o": outcome.dumps(), "os": "suppressed",
+                                    "l": lease, "t": "tok-a"})  # fmt: skip
+    ((prior, _reads),) = store.prepare_many([(d, "tok-a")])
+    assert (prior.state, prior.outcome, prior.emitted) == ("done", outcome, False)
+    ((prior, _reads),) = store.prepare_many([(d, "tok-b")])
+    assert prior.state == "busy" and prior.wait_ms > 0
+
+
+def test_the_policys_quiet_hours_memo_answers_like_quiet_until() -> None:
+    """The batch path memoizes UTC minutes found outside quiet hours: every instant across DST
+    changes (also Lord Howe's 30-minute one) and quiet-hour edges, in order and backwards."""
+    policy = _policy(InMemoryStore())
+    quiet = QuietHours(start=dtime(20, 0), end=dtime(9, 0))
+    days = {  # a day with a clock change (Lord Howe: back by 30 minutes), or a +5:45 zone
+        "America/Los_Angeles": 1_710_028_800_000,  # 2024-03-10T00:00Z
+        "Australia/Lord_Howe": 1_712_361_600_000,  # 2024-04-06T00:00Z
+        "Asia/Kathmandu": 1_710_028_800_000,
+    }
+    for name, start in days.items():
+        zone = ZoneInfo(name)
+        instants = range(start - 43_200_000, start + 129_600_000, 41_000)
+        for at in [*instants, *reversed(instants)]:
+            assert policy._quiet_until(quiet, at, zone) == quiet_until(quiet, at, zone), (name, at)
+    assert policy._open_minutes  # the memo was used
 
 
 # --------------------------------------------------------------------------- dispatcher helpers

@@ -31,6 +31,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Literal, Protocol
 from zoneinfo import ZoneInfo
 
@@ -195,18 +196,33 @@ class Final:
 @dataclass(frozen=True, slots=True)
 class CapCheck:
     """Step 4 to do: check ``rules`` (reserving a slot when ``reserve``), then
-    :meth:`Policy.after_caps`. ``capped[i]`` is the outcome when rule ``i`` is violated."""
+    :meth:`Policy.after_caps`. ``capped_by(i)`` is the outcome when rule ``i`` is violated:
+    ``capped`` (``suppressed: frequency_cap``) with ``rule_keys[i]`` as its rule."""
 
     decision: Decision
     token: str
     now_ms: int
     rules: tuple[CapRule, ...]
     reserve: bool
-    capped: tuple[SmsOutcome, ...]
+    capped: SmsOutcome
+    rule_keys: tuple[str, ...]
     campaign: Campaign
     contact: Contact
     quiet: QuietHours
     until: int | None
+
+    def capped_by(self, rule: int) -> SmsOutcome:
+        c = self.capped  # built by Policy._outcome: these fields only (replace() is slow)
+        return SmsOutcome(
+            c.decision_id,
+            c.campaign_id,
+            c.user_id,
+            c.status,
+            c.at,
+            reason=c.reason,
+            variant=c.variant,
+            rule=self.rule_keys[rule],
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +308,15 @@ class Policy:
             self._templates[(c.id, None)] = compile_template(c.message.template)
             for v in c.variants:
                 self._templates[(c.id, v.id)] = compile_template(v.message.template)
+        # per campaign: every cap rule that applies (file-wide first) and its outcome key
+        self._rules: dict[str, tuple[tuple[CapRule, ...], tuple[str, ...]]] = {}
+        for c in campaigns.campaigns:
+            rules = (*self.global_rules, *c.caps)
+            self._rules[c.id] = (rules, tuple(rule_key(rule) for rule in rules))
+        self._open_minutes: set[tuple[QuietHours, ZoneInfo, int]] = set()
+        self._by_id: dict[str, Campaign] = {}  # CampaignSet.get without its linear search
+        for c in campaigns.campaigns:
+            self._by_id.setdefault(c.id, c)
         self._tokens = 0
         self._token_prefix = f"{random.getrandbits(64):016x}"
         # Fail on a bad default zone at start-up rather than on the first send.
@@ -366,7 +391,7 @@ class Policy:
         """Steps 5-6 once the caps are checked (``violated``: index of the first broken rule)."""
         d, token, now_ms, campaign = check.decision, check.token, check.now_ms, check.campaign
         if violated is not None:
-            return Final(d, token, check.capped[violated])
+            return Final(d, token, check.capped_by(violated))
         if check.until is not None:
             if check.quiet.action == "drop":
                 return self._pending_final(d, token, now_ms, "suppressed", "quiet_hours")
@@ -464,7 +489,7 @@ class Policy:
     def _pre_caps(
         self, d: Decision, now_ms: int, token: str, prefetched: Prefetched | None
     ) -> Pending:
-        campaign = self.campaigns.get(d.campaign_id)
+        campaign = self._by_id.get(d.campaign_id)
         if campaign is None:
             return self._pending_final(d, token, now_ms, "failed", "unknown_campaign")
         if not campaign.enabled:
@@ -497,15 +522,35 @@ class Policy:
         # 4. caps (reserved only when the text can go now), 5. quiet hours
         zone = _zone(contact.timezone, contact.phone, self.default_timezone)
         quiet = campaign.quiet_hours or self.campaigns.quiet_hours
-        until = quiet_until(quiet, now_ms, zone)
-        rules = (*self.global_rules, *campaign.caps)
-        capped = tuple(
-            self._outcome(d, now_ms, "suppressed", "frequency_cap", rule=rule_key(rule))
-            for rule in rules
-        )
+        until = self._quiet_until(quiet, now_ms, zone)
+        rules, keys = self._rules[campaign.id]
+        capped = self._outcome(d, now_ms, "suppressed", "frequency_cap")
         return CapCheck(
-            d, token, now_ms, rules, until is None, capped, campaign, contact, quiet, until
+            d, token, now_ms, rules, until is None, capped, keys, campaign, contact, quiet, until
         )
+
+    def _quiet_until(self, quiet: QuietHours, now_ms: int, zone: ZoneInfo) -> int | None:
+        """``quiet_until``, memoized for the UTC minutes found wholly outside quiet hours: their
+        bounds are whole local minutes, so such a minute stays outside them throughout when the
+        zone's offset is the same whole number of minutes at both of its ends."""
+        minute = now_ms // 60_000
+        key = (quiet, zone, minute)
+        if key in self._open_minutes:
+            return None
+        until = quiet_until(quiet, now_ms, zone)
+        if until is None:
+            first, last = minute * 60_000, minute * 60_000 + 59_999
+            offset = _offset_s(first, zone)
+            if (
+                offset % 60 == 0
+                and offset == _offset_s(last, zone)
+                and quiet_until(quiet, first, zone) is None
+                and quiet_until(quiet, last, zone) is None
+            ):
+                if len(self._open_minutes) > 4096:
+                    self._open_minutes.clear()
+                self._open_minutes.add(key)
+        return until
 
     def _render(self, check: CapCheck) -> Pending:
         d, token, now_ms, campaign = check.decision, check.token, check.now_ms, check.campaign
@@ -613,6 +658,11 @@ def deliver(
 def with_send_time(plan: SendPlan, sent_at_ms: int) -> SendPlan:
     """The plan with the message stamped at the actual send time (live clock)."""
     return replace(plan, message=replace(plan.message, sent_at_ms=sent_at_ms))
+
+
+def _offset_s(at_ms: int, zone: ZoneInfo) -> float:
+    offset = datetime.fromtimestamp(at_ms / 1000, zone).utcoffset()
+    return 0.0 if offset is None else offset.total_seconds()
 
 
 @functools.lru_cache(maxsize=65_536)
