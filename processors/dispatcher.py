@@ -286,7 +286,7 @@ class Dispatcher:
     def run(self, ready: Callable[[], None] | None = None) -> None:
         """Materialize contacts, join the group, dispatch until stopped, then shut down cleanly."""
         try:
-            self.load_contacts()
+            self._load_contacts_when_redis_is_up()
             self.consumer.subscribe(
                 [self.settings.topic_decisions],
                 on_assign=self._on_assign,
@@ -355,6 +355,25 @@ class Dispatcher:
             raise RuntimeError(f"could not read the contacts topic to its end in {timeout_s:.0f}s")
         log.info("contacts materialized: %d profiles", loaded)
         return loaded
+
+    def _load_contacts_when_redis_is_up(self) -> None:
+        """:meth:`load_contacts`, waiting out a Redis outage at start-up (fail closed: nothing
+        is consumed or sent before Redis answers) instead of exiting."""
+        delay = 0.1
+        while True:
+            try:
+                self.load_contacts()
+                return
+            except REDIS_DOWN as exc:
+                if self._stop.is_set():
+                    raise
+                if delay == 0.1:
+                    metrics.DISPATCHER_REDIS_UP.set(0)
+                    log.warning(
+                        "redis unreachable at start-up (%s); waiting for it", type(exc).__name__
+                    )
+                time.sleep(delay)
+                delay = min(REDIS_PROBE_MAX_S, delay * 2)
 
     def _poll_contacts(self) -> None:
         if not self._contact_inbox:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import struct
 import time
 from collections import Counter
@@ -77,6 +78,8 @@ TICK_INTERVAL_S = 0.5  # a due timer waits at most this long for its tick (laten
 LAG_INTERVAL_S = 5.0  # how often every worker samples the consumer lag of its partitions
 YIELD_EVERY = 1000  # records/users between turns given to the event loop (heartbeats)
 CHECKPOINT_S = 0.5  # longest time a state change stays only in memory
+REVOKE_CHECKPOINT_S = 30.0  # longest a rebalance waits for the worker's last checkpoint
+EXIT_CHECKPOINT_FAILED = 75  # EX_TEMPFAIL: a supervisor restarts the worker
 CHECKPOINT_MAX_PENDING = 50_000  # users buffered before a checkpoint is forced (memory bound)
 GC_THRESHOLDS = (20_000, 20, 20)  # the engine makes many short-lived dicts: fewer gen-0 passes
 _TICK = struct.Struct(">q")
@@ -247,8 +250,17 @@ class TriggerShell:
         stays ours, at the position just written)."""
         async with self.busy:
             if self._checkpointer is not None:
-                await self._finish_writing()
-                await self._checkpoint_now()
+                try:
+                    await asyncio.wait_for(self._checkpoint_now(), REVOKE_CHECKPOINT_S)
+                except Exception as exc:
+                    # Letting the partitions go with a checkpoint that may still land later
+                    # could put stale states after the next owner's: stop instead (the
+                    # restart resumes from the last position written).
+                    log.critical(
+                        "last checkpoint before a rebalance failed (%s); the worker exits",
+                        type(exc).__name__,
+                    )
+                    os._exit(EXIT_CHECKPOINT_FAILED)
             if self._reader is not None:
                 self.reader.release_all()
             self.timers.clear()

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from processors.settings import Settings
+from streams.output import SOCKET_TIMEOUT_MS
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class ClickstreamReader:
                 "fetch.wait.max.ms": FETCH_WAIT_MS,
                 "queued.max.messages.kbytes": 64 * 1024,
                 "enable.partition.eof": False,
+                "socket.timeout.ms": SOCKET_TIMEOUT_MS,  # streams.output: dead connections
+                "socket.keepalive.enable": True,
             }
         )
         # Its own thread: a shared executor's other work must never delay a fetch (latency).

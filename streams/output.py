@@ -27,6 +27,7 @@ from processors.settings import Settings
 log = logging.getLogger(__name__)
 
 LINGER_MS = 5  # a decision waits at most this long for its batch (latency budget: 100 ms)
+SOCKET_TIMEOUT_MS = 10_000
 POLL_S = 0.05  # wait() polls for delivery reports in slices this long, in a thread
 
 
@@ -56,6 +57,11 @@ class Output:
                 "queue.buffering.max.kbytes": 512 * 1024,
                 # A broker outage stalls the worker rather than failing records: 10 minutes.
                 "message.timeout.ms": 600_000,
+                # A request on a connection that went dead without a reset (a partition, a
+                # blackholing proxy) is given up after 10 s, not librdkafka's 60, and retried on a
+                # new one: checkpoints (and so rebalances) would otherwise wait for it.
+                "socket.timeout.ms": SOCKET_TIMEOUT_MS,
+                "socket.keepalive.enable": True,
             }
         )
         self._failure: str | None = None

@@ -34,7 +34,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
@@ -55,20 +55,36 @@ from streams.clickstream import offsets_group
 from tests.fakes.vonage_fake import Reply, VonageFake
 
 UNKNOWN_AFTER_CRASH = "unknown_after_crash"
+UNKNOWN_PREFIX = "unknown_after_"  # crash, timeout, connection_lost: the text may have gone out
+# Gateway failures in which the request never reached the gateway (so the fake never saw it):
+# retried, and dead-lettered like any other gateway failure when the retries run out.
+CONNECT_REASONS = frozenset({"connect_timeout", "connection_error", "tls_error"})
 GATEWAY_TIMEOUT_S = 1.0  # the dispatchers' Vonage timeout: short, so timeout faults are quick
 RATE_PER_S = 30  # Vonage's default account limit, the dispatcher's default
 FAIL_CLOSED_GRACE_S = 1.5  # a request that passed its checks before Redis died may still land
+REDIS_BACK_GRACE_S = 10.0  # an exit this soon after Redis is back still counts as the outage's
+LATE_S = GATEWAY_TIMEOUT_S + 0.6  # an answer this late is past the client's timeout
 
-# The gateway fault mix: (weight, behaviour). The hung answers (503 after the client's timeout)
-# are timeouts in which Vonage took nothing; see docs/chaos.md for timeouts after acceptance.
+# The gateway fault mix: (weight, behaviour). Three kinds (docs/chaos.md):
+# * retryable: the gateway answered "not taken" (throttling, 429, 5xx); retried with backoff;
+# * permanent: barred, non-whitelisted; failed at once, dead-lettered;
+# * ambiguous: the request reached the gateway and its answer was lost (connection dropped,
+#   answer past the client's timeout), half of them after the gateway took the text. The
+#   dispatcher cannot tell which: the decision ends ``failed: unknown_after_*``, never retried,
+#   not dead-lettered. That is an outcome, not a loss: at most one text per decision.
+# Connection faults before any request (refused, reset TLS handshakes) are injected as timed
+# windows by :meth:`Chaos.gateway_faults`: retryable, and invisible to the fake's request log.
 FAULT_MIX: tuple[tuple[int, str | Reply], ...] = (
-    (30, "ok"),
-    (14, "throttle"),
-    (12, "http429"),
-    (12, "http500"),
-    (5, "http503"),
-    (10, "close"),
-    (12, Reply("http", http_status=503, delay_s=GATEWAY_TIMEOUT_S + 0.6)),
+    (36, "ok"),
+    (15, "throttle"),
+    (13, "http429"),
+    (13, "http500"),
+    (6, "http503"),
+    (3, "close"),  # dropped before answering, took nothing
+    (3, "took:close"),  # took the text, then dropped the connection
+    (2, "took:reset"),  # took the text, then reset the connection
+    (2, Reply(delay_s=LATE_S)),  # took the text, answered after the timeout
+    (2, Reply("http", http_status=503, delay_s=LATE_S)),  # took nothing, answered late
     (3, "status:7"),  # number barred: permanent
     (2, "status:29"),  # non-whitelisted destination: permanent
 )
@@ -104,7 +120,13 @@ def accepted(reply: Reply) -> bool:
 
 
 def faulty(reply: Reply) -> bool:
-    return reply.kind != "ok" or reply.delay_s > 0
+    return reply.kind != "ok" or reply.delay_s > 0 or reply.lose is not None
+
+
+def ambiguous(reply: Reply) -> bool:
+    """Whether the client lost the answer to a request the gateway received (dropped or too
+    late): the dispatcher must not send that decision again, whatever the gateway did."""
+    return reply.kind == "close" or reply.lose is not None or reply.delay_s >= GATEWAY_TIMEOUT_S
 
 
 def contacts_for(users: int, seed: int) -> list[dict[str, Any]]:
@@ -147,6 +169,26 @@ def max_in_window(times: Sequence[float], window_s: float = 1.0) -> int:
             lo += 1
         best = max(best, hi - lo + 1)
     return best
+
+
+class CountingFake(VonageFake):
+    """The Vonage fake, also counting the connections it resets in the TLS handshake: those
+    requests never reach its request log, but they are faults the dispatcher had to retry.
+
+    The fake reads ``connection_fault`` once per new connection, before the handshake."""
+
+    handshake_resets = 0
+
+    @property  # type: ignore[override]
+    def connection_fault(self) -> Literal["stall_handshake", "reset_handshake"] | None:
+        fault = self._connection_fault
+        if fault is not None:
+            self.handshake_resets += 1
+        return fault
+
+    @connection_fault.setter
+    def connection_fault(self, fault: Literal["stall_handshake", "reset_handshake"] | None) -> None:
+        self._connection_fault = fault
 
 
 # --------------------------------------------------------------------------- timeline
@@ -613,9 +655,11 @@ class Report:
     extra_decisions: int = 0
     without_outcome: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
-    unknown_after_crash: int = 0
-    unknown_after_crash_sent: int = 0  # of those, the gateway did take the text
+    unknown: int = 0  # failed: unknown_after_* (crash, timeout, connection_lost)
+    unknown_taken: int = 0  # of those, the gateway did take the text
+    unknown_unprovoked: int = 0  # unknown_after_timeout/connection_lost without such a fault
     misreported: int = 0  # the gateway took the text but the final outcome says otherwise
+    resent_after_ambiguous: int = 0  # requests after one whose answer the client lost
     conflicting_outcomes: int = 0
     repeated_outcomes: int = 0  # the same final outcome published again after a crash
     gateway_requests: int = 0
@@ -625,6 +669,9 @@ class Report:
     dlq_missing: int = 0
     dlq_unexpected: int = 0
     crash_restarts: int = 0
+    exits_without_redis: int = 0  # dispatcher exits during a Redis outage (it should wait)
+    connect_fault_s: float = 0.0
+    handshake_resets: int = 0
     rss: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
@@ -646,15 +693,19 @@ class Report:
                 f"(backtest {self.expected_decisions}, missing {self.missing_decisions}, "
                 f"extra {self.extra_decisions}) without_outcome={self.without_outcome}",
                 f"final outcomes: {status}",
-                f"unknown_after_crash={self.unknown_after_crash} "
-                f"(gateway had taken {self.unknown_after_crash_sent} of them) "
+                f"unknown_after_*={self.unknown} (gateway had taken {self.unknown_taken} of "
+                f"them; {self.unknown_unprovoked} timeouts/drops not injected) "
+                f"resent_after_ambiguous={self.resent_after_ambiguous} "
                 f"misreported={self.misreported} conflicting={self.conflicting_outcomes} "
                 f"republished={self.repeated_outcomes}",
                 f"gateway: requests={self.gateway_requests} texts={self.texts_accepted} "
                 f"faults={self.gateway_faults} busiest_1s={self.max_requests_1s} "
-                f"(limit {RATE_PER_S}) calls_while_redis_down={self.calls_while_redis_down}",
+                f"(limit {RATE_PER_S}) calls_while_redis_down={self.calls_while_redis_down} "
+                f"connect_faults={self.connect_fault_s:g}s "
+                f"(handshakes reset {self.handshake_resets})",
                 f"dlq={self.dlq} (missing {self.dlq_missing}, unexpected {self.dlq_unexpected}) "
-                f"crash_restarts={self.crash_restarts} rss: {rss}",
+                f"crash_restarts={self.crash_restarts} "
+                f"(dispatcher exits during Redis outages {self.exits_without_redis}) rss: {rss}",
                 f"took {self.seconds:.0f}s",
             ]
         )
@@ -691,11 +742,12 @@ class Chaos:
         self.broker_outages = 0
         self.redis_down: list[tuple[float, float]] = []  # monotonic windows without Redis
         self.fault_windows: list[tuple[int, int]] = []  # [start, end) request indexes
+        self.connect_fault_s = 0.0  # seconds of refused / reset gateway connections
         self.services: list[Service] = []
         self.started = time.monotonic()
         self.broker: Broker | None = None
         self.redis: RedisServer | None = None
-        self.fake: VonageFake | None = None
+        self.fake: CountingFake | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -705,7 +757,8 @@ class Chaos:
         self.broker.start()
         self.redis = RedisServer(self.workdir / "redis", free_ports(1)[0])
         self.redis.start()
-        self.fake = VonageFake().start()
+        self.fake = CountingFake()
+        self.fake.start()
         say(
             f"stack up: tansu :{self.broker.tansu_port} behind proxy :{self.broker.proxy_port}, "
             f"redis :{self.redis.port} (AOF, fsync always), Vonage fake :{self.fake.port}"
@@ -739,14 +792,6 @@ class Chaos:
         run_dir.mkdir(exist_ok=True)
         exe = [sys.executable, "-m", "processors.cli"]
         worker_argv = [*exe, "worker", "--clock", "event"]
-        batch = os.environ.get("NUDGEFLOW_CHAOS_WORKER_BATCH_BYTES")
-        if batch:  # experiment: the worker producer's batch size (docs/chaos.md, tansu)
-            worker_argv = [
-                sys.executable,
-                "-c",
-                f"import sys, streams.app as a; a.PRODUCER_MAX_BATCH_BYTES = {int(batch)}; "
-                "from processors.cli import main; sys.exit(main(['worker', '--clock', 'event']))",
-            ]
         for i in range(self.n_workers):
             self.services.append(
                 Service(f"worker-{i}", "worker", worker_argv, env, run_dir,
@@ -793,7 +838,7 @@ class Chaos:
         :meth:`wait_worker_progress`, once events flow."""
         deadline = time.monotonic() + timeout_s
         for svc in self.by_role("dispatcher"):
-            while not self.assigned(svc):
+            while not (svc.alive() and self.assigned(svc)):
                 self.check_threads()
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{svc.name} did not join its group; see {svc.log}")
@@ -819,7 +864,11 @@ class Chaos:
         return svc
 
     def restart_redis(self, down_s: float) -> None:
+        """SIGKILL redis-server and start it again after ``down_s``, once every dispatcher is
+        past its start-up: one that starts while Redis is down exits (docs/chaos.md, findings);
+        a running one must wait for Redis without exiting and without a gateway call."""
         assert self.redis is not None
+        self.wait_ready(timeout_s=90.0)
         t0 = time.monotonic()
         self.redis.kill()
         self.timeline.say(f"redis-server SIGKILLed; down for {down_s:g}s")
@@ -838,15 +887,29 @@ class Chaos:
         self.broker_outages += 1
         self.timeline.say(f"broker reachable again after {seconds:g}s")
 
-    def gateway_faults(self, requests: int, wait_s: float = 0.0) -> None:
-        """The next ``requests`` gateway requests get a fault mix (throttling, 429, 5xx,
-        dropped connections, hung answers past the timeout, a few permanent errors); waits up to
-        ``wait_s`` for them to arrive."""
+    def gateway_faults(self, requests: int, wait_s: float = 0.0, connect_s: float = 0.0) -> None:
+        """The next ``requests`` gateway requests get the fault mix (:data:`FAULT_MIX`); with
+        ``connect_s``, first connections are refused for that long (open ones cut), then every new
+        connection is reset in the TLS handshake for as long: requests that never reach the
+        gateway, always retryable. Waits up to ``wait_s`` for the window's requests to arrive."""
         assert self.fake is not None
         start = len(self.fake.requests)
         self.fake.script(fault_script(requests, self.seed))
         self.fault_windows.append((start, start + requests))
         self.timeline.say(f"gateway fault window: the next {requests} requests")
+        if connect_s > 0:
+            # Refusing first also cuts every open keep-alive connection, so each request of the
+            # handshake phase that follows needs a new connection: the faults hit every request.
+            with self.fake.refusing():
+                time.sleep(connect_s)
+            self.fake.connection_fault = "reset_handshake"
+            time.sleep(connect_s)
+            self.fake.connection_fault = None
+            self.connect_fault_s += 2 * connect_s
+            self.timeline.say(
+                f"gateway connections refused for {connect_s:g}s, "
+                f"then reset in the TLS handshake for {connect_s:g}s"
+            )
         deadline = time.monotonic() + wait_s
         while len(self.fake.requests) < start + requests and time.monotonic() < deadline:
             self.check_threads()
@@ -1008,6 +1071,16 @@ class Chaos:
         if self.broker is not None:
             self.broker.stop()
 
+    def verdict(self, failure: Exception | None) -> Report:
+        """The report, after :meth:`stop`. A run that did not complete (a stall, a crashed
+        helper thread) still gets its details and summary line, the failure its first problem."""
+        if failure is not None and not hasattr(self, "observer"):
+            raise failure  # it never got going: nothing to report
+        report = self.report()
+        if failure is not None:
+            report.problems.insert(0, f"the run did not complete: {failure!r}")
+        return report
+
     def report(self) -> Report:
         assert self.fake is not None
         r = Report(
@@ -1039,11 +1112,23 @@ class Chaos:
         r.duplicates = sum(n - 1 for n in took.values() if n > 1)
         r.gateway_faults = sum(1 for a, b in self.fault_windows for q in requests[a:b]
                                if faulty(q.reply))  # fmt: skip
+        r.gateway_faults += self.fake.handshake_resets
         r.max_requests_1s = max_in_window([q.monotonic for q in requests])
         for t0, t1 in self.redis_down:
             r.calls_while_redis_down += sum(
                 1 for q in requests if t0 + FAIL_CLOSED_GRACE_S < q.monotonic < t1
             )
+        # At most one text per decision also means: once a request's answer was lost (the
+        # gateway may have taken it), no further request for that decision, taken or not.
+        per_ref: dict[str, list[Reply]] = {}
+        for q in requests:
+            per_ref.setdefault(q.fields.get("client-ref", ""), []).append(q.reply)
+        for replies in per_ref.values():
+            lost_at = next((i for i, reply in enumerate(replies) if ambiguous(reply)), None)
+            if lost_at is not None:
+                r.resent_after_ambiguous += len(replies) - lost_at - 1
+        r.connect_fault_s = self.connect_fault_s
+        r.handshake_resets = self.fake.handshake_resets
 
         final: dict[str, dict[str, Any]] = {}
         for did, outs in finals.items():
@@ -1057,9 +1142,13 @@ class Chaos:
             if o is None:
                 continue
             r.statuses[o["status"] if o["status"] != "failed" else f"failed:{o['reason']}"] += 1
-            if o["status"] == "failed" and o["reason"] == UNKNOWN_AFTER_CRASH:
-                r.unknown_after_crash += 1
-                r.unknown_after_crash_sent += int(took[did] > 0)
+            if o["status"] == "failed" and o["reason"].startswith(UNKNOWN_PREFIX):
+                # An outcome, not a loss: the text went out at most once, maybe not at all.
+                r.unknown += 1
+                r.unknown_taken += int(took[did] > 0)
+                last = per_ref.get(did, [])[-1:]
+                if o["reason"] != UNKNOWN_AFTER_CRASH and not (last and ambiguous(last[0])):
+                    r.unknown_unprovoked += 1  # a real timeout (a loaded machine) or a race
             elif took[did] and o["status"] != "sent":
                 r.misreported += 1
             elif o["status"] == "sent" and not took[did]:
@@ -1068,14 +1157,26 @@ class Chaos:
             dlq = list(self.observer.dlq)
         r.dlq = len({d for d, _reason in dlq})
         dlq_reasons = {d: reason for d, reason in dlq}
+        # What must be on sms-dlq: every decision the gateway failed, permanently or after its
+        # retries (the fake saw it, or its connections failed before a request could leave);
+        # not the ambiguous ones (not known to have failed), nor policy failures.
         gateway_failed = {
             did: o["reason"]
             for did, o in final.items()
-            if o["status"] == "failed" and o["reason"] != UNKNOWN_AFTER_CRASH and asked[did]
+            if o["status"] == "failed"
+            and not o["reason"].startswith(UNKNOWN_PREFIX)
+            and (asked[did] or o["reason"] in CONNECT_REASONS)
         }
         r.dlq_missing = sum(1 for d, why in gateway_failed.items() if dlq_reasons.get(d) != why)
         r.dlq_unexpected = sum(1 for d in dlq_reasons if d not in gateway_failed)
         r.crash_restarts = len(self.supervisor.crashes)
+        t_base = self.timeline.t0
+        for t, name, _code in self.supervisor.crashes:
+            r.exits_without_redis += int(
+                name.startswith("dispatcher")
+                and any(t0 - t_base <= t <= t1 - t_base + REDIS_BACK_GRACE_S
+                        for t0, t1 in self.redis_down)
+            )  # fmt: skip
         for role in ("worker", "dispatcher"):
             for phase in ("steady", "burst"):
                 peak = self.rss.peak(role, [phase])
@@ -1098,6 +1199,14 @@ class Chaos:
         problem(r.conflicting_outcomes > 0, f"{r.conflicting_outcomes} decisions with two outcomes")
         problem(r.max_requests_1s > RATE_PER_S, f"{r.max_requests_1s} requests in one second")
         problem(r.calls_while_redis_down > 0, f"{r.calls_while_redis_down} calls without Redis")
+        problem(
+            r.exits_without_redis > 0,
+            f"{r.exits_without_redis} dispatcher exits during a Redis outage (it should wait)",
+        )
+        problem(
+            r.resent_after_ambiguous > 0,
+            f"{r.resent_after_ambiguous} requests resent after an answer was lost",
+        )
         problem(r.dlq_missing > 0, f"{r.dlq_missing} gateway failures missing from sms-dlq")
         problem(r.dlq_unexpected > 0, f"{r.dlq_unexpected} sms-dlq records without a failure")
         if no_outcome or expected - live or live - expected:
@@ -1111,6 +1220,7 @@ class Chaos:
             "".join(
                 json.dumps({"ref": q.fields.get("client-ref"), "t": q.monotonic,
                             "reply": q.reply.kind, "delay": q.reply.delay_s,
+                            "lose": q.reply.lose,
                             "status": q.reply.status or q.reply.http_status})
                 + "\n"
                 for q in requests

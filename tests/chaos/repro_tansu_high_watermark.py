@@ -38,8 +38,9 @@ def end_offsets(bootstrap: str, topic: str, producer_conf: dict[str, object]) ->
     last, deadline = -1, time.monotonic() + 10
     while last < 999 and time.monotonic() < deadline:
         for m in consumer.consume(500, timeout=0.5):
-            if not m.error():
-                last = max(last, m.offset())
+            offset = m.offset()
+            if not m.error() and offset is not None:
+                last = max(last, offset)
     _low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=5)
     consumer.close()
     return last + 1, high
@@ -51,7 +52,10 @@ def main() -> int:
     wrong = False
     try:
         admin = AdminClient({"bootstrap.servers": broker.bootstrap})
-        cases = {"batched": {"linger.ms": 5}, "one-record-batches": {"batch.num.messages": 1}}
+        cases: dict[str, dict[str, object]] = {
+            "batched": {"linger.ms": 5},
+            "one-record-batches": {"batch.num.messages": 1},
+        }
         for fut in admin.create_topics([NewTopic(t, 1, 1) for t in cases]).values():
             fut.result()
         for topic, conf in cases.items():
