@@ -41,7 +41,8 @@ def send_flush(producer: Producer, topic: str) -> int:
     """End of input: one control record per partition, ordered after every event before it."""
     n = partition_count(producer, topic)
     for p in range(n):
-        producer.produce(topic, value=b"", partition=p, headers=flush_headers(p, n))
+        headers: list[tuple[str, str | bytes | None]] = list(flush_headers(p, n))
+        producer.produce(topic, value=b"", partition=p, headers=headers)
     producer.flush(30)
     return n
 

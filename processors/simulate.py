@@ -24,18 +24,25 @@ longer one.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import heapq
 import json
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from processors.core.events import MAX_TS_MS, MIN_TS_MS, ClickEvent, EventError, iso_ms, parse_ts
+from processors.core.events import (
+    MAX_TS_MS,
+    MIN_TS_MS,
+    ClickEvent,
+    EventError,
+    iso_ms,
+    make_event,
+    parse_ts,
+)
 
 if TYPE_CHECKING:
     from processors.settings import Settings
@@ -117,38 +124,7 @@ def _iso(ms: int) -> str:
     return iso_ms(ms)
 
 
-def _fast_constructor() -> Callable[..., ClickEvent]:
-    """``ClickEvent(...)`` without the frozen dataclass's per-field ``object.__setattr__`` calls
-    (half the cost of building an event; generation speed matters for load tests). Falls back
-    to the plain constructor if ClickEvent ever gains fields or a ``__post_init__``."""
-    names = tuple(f.name for f in dataclasses.fields(ClickEvent))
-    if names != _EVENT_FIELDS or hasattr(ClickEvent, "__post_init__"):
-        return ClickEvent
-    s0, s1, s2, s3, s4, s5 = (getattr(ClickEvent, name).__set__ for name in names)
-    new = object.__new__
-
-    def make(
-        event_id: str,
-        user_id: str,
-        event_type: str,
-        ts: int,
-        session_id: str | None,
-        properties: dict[str, str],
-    ) -> ClickEvent:
-        event = new(ClickEvent)
-        s0(event, event_id)
-        s1(event, user_id)
-        s2(event, event_type)
-        s3(event, ts)
-        s4(event, session_id)
-        s5(event, properties)
-        return event
-
-    return make
-
-
-_EVENT_FIELDS = ("event_id", "user_id", "event_type", "ts", "session_id", "properties")
-_make_event = _fast_constructor()
+_make_event = make_event  # the fast constructor (processors.core.events)
 
 
 def _money(cents: int) -> str:
