@@ -755,9 +755,12 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+REPLY_PREFIX = "kw-"
+
+
 def reply_client_ref(message_id: str) -> str:
     """client-ref of the reply to an inbound message (≤ 100 chars, no personal data)."""
-    return "kw-" + hashlib.blake2b(message_id.encode(), digest_size=12).hexdigest()
+    return REPLY_PREFIX + hashlib.blake2b(message_id.encode(), digest_size=12).hexdigest()
 
 
 class WebhookService:
@@ -888,6 +891,10 @@ class WebhookService:
         ref = (
             await self._run(self.store.sent_ref, receipt.client_ref) if receipt.client_ref else None
         )
+        if ref is None and receipt.client_ref and not receipt.client_ref.startswith(REPLY_PREFIX):
+            # Not a text we know (yet): refuse without a trace. Vonage retries a non-2xx
+            # receipt, so one that beat the dispatcher's send record matches on a retry.
+            raise WebhookError(404, "unknown_client_ref", "no NudgeFlow text has this client-ref")
         group = receipt.client_ref or f"msg:{receipt.message_id}"
         parts = await self._run(self.state.record_part, group, receipt)
         folded = receipts.fold(
