@@ -76,6 +76,8 @@ log = logging.getLogger(__name__)
 
 TICK_INTERVAL_S = 0.5  # a due timer waits at most this long for its tick (lateness p99 <= 1 s)
 LAG_INTERVAL_S = 5.0  # how often every worker samples the consumer lag of its partitions
+RECONCILE_INTERVAL_S = 2.0  # how often the read partitions are checked against Faust's
+RECONCILE_AFTER_S = 6.0  # a mismatch this long outside a rebalance is not a rebalance in flight
 YIELD_EVERY = 1000  # records/users between turns given to the event loop (heartbeats)
 CHECKPOINT_S = 0.5  # longest time a state change stays only in memory
 REVOKE_CHECKPOINT_S = 30.0  # longest a rebalance waits for the worker's last checkpoint
@@ -186,6 +188,8 @@ class TriggerShell:
                 self._send_ticks
             )
         app.timer(LAG_INTERVAL_S, name="nudgeflow.consumer_lag")(self.sample_lag)
+        app.timer(RECONCILE_INTERVAL_S, name="nudgeflow.reconcile")(self._reconcile)
+        self._mismatch_since: float | None = None
         app.task(self._read_loop)
         app.on_rebalance_complete.connect(self._on_rebalance_complete)  # type: ignore[arg-type]
         hooks = getattr(app, "nudgeflow_hooks", None)
@@ -265,6 +269,40 @@ class TriggerShell:
                 self.reader.release_all()
             self.timers.clear()
             self.episodes.clear()
+
+    async def _reconcile(self) -> None:
+        """Safety net: the clickstream partitions read must be the ticks partitions Faust gave
+        this worker. If they differ for :data:`RECONCILE_AFTER_S` outside a rebalance (a
+        rebalance-complete signal that never came, e.g. after a broker outage), write a
+        checkpoint, let go of everything and take the right partitions at their positions."""
+        if self._reader is None or self.app.rebalancing or getattr(self.app, "in_recovery", False):
+            self._mismatch_since = None
+            return
+        try:
+            assigned = self.app.consumer.assignment()
+        except Exception:
+            return
+        ticks = self.settings.topic_ticks
+        mine = {tp.partition for tp in assigned if tp.topic == ticks}
+        if mine == self.reader.owned:
+            self._mismatch_since = None
+            return
+        now = time.monotonic()
+        if self._mismatch_since is None:
+            self._mismatch_since = now
+            return
+        if now - self._mismatch_since < RECONCILE_AFTER_S:
+            return
+        log.warning(
+            "reading clickstream partitions %s but Faust assigned ticks partitions %s for %.0f s:"
+            " re-taking them from the checkpointed positions",
+            sorted(self.reader.owned),
+            sorted(mine),
+            now - self._mismatch_since,
+        )
+        self._mismatch_since = None
+        await self._before_revoke()
+        await self._on_rebalance_complete(None)
 
     async def _on_revoked_signal(self, sender: Any, /, *args: Any, **kwargs: Any) -> None:
         await self._before_revoke()
