@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 
 TICK_INTERVAL_S = 0.5  # a due timer waits at most this long for its tick (lateness p99 <= 1 s)
 LAG_INTERVAL_S = 5.0  # how often every worker samples the consumer lag of its partitions
+READER_STUCK_S = 20.0  # records waiting and none fetched this long: a new consumer
 RECONCILE_INTERVAL_S = 2.0  # how often the read partitions are checked against Faust's
 RECONCILE_AFTER_S = 6.0  # a mismatch this long outside a rebalance is not a rebalance in flight
 YIELD_EVERY = 1000  # records/users between turns given to the event loop (heartbeats)
@@ -328,7 +329,6 @@ class TriggerShell:
         written while the next batches are processed."""
         self._running = True
         self._reading = asyncio.current_task()
-        reader = self.reader
         # Faust, the campaigns and the codecs are alive for good: take them out of the cyclic
         # GC's scans, whose full passes stopped the event loop for ~80 ms (decision p99).
         gc.collect()
@@ -336,7 +336,7 @@ class TriggerShell:
         gc.set_threshold(*GC_THRESHOLDS)
         while self._running:
             try:
-                msgs = await reader.poll()
+                msgs = await self.reader.poll()  # (the reader may be replaced: sample_lag)
                 if self.checkpointer.pending() >= CHECKPOINT_MAX_PENDING:
                     await self._finish_writing()  # backpressure: memory stays bounded
                 async with self.busy:
@@ -405,6 +405,8 @@ class TriggerShell:
             if partition not in owned:
                 continue  # fetched just before the partition was released
             key, value, offset = msg.key(), msg.value() or b"", int(msg.offset() or 0)
+            if offset < (positions.get(partition) or 0):
+                continue  # already applied (a replaced reader's last batch)
             try:
                 got = intake(self.codec, key, value, msg.headers())
             except Exception:  # a registry outage, never bad data: wait for it
@@ -473,6 +475,26 @@ class TriggerShell:
         metrics.set_consumer_lag(
             offsets_group(self.settings.worker_id), {(topic, p): n for p, n in lags.items()}
         )
+        idle_s = time.monotonic() - self.reader.last_record_at
+        if sum(lags.values()) > 0 and idle_s > READER_STUCK_S:
+            await self._replace_reader(idle_s)
+
+    async def _replace_reader(self, idle_s: float) -> None:
+        """Records wait on owned partitions but none has come for :data:`READER_STUCK_S`: a
+        consumer left in a bad state (seen after a broker outage: connected, fetching nothing).
+        A new consumer takes over at the same positions; nothing is lost or applied twice."""
+        async with self.busy:
+            old = self.reader
+            positions = dict(old.positions)
+            log.warning(
+                "clickstream reader fetched nothing for %.0f s with records waiting on %s; "
+                "replacing its consumer",
+                idle_s,
+                sorted(positions),
+            )
+            self._reader = None
+            old.close()
+            self.reader.assign(positions)
 
     # ------------------------------------------------------------------ time
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
@@ -62,6 +63,7 @@ class ClickstreamReader:
         )
         # Its own thread: a shared executor's other work must never delay a fetch (latency).
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="clickstream")
+        self.last_record_at = time.monotonic()  # (the worker replaces a reader stuck for long)
         self.owned: set[int] = set()
         self.positions: dict[int, int | None] = {}
         """Next offset to read per owned partition (None: the beginning); the caller advances it."""
@@ -76,6 +78,7 @@ class ClickstreamReader:
             for p, off in positions.items()
         ]
         self._consumer.incremental_assign(tps)
+        self.last_record_at = time.monotonic()
         self.owned.update(positions)
         self.positions.update(positions)
         log.info("reading clickstream partitions %s", sorted(positions))
@@ -107,12 +110,13 @@ class ClickstreamReader:
         """
         consumer = self._consumer
         msgs: list[Message] = consumer.consume(BATCH_MAX, 0)
+        if not msgs:
+            msgs = consumer.consume(1, POLL_S)
+            if msgs:
+                msgs += consumer.consume(BATCH_MAX - 1, 0)
         if msgs:
-            return msgs
-        first: list[Message] = consumer.consume(1, POLL_S)
-        if not first:
-            return first
-        return first + consumer.consume(BATCH_MAX - 1, 0)
+            self.last_record_at = time.monotonic()
+        return msgs
 
     def commit(self, positions: dict[int, int]) -> None:
         """Report positions to the offsets group (monitoring only; errors are not fatal)."""
