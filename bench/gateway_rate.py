@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 from _common import bench_settings, write_campaigns, write_contacts
 from confluent_kafka import Producer
-from trigger_throughput import BenchError, Worker, say, sigterm_as_interrupt
+from trigger_throughput import BenchError, Worker, run_main, say
 
 from processors.contacts_import import import_contacts
 from processors.core.decision import Decision
-from processors.devstack import EmbeddedStack, StackError, create_topics
+from processors.devstack import EmbeddedStack, create_topics
 from schemas.codec import Codec
 
 HERE = Path(__file__).resolve().parent
@@ -129,22 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=3, help="dispatcher processes (3)")
     parser.add_argument("--rate", type=float, default=30.0, help="gateway limit per s (30)")
     parser.add_argument("--latency", type=float, default=0.02, help="gateway latency s (0.02)")
-    args = parser.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="nudgeflow-bench-"))
-    try:
-        with sigterm_as_interrupt():
-            lines = run(args, tmp)
-    except (BenchError, StackError) as exc:
-        print(f"gateway_rate: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("gateway_rate: interrupted; everything it started is stopped", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for key, value in lines:
-        print(f"{key}={value}", flush=True)
-    return 0
+    return run_main("gateway_rate", run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

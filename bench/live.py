@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import random
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -55,12 +53,12 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
-from trigger_throughput import BenchError, Worker, say, sigterm_as_interrupt
+from trigger_throughput import BenchError, Worker, run_main, say
 
 from processors.contacts_import import import_contacts
 from processors.core.campaign import load_campaigns
 from processors.core.events import ClickEvent
-from processors.devstack import EmbeddedStack, StackError, create_topics
+from processors.devstack import EmbeddedStack, create_topics
 from processors.dispatcher import Dispatcher
 from processors.settings import Settings
 from schemas.codec import Codec
@@ -428,22 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--soak-rate", type=float, default=1000.0, help="new users/s (1000)")
     parser.add_argument("--soak-s", type=float, default=60.0, help="soak seconds (60)")
-    args = parser.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="nudgeflow-bench-"))
-    try:
-        with sigterm_as_interrupt():
-            lines = run(args, tmp)
-    except (BenchError, StackError) as exc:
-        print(f"live: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("live: interrupted; everything it started is stopped", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for key, value in lines:
-        print(f"{key}={value}", flush=True)
-    return 0
+    return run_main("live", run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -13,21 +13,19 @@ Prints ``policy_decisions``, ``policy_outcomes`` and ``policy_per_s``.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 from _common import EXAMPLE_CAMPAIGNS, FakeGateway, bench_settings, write_contacts
 from confluent_kafka import Producer
-from trigger_throughput import BenchError, say, sigterm_as_interrupt
+from trigger_throughput import BenchError, run_main, say
 
 from processors.contacts_import import import_contacts
 from processors.core.campaign import load_campaigns
 from processors.core.decision import Decision
-from processors.devstack import EmbeddedStack, StackError, create_topics
+from processors.devstack import EmbeddedStack, create_topics
 from processors.dispatcher import Dispatcher
 from schemas.codec import Codec
 
@@ -116,22 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=500, help="capped users (500)")
     parser.add_argument("--per-user", type=int, default=10, help="decisions per user (10)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to drain (120)")
-    args = parser.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="nudgeflow-bench-"))
-    try:
-        with sigterm_as_interrupt():
-            lines = run(args, tmp)
-    except (BenchError, StackError) as exc:
-        print(f"policy_throughput: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("policy_throughput: interrupted; everything it started is stopped", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for key, value in lines:
-        print(f"{key}={value}", flush=True)
-    return 0
+    return run_main("policy_throughput", run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -590,23 +590,35 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         stack.down(state_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_main(
+    name: str,
+    run_fn: Callable[[argparse.Namespace, Path], list[tuple[str, str]]],
+    args: argparse.Namespace,
+    errors: tuple[type[Exception], ...] = (),
+) -> int:
+    """What every benchmark's ``main`` does around its ``run``: a temporary directory, SIGTERM
+    as Ctrl-C (so everything started is stopped), a one-line error instead of a traceback for
+    ``BenchError``/``StackError`` (and ``errors``), and the ``key=value`` figures on stdout."""
     tmp = Path(tempfile.mkdtemp(prefix="nudgeflow-bench-"))
     try:
         with sigterm_as_interrupt():
-            lines = run(args, tmp)
-    except (BenchError, StackError, ValueError) as exc:  # ValueError: simulate's arguments
-        print(f"trigger_throughput: {exc}", file=sys.stderr)
+            lines = run_fn(args, tmp)
+    except (BenchError, StackError, *errors) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("trigger_throughput: interrupted; everything it started is stopped", file=sys.stderr)
+        print(f"{name}: interrupted; everything it started is stopped", file=sys.stderr)
         return 130
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for key, value in lines:
         print(f"{key}={value}", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # ValueError: simulate's arguments
+    return run_main("trigger_throughput", run, parse_args(argv), (ValueError,))
 
 
 if __name__ == "__main__":
