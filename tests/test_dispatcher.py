@@ -196,10 +196,13 @@ def vsettings(settings: Settings, fake: VonageFake, redis_client: redis.Redis) -
 
 
 @contextmanager
-def running(settings: Settings, doc: dict[str, Any], **kw: Any) -> Iterator[Dispatcher]:
-    """An in-process dispatcher on its own thread, returned once it owns partitions."""
+def dispatching(
+    settings: Settings, doc: dict[str, Any], gateway: Any, **kw: Any
+) -> Iterator[tuple[Dispatcher, threading.Thread]]:
+    """An in-process dispatcher with ``gateway`` on its own thread, yielded (with the thread)
+    once it owns partitions; stopped, joined and checked for errors on exit."""
     kw.setdefault("retry", RetryPolicy(attempts=4, base_s=0.05, max_s=0.2))
-    d = Dispatcher(settings, parse_campaigns(doc), make_gateway(settings), **kw)
+    d = Dispatcher(settings, parse_campaigns(doc), gateway, **kw)
     errors: list[BaseException] = []
 
     def target() -> None:
@@ -216,12 +219,19 @@ def running(settings: Settings, doc: dict[str, Any], **kw: Any) -> Iterator[Disp
         assert time.monotonic() < deadline, "dispatcher did not join the group"
         time.sleep(0.05)
     try:
-        yield d
+        yield d, thread
     finally:
         d.stop()
         thread.join(30)
         assert not thread.is_alive()
         assert not errors, errors
+
+
+@contextmanager
+def running(settings: Settings, doc: dict[str, Any], **kw: Any) -> Iterator[Dispatcher]:
+    """:func:`dispatching` with the gateway the settings name."""
+    with dispatching(settings, doc, make_gateway(settings), **kw) as (d, _thread):
+        yield d
 
 
 def child_env(settings: Settings, fake: VonageFake) -> dict[str, str]:

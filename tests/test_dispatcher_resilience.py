@@ -11,11 +11,9 @@ import dataclasses
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import time as dtime
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ from processors.core.decision import Decision, DecisionCancelled
 from processors.core.outcome import SmsOutcome
 from processors.core.policy import Policy, RetryPolicy, SendPlan, Step, deliver
 from processors.core.quiet_hours import QuietHours, quiet_until
-from processors.dispatcher import Dispatcher, make_gateway
+from processors.dispatcher import make_gateway
 from processors.gateways.base import (
     AmbiguousGatewayError,
     PermanentGatewayError,
@@ -50,6 +48,7 @@ from tests.test_dispatcher import (
     campaign_doc,
     contact_rows,
     daytime_zone,
+    dispatching,
     fake,  # noqa: F401 - fixture
     refs,
     vsettings,  # noqa: F401 - fixture
@@ -266,36 +265,6 @@ class AmbiguousGateway:
 
     def close(self) -> None:
         pass
-
-
-@contextmanager
-def dispatching(
-    settings: Settings, doc: dict[str, Any], gateway: Any, **kw: Any
-) -> Iterator[tuple[Dispatcher, threading.Thread]]:
-    kw.setdefault("retry", RetryPolicy(attempts=4, base_s=0.05, max_s=0.2))
-    d = Dispatcher(settings, parse_campaigns(doc), gateway, **kw)
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            d.run()
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not d._assigned:
-        assert not errors, errors
-        assert time.monotonic() < deadline, "dispatcher did not join the group"
-        time.sleep(0.05)
-    try:
-        yield d, thread
-    finally:
-        d.stop()
-        thread.join(30)
-        assert not thread.is_alive()
-        assert not errors, errors
 
 
 def test_dispatcher_ends_an_ambiguous_send_as_unknown_without_dead_letter(
