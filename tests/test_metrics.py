@@ -33,6 +33,7 @@ from tests.test_streams_smoke import (
     produce_flush,
     produce_raw,
     worker_env,
+    worker_launcher,
 )
 
 CAMPAIGNS = """
@@ -93,21 +94,7 @@ def wait_for(
 
 @pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    campaigns = tmp_path / "campaigns.yaml"
-    campaigns.write_text(CAMPAIGNS)
-
-    def start(env: dict[str, str], clock: str) -> WorkerProcess:
-        # Faust's data directory (RocksDB, or an empty dir with the memory store) stays in tmp.
-        env = {"FAUST_DATADIR": str(tmp_path / "faust-data"), **env}
-        w = WorkerProcess(env, campaigns, clock, tmp_path / f"worker{len(started)}.log")
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        if w.proc.poll() is None:
-            w.stop()
+    yield from worker_launcher(tmp_path, CAMPAIGNS)
 
 
 # ---------------------------------------------------------------- the worker's /metrics

@@ -101,13 +101,16 @@ class WorkerProcess:
             pytest.fail(f"worker exited with {self.proc.returncode}:\n{self.log.read_text()}")
 
 
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+def worker_launcher(tmp_path: Path, campaigns_yaml: str) -> Iterator[Callable[..., WorkerProcess]]:
+    """Body of the worker fixtures: ``start(env, clock)`` runs a worker on ``campaigns_yaml``
+    with its logs and Faust data directory in ``tmp_path``; every one left running is stopped."""
     started: list[WorkerProcess] = []
     campaigns = tmp_path / "campaigns.yaml"
-    campaigns.write_text(CAMPAIGNS)
+    campaigns.write_text(campaigns_yaml)
 
     def start(env: dict[str, str], clock: str) -> WorkerProcess:
+        # Faust's data directory (RocksDB, or an empty dir with the memory store) stays in tmp.
+        env = {"FAUST_DATADIR": str(tmp_path / "faust-data"), **env}
         w = WorkerProcess(env, campaigns, clock, tmp_path / f"worker{len(started)}.log")
         started.append(w)
         return w
@@ -116,6 +119,11 @@ def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     for w in started:
         if w.proc.poll() is None:
             w.stop()
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    yield from worker_launcher(tmp_path, CAMPAIGNS)
 
 
 def click(event_id: str, user_id: str, event_type: str, ts: int) -> dict[str, Any]:
