@@ -273,7 +273,8 @@ class PartitionedGauge:
 
     Why: a worker keeps counts for every partition it has seen (the in-memory table may still
     hold keys of partitions it lost in a rebalance); only the owned ones may be reported, or
-    the sum over workers would count a partition twice. Updates are O(partitions) per label.
+    the sum over workers would count a partition twice. The owned total is kept alongside, so
+    an update costs O(labels changed) (the worker calls it for every state change).
     """
 
     def __init__(self, gauge: Gauge, labels: Iterable[str] = ()) -> None:
@@ -281,15 +282,20 @@ class PartitionedGauge:
         self.known = frozenset(labels)
         self.counts: dict[int, Tally[str]] = {}
         self.owned: frozenset[int] = frozenset()
+        self._totals: Tally[str] = Tally()  # over the owned partitions
+        self._children: dict[str, Any] = {}
         self._lock = threading.Lock()
         for label in self.known:
-            gauge.labels(label).set(0)
+            self._child(label).set(0)
 
     def reset(self, counts: Mapping[int, Mapping[str, int]], owned: Iterable[int]) -> None:
         """Replace every count (after a rebalance) and publish all labels."""
         with self._lock:
             self.counts = {p: Tally(c) for p, c in counts.items()}
             self.owned = frozenset(owned)
+            self._totals = Tally()
+            for p in self.owned:
+                self._totals.update(self.counts.get(p, {}))
             labels = set(self.known)
             for c in self.counts.values():
                 labels.update(c)
@@ -306,18 +312,32 @@ class PartitionedGauge:
             return
         with self._lock:
             counts = self.counts.setdefault(partition, Tally())
+            owned = partition in self.owned
+            totals = self._totals
             for label in old - new:
                 counts[label] -= 1
+                if owned:
+                    totals[label] -= 1
             for label in new - old:
                 counts[label] += 1
-            self._publish(old ^ new)
+                if owned:
+                    totals[label] += 1
+            if owned:
+                self._publish(old ^ new)
 
     def value(self, label: str) -> int:
-        return sum(self.counts.get(p, Tally())[label] for p in self.owned)
+        return self._totals[label]
+
+    def _child(self, label: str) -> Any:
+        child = self._children.get(label)
+        if child is None:
+            child = self._children[label] = self.gauge.labels(label)
+        return child
 
     def _publish(self, labels: Iterable[str]) -> None:
+        totals = self._totals
         for label in labels:
-            self.gauge.labels(label).set(max(0, self.value(label)))
+            self._child(label).set(max(0, totals[label]))
 
 
 _lag_labels: dict[str, set[tuple[str, str]]] = {}

@@ -64,6 +64,7 @@ from schemas.codec import Codec
 from streams.checkpoint import Checkpointer, is_position_key
 from streams.clickstream import ClickstreamReader, offsets_group
 from streams.output import Output
+from streams.state_cache import StateCache
 from streams.timers import StoredState, TimerIndex, pack_state, unpack_state
 from streams.topics import (
     DLQ_DETAIL_HEADER,
@@ -166,6 +167,7 @@ class TriggerShell:
             help="engine state per user: streams.timers.pack_state(partition, wake_at, state)",
         )
         self.timers = TimerIndex(self._scan_table)
+        self.states = StateCache()  # decoded states of recent users (streams.state_cache)
         self.stats = ShellStats()
         self.live = settings.clock == "live"
         self.vocabulary = frozenset(engine.by_type)  # event types some enabled campaign reads
@@ -244,6 +246,7 @@ class TriggerShell:
             new = mine - reader.owned
             positions = {p: self.checkpointer.position(p) for p in sorted(new)}
             self.timers.clear()
+            self.states.clear()
             self.episodes.clear()
             reader.assign(positions)
             for p, off in positions.items():
@@ -269,6 +272,7 @@ class TriggerShell:
             if self._reader is not None:
                 self.reader.release_all()
             self.timers.clear()
+            self.states.clear()
             self.episodes.clear()
 
     async def _reconcile(self) -> None:
@@ -393,46 +397,65 @@ class TriggerShell:
         await self._finish_writing()
 
     async def _process(self, msgs: list[Message]) -> None:
-        """One batch, in order (the caller holds :attr:`busy`)."""
+        """One batch, in order (the caller holds :attr:`busy`). The hot path of the worker:
+        locals instead of attribute lookups, positions handed to the checkpointer once per
+        partition per batch (no checkpoint can start while the caller holds :attr:`busy`)."""
         owned, positions = self.reader.owned, self.reader.positions
-        consumed: Counter[str] = Counter()
-        checkpointer = self.checkpointer
-        for i, msg in enumerate(msgs, 1):
-            if msg.error() is not None:
-                log.warning("clickstream consumer error: %s", msg.error())
-                continue
-            partition = msg.partition()
-            if partition not in owned:
-                continue  # fetched just before the partition was released
-            key, value, offset = msg.key(), msg.value() or b"", int(msg.offset() or 0)
-            if offset < (positions.get(partition) or 0):
-                continue  # already applied (a replaced reader's last batch)
-            try:
-                got = intake(self.codec, key, value, msg.headers())
-            except Exception:  # a registry outage, never bad data: wait for it
-                got = await self._intake(key, value, msg.headers())
-            where = _Where(partition, offset)
-            if isinstance(got, EndOfInput):
-                await self.flush_partition(partition)
-            elif isinstance(got, Rejected) and got.control:
-                self._send([self._dead(key, value, got.reason, got.detail, where)])
-            else:
-                self.stats.events += 1
-                click = got.event if isinstance(got, Rejected) else got
-                label = metrics.OTHER
-                if click is not None:
-                    label = metrics.event_type_label(click.event_type, self.vocabulary)
-                consumed[label] += 1
-                if isinstance(got, Rejected):
-                    self._send([self._dead(key, value, got.reason, got.detail, where)])
-                else:
-                    self._send(self._on_click(got, key, value, where))
-            checkpointer.advance(partition, offset + 1)
-            positions[partition] = offset + 1
-            if i % YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-        for label, n in consumed.items():
-            metrics.EVENTS_CONSUMED.labels(label).inc(n)
+        consumed: dict[str, int] = {}
+        vocabulary = self.vocabulary
+        codec = self.codec
+        send, on_click = self._send, self._on_click
+        stats = self.stats
+        touched: set[int] = set()
+        countdown = YIELD_EVERY
+        try:
+            for msg in msgs:
+                if msg.error() is not None:
+                    log.warning("clickstream consumer error: %s", msg.error())
+                    continue
+                partition = msg.partition()
+                if partition not in owned:
+                    continue  # fetched just before the partition was released
+                offset = msg.offset()
+                if offset < (positions.get(partition) or 0):
+                    continue  # already applied (a replaced reader's last batch)
+                key, value, headers = msg.key(), msg.value() or b"", msg.headers()
+                try:
+                    got = intake(codec, key, value, headers)
+                except Exception:  # a registry outage, never bad data: wait for it
+                    got = await self._intake(key, value, headers)
+                if type(got) is ClickEvent:
+                    stats.events += 1
+                    event_type = got.event_type
+                    label = event_type if event_type in vocabulary else metrics.OTHER
+                    consumed[label] = consumed.get(label, 0) + 1
+                    out = on_click(got, key, value, _Where(partition, offset))
+                    if out:
+                        send(out)
+                elif isinstance(got, EndOfInput):
+                    await self.flush_partition(partition)
+                elif isinstance(got, Rejected):
+                    where = _Where(partition, offset)
+                    if not got.control:
+                        stats.events += 1
+                        click = got.event
+                        label = metrics.OTHER
+                        if click is not None:
+                            label = metrics.event_type_label(click.event_type, vocabulary)
+                        consumed[label] = consumed.get(label, 0) + 1
+                    send([self._dead(key, value, got.reason, got.detail, where)])
+                positions[partition] = offset + 1
+                touched.add(partition)
+                countdown -= 1
+                if not countdown:
+                    countdown = YIELD_EVERY
+                    await asyncio.sleep(0)
+        finally:
+            advance = self.checkpointer.advance
+            for partition in touched:
+                advance(partition, positions[partition])
+            for label, n in consumed.items():
+                metrics.EVENTS_CONSUMED.labels(label).inc(n)
 
     # ------------------------------------------------------------------ agents
 
@@ -530,15 +553,22 @@ class TriggerShell:
         user_key = click.user_id.encode()  # == key: processors.intake checked it
         try:
             raw = self.checkpointer.get(partition, user_key)
-            state = self._decode(raw)
+            state = self.states.state(user_key, raw)
             before = self._open_campaigns(state)  # the engine changes ``state`` in place
             step = self.engine.on_event(state, click)
-            out = self._outputs(step, current=(click, key, value, where))
+            out = (
+                self._outputs(step, current=(click, key, value, where))
+                if step.decisions or step.cancellations or step.rejected
+                else []
+            )
             unchanged = state is not None and any(ev is click for ev, _ in step.rejected)
             if not unchanged:
                 self._store(user_key, click.user_id, partition, step, raw)
-                self.episodes.change(partition, before, self._open_campaigns(step.state))
+                after = self._open_campaigns(step.state)
+                if before != after:
+                    self.episodes.change(partition, before, after)
         except Exception as exc:  # an engine/state bug must not stop the partition
+            self.states.forget(user_key)  # maybe half-changed; the table has the old value
             log.exception(
                 "engine failed on event %s (partition %d offset %d)",
                 click.event_id,
@@ -554,24 +584,23 @@ class TriggerShell:
         user_key = user_id.encode()
         try:
             raw = self.checkpointer.get(partition, user_key)
-            state = self._decode(raw)
+            state = self.states.state(user_key, raw)
             if state is None:
                 return []
             before = self._open_campaigns(state)
             step = self.engine.on_time(state, watermark_ms)
             out = self._outputs(step, current=None)
             self._store(user_key, user_id, partition, step, raw)
-            self.episodes.change(partition, before, self._open_campaigns(step.state))
+            after = self._open_campaigns(step.state)
+            if before != after:
+                self.episodes.change(partition, before, after)
         except Exception:
             # The timer is dropped (the user's next event re-arms it); the state is untouched.
+            self.states.forget(user_key)
             self.stats.timer_errors += 1
             log.exception("engine.on_time failed for a user of partition %d", partition)
             return []
         return out
-
-    @staticmethod
-    def _decode(raw: bytes | None) -> UserState | None:
-        return None if raw is None else UserState.from_bytes(unpack_state(raw).state)
 
     def _store(
         self,
@@ -584,14 +613,17 @@ class TriggerShell:
         """Buffer the new value (None = delete); skip it when it equals ``previous``, the value
         the step started from."""
         timers = self.timers.partition(partition)  # build the index before changing the table
-        if step.state is None:
+        state = step.state
+        if state is None:
             if previous is not None:
                 self.checkpointer.put(partition, user_key, None)
+            self.states.forget(user_key)
             timers.discard(user_id)
             return
-        value = pack_state(partition, step.wake_at, step.state.to_bytes())
+        value = pack_state(partition, step.wake_at, state.to_bytes())
         if value != previous:
             self.checkpointer.put(partition, user_key, value)
+            self.states.put(user_key, value, state)
         timers.set(user_id, step.wake_at)
 
     def _open_campaigns(self, state: UserState | None) -> frozenset[str]:
