@@ -64,8 +64,8 @@ from schemas.codec import Codec
 from streams.checkpoint import Checkpointer, is_position_key
 from streams.clickstream import ClickstreamReader, offsets_group
 from streams.output import Output
-from streams.state_cache import StateCache
-from streams.timers import StoredState, TimerIndex, pack_state, unpack_state
+from streams.state_cache import LiveState, StateCache
+from streams.timers import StoredState, TimerIndex, unpack_state
 from streams.topics import (
     DLQ_DETAIL_HEADER,
     DLQ_REASON_HEADER,
@@ -551,9 +551,10 @@ class TriggerShell:
     ) -> list[Out]:
         partition = where.partition
         user_key = click.user_id.encode()  # == key: processors.intake checked it
+        raw = None
         try:
             raw = self.checkpointer.get(partition, user_key)
-            state = self.states.state(user_key, raw)
+            state = self._load(user_key, raw)
             before = self._open_campaigns(state)  # the engine changes ``state`` in place
             step = self.engine.on_event(state, click)
             out = (
@@ -568,7 +569,7 @@ class TriggerShell:
                 if before != after:
                     self.episodes.change(partition, before, after)
         except Exception as exc:  # an engine/state bug must not stop the partition
-            self.states.forget(user_key)  # maybe half-changed; the table has the old value
+            self._rollback(partition, user_key, raw)
             log.exception(
                 "engine failed on event %s (partition %d offset %d)",
                 click.event_id,
@@ -582,9 +583,10 @@ class TriggerShell:
         timers = self.timers.partition(partition)
         timers.discard(user_id)
         user_key = user_id.encode()
+        raw = None
         try:
             raw = self.checkpointer.get(partition, user_key)
-            state = self.states.state(user_key, raw)
+            state = self._load(user_key, raw)
             if state is None:
                 return []
             before = self._open_campaigns(state)
@@ -595,12 +597,32 @@ class TriggerShell:
             if before != after:
                 self.episodes.change(partition, before, after)
         except Exception:
-            # The timer is dropped (the user's next event re-arms it); the state is untouched.
-            self.states.forget(user_key)
+            # The timer is dropped (the user's next event re-arms it).
+            self._rollback(partition, user_key, raw)
             self.stats.timer_errors += 1
             log.exception("engine.on_time failed for a user of partition %d", partition)
             return []
         return out
+
+    def _load(self, user_key: bytes, raw: Any) -> UserState | None:
+        """The user's state from what the buffer/store holds (the live object itself if it
+        changed since the last checkpoint)."""
+        if type(raw) is LiveState:
+            return raw.state
+        return self.states.state(user_key, raw)
+
+    def _rollback(self, partition: int, user_key: bytes, raw: Any) -> None:
+        """A step failed half-way through a state the engine changes in place: forget the
+        decoded copy and, if the buffer held the live object, put back the value it had at the
+        last checkpoint (changes of this user since then are dropped with it, and logged)."""
+        self.states.forget(user_key)
+        if type(raw) is LiveState:
+            log.error(
+                "a user's state on partition %d goes back to its last checkpoint after an "
+                "engine failure",
+                partition,
+            )
+            self.checkpointer.put(partition, user_key, raw.base)
 
     def _store(
         self,
@@ -608,10 +630,10 @@ class TriggerShell:
         user_id: str,
         partition: int,
         step: Step,
-        previous: bytes | None,
+        previous: Any,
     ) -> None:
-        """Buffer the new value (None = delete); skip it when it equals ``previous``, the value
-        the step started from."""
+        """Buffer the user's new state (None = delete) as a :class:`LiveState`, encoded by the
+        next checkpoint (``previous``: what the buffer or store held before the step)."""
         timers = self.timers.partition(partition)  # build the index before changing the table
         state = step.state
         if state is None:
@@ -620,10 +642,15 @@ class TriggerShell:
             self.states.forget(user_key)
             timers.discard(user_id)
             return
-        value = pack_state(partition, step.wake_at, state.to_bytes())
-        if value != previous:
-            self.checkpointer.put(partition, user_key, value)
-            self.states.put(user_key, value, state)
+        if type(previous) is LiveState and previous.state is state:
+            previous.wake_at = step.wake_at  # already buffered: the object is the state
+        else:
+            base = previous.base if type(previous) is LiveState else previous
+            self.checkpointer.put(
+                partition,
+                user_key,
+                LiveState(self.states, user_key, partition, state, step.wake_at, base),
+            )
         timers.set(user_id, step.wake_at)
 
     def _open_campaigns(self, state: UserState | None) -> frozenset[str]:

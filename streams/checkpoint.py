@@ -23,6 +23,11 @@ deterministic ids. The position record is produced alone so that it is the whole
 of its partition: tansu (the dev/CI broker) reports a partition's end as the start of its last
 batch + 1, which would hide a position record batched after states.
 
+States are encoded when a checkpoint takes them, not at every change (:class:`Deferred`): a
+user with several events between two checkpoints is encoded once (the worker's per-event cost,
+docs/performance.md). ``take`` encodes synchronously, while the caller holds the shell's lock,
+so what is written is exactly the state at the positions taken.
+
 A committed group offset, by contrast, can be ahead of the restored state, and then
 events are lost; that is the failure the chaos suite found with Faust's own commits.
 
@@ -35,7 +40,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from faust.types import TP
 
@@ -62,6 +67,19 @@ def decode_position(value: bytes | None) -> int | None:
     if value is None or len(value) != _POSITION.size:
         return None
     return int(_POSITION.unpack(value)[0])
+
+
+class Deferred(Protocol):
+    """A buffered value encoded only when a checkpoint takes it (the shell's live user state)."""
+
+    def encode(self) -> bytes: ...
+
+
+Value = bytes | Deferred | None  # None: delete the key
+
+
+def _encoded(value: Value) -> bytes | None:
+    return value if value is None or type(value) is bytes else value.encode()  # type: ignore[union-attr]
 
 
 @dataclass(slots=True)
@@ -97,7 +115,7 @@ class Checkpointer:
         self.store = store
         self.output = output
         self.changelog_topic = changelog_topic
-        self._dirty: dict[int, dict[bytes, bytes | None]] = {}
+        self._dirty: dict[int, dict[bytes, Value]] = {}
         self._writing: dict[int, dict[bytes, bytes | None]] = {}
         self._positions: dict[int, int] = {}  # partition -> next offset, not yet checkpointed
         self._last: dict[int, int] = {}  # partition -> last position written
@@ -106,8 +124,9 @@ class Checkpointer:
 
     # -------------------------------------------------------------- reads and buffered writes
 
-    def get(self, partition: int, key: bytes) -> bytes | None:
-        """The user's current value: the buffer first, then the one being written, the store."""
+    def get(self, partition: int, key: bytes) -> Value:
+        """The user's current value: the buffer first (maybe a :class:`Deferred`), then the one
+        being written, then the store."""
         dirty = self._dirty.get(partition)
         if dirty is not None and key in dirty:
             return dirty[key]
@@ -116,8 +135,9 @@ class Checkpointer:
             return writing[key]
         return self.store.get(key)
 
-    def put(self, partition: int, key: bytes, value: bytes | None) -> None:
-        """Buffer a new value (None = delete) until the next checkpoint."""
+    def put(self, partition: int, key: bytes, value: Value) -> None:
+        """Buffer a new value (None = delete; a :class:`Deferred` is encoded by :meth:`take`)
+        until the next checkpoint."""
         dirty = self._dirty.get(partition)
         if dirty is None:
             dirty = self._dirty[partition] = {}
@@ -139,7 +159,8 @@ class Checkpointer:
         """Every buffered value, oldest layer first (for scans that must see them)."""
         for layer in (self._writing, self._dirty):
             for dirty in list(layer.values()):
-                yield from dirty.items()
+                for key, value in list(dirty.items()):
+                    yield key, _encoded(value)
 
     def drop(self, partitions: Iterable[int]) -> None:
         """Forget buffered changes of partitions this worker no longer owns (not written)."""
@@ -157,7 +178,18 @@ class Checkpointer:
             return None
         if self._writing:
             raise RuntimeError("a checkpoint is already being written")
-        batch, positions = self._dirty, self._positions
+        batch: dict[int, dict[bytes, bytes | None]] = {}
+        get = self.store.get
+        for p, items in self._dirty.items():
+            encoded: dict[bytes, bytes | None] = {}
+            for key, value in items.items():
+                if value is not None and type(value) is not bytes:
+                    value = value.encode()  # type: ignore[union-attr]
+                    if value == get(key):
+                        continue  # e.g. a tick that changed nothing
+                encoded[key] = value
+            batch[p] = encoded
+        positions = self._positions
         self._dirty, self._positions = {}, {}
         self._writing = batch
         for p in batch:
@@ -203,7 +235,7 @@ class Checkpointer:
             # goes on (it normally stops the worker).
             for p, items in batch.items():
                 newer = self._dirty.get(p, {})
-                self._dirty[p] = {**items, **newer}
+                self._dirty[p] = {**items, **newer}  # type: ignore[dict-item]
             for p, offset in positions.items():
                 self._positions.setdefault(p, offset)
             self._writing = {}

@@ -8,9 +8,11 @@ value (same object, or equal bytes), so the cache can never serve a state the ta
 hold: a checkpoint, a restore from the changelog or another writer simply makes the entry stale
 and the state is decoded again.
 
-The engine changes a state in place; the shell puts the new table value and the same object back
-after every step, and forgets the user when a step fails half-way (the table still holds the
-value from before the event). Bounded: past ``capacity`` users the older half is dropped (memory
+The engine changes a state in place. A changed state goes into the checkpoint buffer as a
+:class:`LiveState` (the object itself, encoded only when the next checkpoint takes it, which
+also records the encoded value here); when a step fails half-way the shell forgets the user and
+puts back the value from before the first change since the last checkpoint
+(:attr:`LiveState.base`). Bounded: past ``capacity`` users the older half is dropped (memory
 stays flat however many distinct users pass through).
 """
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 from itertools import islice
 
 from processors.core.engine import UserState
-from streams.timers import unpack_state
+from streams.timers import pack_state, unpack_state
 
 DEFAULT_CAPACITY = 50_000
 
@@ -63,3 +65,33 @@ class StateCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+class LiveState:
+    """A user's state changed since the last checkpoint, in the checkpoint buffer
+    (:class:`streams.checkpoint.Deferred`): encoded once when the checkpoint takes it, however
+    many events changed it in between."""
+
+    __slots__ = ("cache", "key", "partition", "state", "wake_at", "base")
+
+    def __init__(
+        self,
+        cache: StateCache,
+        key: bytes,
+        partition: int,
+        state: UserState,
+        wake_at: int | None,
+        base: bytes | None,
+    ) -> None:
+        self.cache = cache
+        self.key = key
+        self.partition = partition
+        self.state = state
+        self.wake_at = wake_at
+        self.base = base  # the table value before the first change (a failed step goes back to it)
+
+    def encode(self) -> bytes:
+        """The table value (``streams.timers.pack_state``); the cache learns it."""
+        value = pack_state(self.partition, self.wake_at, self.state.to_bytes())
+        self.cache.put(self.key, value, self.state)
+        return value

@@ -1,0 +1,156 @@
+"""The worker's decoded-state cache and deferred encoding (streams/state_cache.py, checkpoint.py).
+
+What must hold: a cached state is served only while the table value it came from is still the
+one read; a checkpoint encodes each changed user once, exactly as the state was when the
+checkpoint was taken (later changes go to the next one); a step that fails half-way leaves the
+user at the state of the last checkpoint, never at a half-changed one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from processors.core.engine import UserState
+from processors.core.events import ClickEvent
+from processors.settings import Settings
+from streams.checkpoint import Checkpointer
+from streams.output import Output
+from streams.state_cache import LiveState, StateCache
+from streams.timers import pack_state, unpack_state
+
+T0 = 1_710_325_412_000
+
+
+def value_of(state: UserState, partition: int = 0, wake_at: int | None = None) -> bytes:
+    return pack_state(partition, wake_at, state.to_bytes())
+
+
+def test_cache_serves_a_state_only_for_the_value_it_was_decoded_from() -> None:
+    cache = StateCache()
+    s1 = UserState("u1", seq=1)
+    v1 = value_of(s1)
+    cache.put(b"u1", v1, s1)
+    assert cache.state(b"u1", v1) is s1
+    assert cache.state(b"u1", bytes(v1)) is s1  # equal bytes (e.g. read back from RocksDB)
+    v2 = value_of(UserState("u1", seq=2))  # the table moved on (restore, another checkpoint)
+    got = cache.state(b"u1", v2)
+    assert got is not s1 and got is not None and got.seq == 2
+    assert cache.state(b"u1", None) is None
+
+
+def test_cache_is_bounded_and_keeps_the_most_recent_users() -> None:
+    cache = StateCache(capacity=100)
+    for i in range(1000):
+        s = UserState(f"u{i}")
+        cache.put(f"u{i}".encode(), value_of(s), s)
+    assert 50 <= len(cache) <= 100
+    last = UserState("u999")
+    assert cache.state(b"u999", value_of(last)) is not None
+    assert cache.hits == 1  # u999 is still cached
+
+
+@pytest.fixture
+def checkpointer() -> Iterator[tuple[Checkpointer, dict[bytes, bytes]]]:
+    store: dict[bytes, bytes] = {}
+    settings = Settings.load(profile="dev", bootstrap_servers="127.0.0.1:1")
+    output = Output(settings, client_id="test-state-cache")
+    yield Checkpointer(store, output, "changelog"), store
+
+
+def test_a_checkpoint_encodes_each_user_once_as_it_was_when_taken(
+    checkpointer: tuple[Checkpointer, dict[bytes, bytes]],
+) -> None:
+    ck, _store = checkpointer
+    cache = StateCache()
+    state = UserState("u1", seq=1)
+    encodes = 0
+
+    class Counted(LiveState):
+        __slots__ = ()
+
+        def encode(self) -> bytes:
+            nonlocal encodes
+            encodes += 1
+            return super().encode()
+
+    live = Counted(cache, b"u1", 0, state, 123, None)
+    ck.put(0, b"u1", live)
+    state.seq = 5  # more events for the same user before the checkpoint: still one entry
+    assert ck.get(0, b"u1") is live
+    taken = ck.take()
+    assert taken is not None and encodes == 1
+    written = taken[0][0][b"u1"]
+    assert written is not None
+    state.seq = 9  # after the take: not in this checkpoint
+    stored = unpack_state(written)
+    assert stored.wake_at == 123 and UserState.from_bytes(stored.state).seq == 5
+    assert cache.state(b"u1", written) is state  # the cache learned the written value
+
+
+def test_a_state_equal_to_the_stored_one_is_not_written_again(
+    checkpointer: tuple[Checkpointer, dict[bytes, bytes]],
+) -> None:
+    ck, store = checkpointer
+    cache = StateCache()
+    state = UserState("u1", seq=3)
+    store[b"u1"] = value_of(state)
+    ck.put(0, b"u1", LiveState(cache, b"u1", 0, state, None, store[b"u1"]))
+    ck.put(0, b"u2", LiveState(cache, b"u2", 0, UserState("u2"), None, None))
+    taken = ck.take()
+    assert taken is not None and set(taken[0][0]) == {b"u2"}
+
+
+def test_a_failed_step_puts_the_user_back_at_the_last_checkpoint(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streams.agents import _Where
+    from streams.worker import build
+
+    settings = Settings.load(
+        profile="dev",
+        bootstrap_servers="127.0.0.1:1",
+        clock="event",
+        worker_id="test-state-cache",
+        state_dir=str(tmp_path),
+    )
+    _app, shell = build(settings)
+    store: dict[bytes, bytes] = {}
+    shell.checkpointer.store = store
+    shell.reader.owned.add(0)
+
+    def click(eid: str, ts: int) -> ClickEvent:
+        return ClickEvent(eid, "u1", "page_view", ts, "s1", {})
+
+    def send(ev: ClickEvent, offset: int) -> Any:
+        return shell._on_click(ev, b"u1", b"raw", _Where(0, offset))
+
+    send(click("e1", T0), 0)
+    taken = shell.checkpointer.take()  # a checkpoint: e1 is in the store
+    assert taken is not None
+    store.update({k: v for k, v in taken[0][0].items() if v is not None})
+    shell.checkpointer._writing = {}
+    send(click("e2", T0 + 1000), 1)  # applied, not yet checkpointed
+
+    real = shell.engine.on_event
+
+    def half_then_fail(state: UserState | None, event: ClickEvent) -> Any:
+        assert state is not None
+        state.seen[event.event_id] = event.ts  # changed in place, then a bug
+        raise RuntimeError("engine bug")
+
+    monkeypatch.setattr(shell.engine, "on_event", half_then_fail)
+    out = send(click("e3", T0 + 2000), 2)
+    assert [(o.kind, o.label) for o in out] == [("dead_letter", "internal_error")]
+    monkeypatch.setattr(shell.engine, "on_event", real)
+
+    raw = shell.checkpointer.get(0, b"u1")
+    assert isinstance(raw, bytes)  # the last checkpoint's value, not the live object
+    state = shell._load(b"u1", raw)
+    assert state is not None and set(state.seen) == {"e1"}
+    send(click("e3", T0 + 2000), 3)  # the next event starts from there
+    state = shell._load(b"u1", shell.checkpointer.get(0, b"u1"))
+    assert state is not None and set(state.seen) == {"e1", "e3"}
+    shell.reader.close()
