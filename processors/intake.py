@@ -26,7 +26,7 @@ from typing import Any, Final
 
 from processors.control import CONTROL_HEADER, FLUSH
 from processors.core.events import ClickEvent, EventError
-from schemas.codec import Codec, CodecError
+from schemas.codec import Codec, CodecError, WrongRecordType
 
 KEY_MISMATCH_DETAIL: Final = (
     "the record key is not the event's user_id (clickstream must be keyed by user_id so that "
@@ -89,7 +89,9 @@ def intake(codec: Codec, key: bytes | None, value: bytes | None, headers: Any = 
         if control is not None:
             return Rejected("unknown_control", UNKNOWN_CONTROL_DETAIL, control=True)
     try:
-        record = codec.decode_as("ClickEvent", value)
+        name, record = codec.decode(value)
+        if name != "ClickEvent":
+            raise WrongRecordType(f"expected a ClickEvent record, found {name}")
     except CodecError as exc:
         return Rejected(reason_tag(exc), str(exc))
     try:

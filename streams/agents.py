@@ -87,6 +87,7 @@ EXIT_CHECKPOINT_FAILED = 75  # EX_TEMPFAIL: a supervisor restarts the worker
 CHECKPOINT_MAX_PENDING = 50_000  # users buffered before a checkpoint is forced (memory bound)
 GC_THRESHOLDS = (20_000, 20, 20)  # the engine makes many short-lived dicts: fewer gen-0 passes
 _TICK = struct.Struct(">q")
+_NONE_OPEN: frozenset[str] = frozenset()
 _REGISTRY_RETRY_MAX_S = 30.0
 
 
@@ -658,12 +659,13 @@ class TriggerShell:
         plus the tail, so a cart shows as open as soon as its event is applied, not only once
         the watermark has committed it."""
         if state is None:
-            return frozenset()
+            return _NONE_OPEN
         core = state.head if state.head is not None else state.committed
         deadlines = core.get("d")
         if not deadlines:
-            return frozenset()
-        return self.campaign_ids.intersection(deadlines)
+            return _NONE_OPEN
+        ids = frozenset(deadlines)
+        return ids if ids <= self.campaign_ids else ids & self.campaign_ids
 
     def _scan_table(self) -> list[tuple[str, StoredState]]:
         """The timer index's rebuild scan; also recounts the open episodes (only users with a
