@@ -84,7 +84,7 @@ YIELD_EVERY = 1000  # records/users between turns given to the event loop (heart
 CHECKPOINT_S = 0.5  # longest time a state change stays only in memory
 REVOKE_CHECKPOINT_S = 30.0  # longest a rebalance waits for the worker's last checkpoint
 EXIT_CHECKPOINT_FAILED = 75  # EX_TEMPFAIL: a supervisor restarts the worker
-CHECKPOINT_MAX_PENDING = 50_000  # users buffered before a checkpoint is forced (memory bound)
+CHECKPOINT_MAX_PENDING = 20_000  # live states (~6 KB each) buffered before a forced checkpoint
 GC_THRESHOLDS = (20_000, 20, 20)  # the engine makes many short-lived dicts: fewer gen-0 passes
 _TICK = struct.Struct(">q")
 _NONE_OPEN: frozenset[str] = frozenset()
@@ -168,7 +168,7 @@ class TriggerShell:
             help="engine state per user: streams.timers.pack_state(partition, wake_at, state)",
         )
         self.timers = TimerIndex(self._scan_table)
-        self.states = StateCache()  # decoded states of recent users (streams.state_cache)
+        self.states = StateCache(settings.state_cache_users)  # streams.state_cache
         self.stats = ShellStats()
         self.live = settings.clock == "live"
         self.vocabulary = frozenset(engine.by_type)  # event types some enabled campaign reads

@@ -23,7 +23,7 @@ from itertools import islice
 from processors.core.engine import UserState
 from streams.timers import pack_state, unpack_state
 
-DEFAULT_CAPACITY = 50_000
+DEFAULT_CAPACITY = 20_000  # ~6 KB per decoded state: ~120 MB (NUDGEFLOW_STATE_CACHE_USERS)
 
 
 class StateCache:
@@ -57,6 +57,9 @@ class StateCache:
         entries.pop(key, None)  # re-inserted at the end: the oldest entries go first
         entries[key] = (raw, state)
         if len(entries) > self.capacity:
+            if not self.capacity:
+                entries.clear()
+                return
             keep = len(entries) // 2
             self._entries = dict(islice(entries.items(), len(entries) - keep, None))
 
