@@ -66,14 +66,19 @@ from streams.clickstream import offsets_group
 
 LATENESS_S = 2.0
 TTL_MS = 10_000
-ABSENCE_S = 30
 SETTLE_TIMEOUT_S = 120.0
-ABSENCE = {
-    "id": "bench-absence",
-    "trigger": {"type": "absence", "start": ["bench_start"], "cancel": ["bench_stop"],
-                "after": f"{ABSENCE_S}s"},
-    "message": {"template": "Come back!"},
-}  # fmt: skip
+
+
+def absence_campaign(after_s: float) -> dict[str, Any]:
+    """The timers phase's campaign: ``bench_start`` opens an episode that fires after_s later."""
+    return {
+        "id": "bench-absence",
+        "trigger": {"type": "absence", "start": ["bench_start"], "cancel": ["bench_stop"],
+                    "after": f"{after_s:g}s"},
+        "message": {"template": "Come back!"},
+    }  # fmt: skip
+
+
 IMMEDIATE = ("signup-confirm", "loyalty-gold")
 
 
@@ -231,7 +236,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
     watcher: DecisionWatcher | None = None
     thread: threading.Thread | None = None
     try:
-        campaigns = write_campaigns(tmp / "campaigns.yaml", [ABSENCE])
+        campaigns = write_campaigns(tmp / "campaigns.yaml", [absence_campaign(args.absence_s)])
         settings = bench_settings(
             state_dir, clock="live", campaigns_file=campaigns, allowed_lateness_s=LATENESS_S
         )
@@ -310,10 +315,12 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
 
         # ---- phase 2: timers
         opening_s = args.episodes / args.episode_rate
-        if opening_s >= ABSENCE_S:
-            raise BenchError(f"--episodes / --episode-rate must open them within {ABSENCE_S} s")
+        if opening_s >= args.absence_s:
+            raise BenchError(
+                f"--episodes / --episode-rate must open them within --absence-s {args.absence_s:g}"
+            )
         say(
-            f"phase 2: {args.episodes} absence episodes of {ABSENCE_S} s opened over "
+            f"phase 2: {args.episodes} absence episodes of {args.absence_s:g} s opened over "
             f"{opening_s:.0f} s (all open when the first fires)"
         )
         produced_at = time.monotonic()
@@ -323,9 +330,9 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         def fired() -> list[tuple[dict[str, Any], int]]:
             return [(r, c) for r, c in watcher.snapshot() if r["campaign_id"] == "bench-absence"]
 
-        # Every timer is due ABSENCE_S after its episode opened; give them --timer-grace s more,
-        # then count the ones that did not fire as missing rather than failing the whole run.
-        give_up = time.monotonic() + ABSENCE_S + LATENESS_S + args.timer_grace
+        # Every timer is due --absence-s after its episode opened; give them --timer-grace s
+        # more, then count the ones that did not fire as missing rather than failing the run.
+        give_up = time.monotonic() + args.absence_s + LATENESS_S + args.timer_grace
         while len(fired()) < args.episodes and time.monotonic() < give_up:
             worker.check_alive()
             time.sleep(0.2)
@@ -411,9 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rate", type=float, default=1000.0, help="phase 1 events/s (1000)")
     parser.add_argument("--latency-s", type=float, default=10.0, help="phase 1 seconds (10)")
-    parser.add_argument("--episodes", type=int, default=10_000, help="open timers (10000)")
+    parser.add_argument("--episodes", type=int, default=100_000, help="open timers (100000)")
     parser.add_argument(
-        "--episode-rate", type=float, default=500.0, help="episodes opened per s (500)"
+        "--episode-rate", type=float, default=2000.0, help="episodes opened per s (2000)"
+    )
+    parser.add_argument(
+        "--absence-s", type=float, default=60.0, help="the episodes' absence window, s (60)"
     )
     parser.add_argument(
         "--timer-grace", type=float, default=20.0, help="s to wait past the last deadline (20)"
@@ -424,8 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="what-if: fetch.wait.max.ms of the dispatcher's consumer (default: its own)",
     )
-    parser.add_argument("--soak-rate", type=float, default=1000.0, help="new users/s (1000)")
-    parser.add_argument("--soak-s", type=float, default=60.0, help="soak seconds (60)")
+    parser.add_argument("--soak-rate", type=float, default=2000.0, help="new users/s (2000)")
+    parser.add_argument("--soak-s", type=float, default=120.0, help="soak seconds (120)")
     return run_main("live", run, parser.parse_args(argv))
 
 
