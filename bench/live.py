@@ -1,9 +1,10 @@
 """Live-clock figures of the trigger worker: decision and send latency, timer lateness, memory.
 
-One embedded stack, one worker (live clock, every example campaign plus a 30 s absence campaign,
-changelog on, allowed lateness 2 s, state TTL 10 s via ``NUDGEFLOW_STATE_TTL_S``) and one in-process
-dispatcher whose gateway answers after 20 ms (``_common.FakeGateway``). Three phases, each
-waiting for the worker to catch up (committed offsets) before the next:
+One embedded stack, one worker (live clock, every example campaign plus an absence campaign of
+``--absence-s``, changelog on, allowed lateness 2 s, state TTL 10 s via
+``NUDGEFLOW_STATE_TTL_S``) and one in-process dispatcher whose gateway answers after 20 ms
+(``_common.FakeGateway``). Three phases, each waiting for the worker to catch up (committed
+offsets) before the next:
 
 1. **Latency** (``--rate`` events/s for ``--latency-s``, default 1,000/s for 10 s): page views
    of returning users, ``points_earned`` (gold) of users without contacts (decided, then
@@ -11,19 +12,21 @@ waiting for the worker to catch up (committed offsets) before the next:
    ``decision_p99_ms``: the decision's Kafka CreateTime minus the event time (events are stamped
    when produced). ``send_p99_ms``: the fake gateway's arrival time minus the event time, for the
    texted signups (1% of the events, well under the 30/s gateway limit).
-2. **Timers** (``--episodes`` at ``--episode-rate``, default 10,000 at 500/s): ``bench_start``
-   events of distinct users, each opening a 30 s absence timer, so all are open when the first
-   fires and they then come due at the rate they were opened. ``timer_lateness_p99_s``: the
-   decision's CreateTime minus (deadline + allowed lateness).
-3. **Soak** (``--soak-rate`` new users/s for ``--soak-s``, default 1,000/s for 60 s): one page view
-   per new user; with the 10 s TTL the number of live users levels off. ``rss_growth``: the
-   worker's RSS at the end over its RSS a third into the soak.
+2. **Timers** (``--episodes`` at ``--episode-rate`` with a ``--absence-s`` window, default
+   50,000 at 1,000/s with 60 s): ``bench_start`` events of distinct users, each opening an
+   absence timer; the window is longer than the opening, so all are open when the first fires,
+   and they then come due at the rate they were opened.
+   ``timer_lateness_p99_s``: the decision's CreateTime minus (deadline + allowed lateness).
+3. **Soak** (``--soak-rate`` new users/s for ``--soak-s``, default 1,000/s for 120 s = 120,000
+   users): one page view per new user; with the 10 s TTL the number of live users levels off.
+   ``rss_growth``: the worker's RSS at the end over its RSS a third into the soak;
+   ``soak_lag_events``: soak events the worker had not checkpointed when the soak ended.
 
-The issue asks for 100k open episodes and a soak of 1M distinct users; on the shared 2-core
-machine one live-clock worker handles ~1,000-2,000 new users/s (each costs an event, a tail
-commit and a TTL expiry: docs/performance.md), so the defaults are scaled down to fit
-``make bench``; pass larger values for the full figures (``--episodes 100000 --episode-rate
-4000 --soak-rate 5000 --soak-s 200`` needs a worker that sustains ~5,000 new users/s).
+Issue 7 asks for 100k open episodes and a soak of 1M distinct users. On the shared 2-core
+machine the embedded broker (tansu) stopped serving the clickstream for ~20 s at a time at
+2,000 events/s (the worker replaced its consumer again and again), so the defaults stay at
+1,000/s: 50k episodes, 120k users, within ``make bench``'s 10 minutes. The full scale:
+``--episodes 100000 --episode-rate 2000 --absence-s 60 --soak-rate 2000 --soak-s 500``.
 """
 
 from __future__ import annotations
@@ -418,9 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rate", type=float, default=1000.0, help="phase 1 events/s (1000)")
     parser.add_argument("--latency-s", type=float, default=10.0, help="phase 1 seconds (10)")
-    parser.add_argument("--episodes", type=int, default=100_000, help="open timers (100000)")
+    parser.add_argument("--episodes", type=int, default=50_000, help="open timers (50000)")
     parser.add_argument(
-        "--episode-rate", type=float, default=2000.0, help="episodes opened per s (2000)"
+        "--episode-rate", type=float, default=1000.0, help="episodes opened per s (1000)"
     )
     parser.add_argument(
         "--absence-s", type=float, default=60.0, help="the episodes' absence window, s (60)"
@@ -434,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="what-if: fetch.wait.max.ms of the dispatcher's consumer (default: its own)",
     )
-    parser.add_argument("--soak-rate", type=float, default=2000.0, help="new users/s (2000)")
+    parser.add_argument("--soak-rate", type=float, default=1000.0, help="new users/s (1000)")
     parser.add_argument("--soak-s", type=float, default=120.0, help="soak seconds (120)")
     return run_main("live", run, parser.parse_args(argv))
 
