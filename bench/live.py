@@ -1,9 +1,10 @@
 """Live-clock figures of the trigger worker: decision and send latency, timer lateness, memory.
 
-One embedded stack, one worker (live clock, every example campaign plus a 30 s absence campaign,
-changelog on, allowed lateness 2 s, state TTL 10 s via ``NUDGEFLOW_STATE_TTL_S``) and one in-process
-dispatcher whose gateway answers after 20 ms (``_common.FakeGateway``). Three phases, each
-waiting for the worker to catch up (committed offsets) before the next:
+One embedded stack, one worker (live clock, every example campaign plus an absence campaign of
+``--absence-s``, changelog on, allowed lateness 2 s, state TTL 10 s via
+``NUDGEFLOW_STATE_TTL_S``) and one in-process dispatcher whose gateway answers after 20 ms
+(``_common.FakeGateway``). Three phases, each waiting for the worker to catch up (committed
+offsets) before the next:
 
 1. **Latency** (``--rate`` events/s for ``--latency-s``, default 1,000/s for 10 s): page views
    of returning users, ``points_earned`` (gold) of users without contacts (decided, then
@@ -11,19 +12,21 @@ waiting for the worker to catch up (committed offsets) before the next:
    ``decision_p99_ms``: the decision's Kafka CreateTime minus the event time (events are stamped
    when produced). ``send_p99_ms``: the fake gateway's arrival time minus the event time, for the
    texted signups (1% of the events, well under the 30/s gateway limit).
-2. **Timers** (``--episodes`` at ``--episode-rate``, default 10,000 at 500/s): ``bench_start``
-   events of distinct users, each opening a 30 s absence timer, so all are open when the first
-   fires and they then come due at the rate they were opened. ``timer_lateness_p99_s``: the
-   decision's CreateTime minus (deadline + allowed lateness).
-3. **Soak** (``--soak-rate`` new users/s for ``--soak-s``, default 1,000/s for 60 s): one page view
-   per new user; with the 10 s TTL the number of live users levels off. ``rss_growth``: the
-   worker's RSS at the end over its RSS a third into the soak.
+2. **Timers** (``--episodes`` at ``--episode-rate`` with a ``--absence-s`` window, default
+   50,000 at 1,000/s with 60 s): ``bench_start`` events of distinct users, each opening an
+   absence timer; the window is longer than the opening, so all are open when the first fires,
+   and they then come due at the rate they were opened.
+   ``timer_lateness_p99_s``: the decision's CreateTime minus (deadline + allowed lateness).
+3. **Soak** (``--soak-rate`` new users/s for ``--soak-s``, default 1,000/s for 120 s = 120,000
+   users): one page view per new user; with the 10 s TTL the number of live users levels off.
+   ``rss_growth``: the worker's RSS at the end over its RSS a third into the soak;
+   ``soak_lag_events``: soak events the worker had not checkpointed when the soak ended.
 
-The issue asks for 100k open episodes and a soak of 1M distinct users; on the shared 2-core
-machine one live-clock worker handles ~1,000-2,000 new users/s (each costs an event, a tail
-commit and a TTL expiry: docs/performance.md), so the defaults are scaled down to fit
-``make bench``; pass larger values for the full figures (``--episodes 100000 --episode-rate
-4000 --soak-rate 5000 --soak-s 200`` needs a worker that sustains ~5,000 new users/s).
+Issue 7 asks for 100k open episodes and a soak of 1M distinct users. On the shared 2-core
+machine the embedded broker (tansu) stopped serving the clickstream for ~20 s at a time at
+2,000 events/s (the worker replaced its consumer again and again), so the defaults stay at
+1,000/s: 50k episodes, 120k users, within ``make bench``'s 10 minutes. The full scale:
+``--episodes 100000 --episode-rate 2000 --absence-s 60 --soak-rate 2000 --soak-s 500``.
 """
 
 from __future__ import annotations
@@ -66,14 +69,19 @@ from streams.clickstream import offsets_group
 
 LATENESS_S = 2.0
 TTL_MS = 10_000
-ABSENCE_S = 30
 SETTLE_TIMEOUT_S = 120.0
-ABSENCE = {
-    "id": "bench-absence",
-    "trigger": {"type": "absence", "start": ["bench_start"], "cancel": ["bench_stop"],
-                "after": f"{ABSENCE_S}s"},
-    "message": {"template": "Come back!"},
-}  # fmt: skip
+
+
+def absence_campaign(after_s: float) -> dict[str, Any]:
+    """The timers phase's campaign: ``bench_start`` opens an episode that fires after_s later."""
+    return {
+        "id": "bench-absence",
+        "trigger": {"type": "absence", "start": ["bench_start"], "cancel": ["bench_stop"],
+                    "after": f"{after_s:g}s"},
+        "message": {"template": "Come back!"},
+    }  # fmt: skip
+
+
 IMMEDIATE = ("signup-confirm", "loyalty-gold")
 
 
@@ -231,7 +239,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
     watcher: DecisionWatcher | None = None
     thread: threading.Thread | None = None
     try:
-        campaigns = write_campaigns(tmp / "campaigns.yaml", [ABSENCE])
+        campaigns = write_campaigns(tmp / "campaigns.yaml", [absence_campaign(args.absence_s)])
         settings = bench_settings(
             state_dir, clock="live", campaigns_file=campaigns, allowed_lateness_s=LATENESS_S
         )
@@ -310,10 +318,12 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
 
         # ---- phase 2: timers
         opening_s = args.episodes / args.episode_rate
-        if opening_s >= ABSENCE_S:
-            raise BenchError(f"--episodes / --episode-rate must open them within {ABSENCE_S} s")
+        if opening_s >= args.absence_s:
+            raise BenchError(
+                f"--episodes / --episode-rate must open them within --absence-s {args.absence_s:g}"
+            )
         say(
-            f"phase 2: {args.episodes} absence episodes of {ABSENCE_S} s opened over "
+            f"phase 2: {args.episodes} absence episodes of {args.absence_s:g} s opened over "
             f"{opening_s:.0f} s (all open when the first fires)"
         )
         produced_at = time.monotonic()
@@ -323,9 +333,9 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         def fired() -> list[tuple[dict[str, Any], int]]:
             return [(r, c) for r, c in watcher.snapshot() if r["campaign_id"] == "bench-absence"]
 
-        # Every timer is due ABSENCE_S after its episode opened; give them --timer-grace s more,
-        # then count the ones that did not fire as missing rather than failing the whole run.
-        give_up = time.monotonic() + ABSENCE_S + LATENESS_S + args.timer_grace
+        # Every timer is due --absence-s after its episode opened; give them --timer-grace s
+        # more, then count the ones that did not fire as missing rather than failing the run.
+        give_up = time.monotonic() + args.absence_s + LATENESS_S + args.timer_grace
         while len(fired()) < args.episodes and time.monotonic() < give_up:
             worker.check_alive()
             time.sleep(0.2)
@@ -411,9 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rate", type=float, default=1000.0, help="phase 1 events/s (1000)")
     parser.add_argument("--latency-s", type=float, default=10.0, help="phase 1 seconds (10)")
-    parser.add_argument("--episodes", type=int, default=10_000, help="open timers (10000)")
+    parser.add_argument("--episodes", type=int, default=50_000, help="open timers (50000)")
     parser.add_argument(
-        "--episode-rate", type=float, default=500.0, help="episodes opened per s (500)"
+        "--episode-rate", type=float, default=1000.0, help="episodes opened per s (1000)"
+    )
+    parser.add_argument(
+        "--absence-s", type=float, default=60.0, help="the episodes' absence window, s (60)"
     )
     parser.add_argument(
         "--timer-grace", type=float, default=20.0, help="s to wait past the last deadline (20)"
@@ -425,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         help="what-if: fetch.wait.max.ms of the dispatcher's consumer (default: its own)",
     )
     parser.add_argument("--soak-rate", type=float, default=1000.0, help="new users/s (1000)")
-    parser.add_argument("--soak-s", type=float, default=60.0, help="soak seconds (60)")
+    parser.add_argument("--soak-s", type=float, default=120.0, help="soak seconds (120)")
     return run_main("live", run, parser.parse_args(argv))
 
 

@@ -194,6 +194,7 @@ class TriggerShell:
         app.timer(LAG_INTERVAL_S, name="nudgeflow.consumer_lag")(self.sample_lag)
         app.timer(RECONCILE_INTERVAL_S, name="nudgeflow.reconcile")(self._reconcile)
         self._mismatch_since: float | None = None
+        self.tick_watermarks: dict[int, int] = {}  # live clock: partition -> last tick watermark
         app.task(self._read_loop)
         app.on_rebalance_complete.connect(self._on_rebalance_complete)  # type: ignore[arg-type]
         hooks = getattr(app, "nudgeflow_hooks", None)
@@ -538,6 +539,8 @@ class TriggerShell:
         """Move time to ``watermark_ms`` for the users of ``partition`` that are due."""
         users = self.timers.partition(partition).pop_due(watermark_ms)
         await self._advance_users(partition, users, watermark_ms)
+        last = self.tick_watermarks.get(partition, watermark_ms)  # for Engine.on_event
+        self.tick_watermarks[partition] = max(last, watermark_ms)
 
     async def _advance_users(self, partition: int, users: list[str], watermark_ms: int) -> None:
         for i, user_id in enumerate(users, 1):
@@ -557,7 +560,7 @@ class TriggerShell:
             raw = self.checkpointer.get(partition, user_key)
             state = self._load(user_key, raw)
             before = self._open_campaigns(state)  # the engine changes ``state`` in place
-            step = self.engine.on_event(state, click)
+            step = self.engine.on_event(state, click, self.tick_watermarks.get(partition))
             out = (
                 self._outputs(step, current=(click, key, value, where))
                 if step.decisions or step.cancellations or step.rejected

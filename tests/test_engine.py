@@ -241,11 +241,20 @@ def test_idle_user_state_expires_after_ttl_on_a_live_tick() -> None:
     st = eng.on_event(None, ev("e1", "page_view", T0)).state
     assert st is not None
     step = eng.on_event(st, ev("e2", "page_view", T0 + M))
+    # The tail (a page view no campaign reads) need not be committed on its own: the user wakes
+    # at the end of the TTL, commits it and is forgotten in the same call.
+    assert step.wake_at == T0 + M + 2 * H + 1
+    assert eng.on_time(step.state, T0 + M + 2 * H).state is not None  # not yet
+    assert eng.on_time(step.state, T0 + M + 2 * H + 1).state is None  # forgotten
+    # The eager reference wakes for the commit first, then at the end of the TTL.
+    eager = Engine(campaigns(CART), allowed_lateness_ms=0, state_ttl_ms=2 * H, lazy_commit=False)
+    st = eager.on_event(None, ev("e1", "page_view", T0)).state
+    step = eager.on_event(st, ev("e2", "page_view", T0 + M))
     assert step.wake_at == T0 + M + 1  # the newest event still waits for the watermark
-    step = eng.on_time(step.state, T0 + M + H)
+    step = eager.on_time(step.state, T0 + M + H)
     assert step.state is not None
     assert step.wake_at == T0 + M + 2 * H + 1  # nothing pending: wake at the end of the TTL
-    assert eng.on_time(step.state, T0 + M + 2 * H + 1).state is None  # forgotten
+    assert eager.on_time(step.state, T0 + M + 2 * H + 1).state is None  # forgotten
     # a user with an open cart is never forgotten while the timer is pending
     st = eng.on_event(None, ev("c1", "add_to_cart", T0)).state
     step = eng.on_time(st, T0 + 10 * M)

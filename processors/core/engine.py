@@ -13,6 +13,17 @@ than it is *late* (rejected, dead-lettered by the shell). Everything before the 
   therefore equals the time-sorted stream's, whatever the arrival order within the lateness.
 * ``on_time`` moves the watermark without an event: the live clock's ticks (wall clock minus
   lateness) and the end-of-input flush of replays (``FLUSH_MS``).
+
+Lazy commits (live clock, docs/performance.md): a tail whose commit cannot emit anything (no
+speculative decision to confirm, no cancel event, no immediate trigger, and no timer it starts
+can fall inside the tail) is not woken for its own commit; ``wake_at`` is then the next deadline
+of the committed or head state, or the state TTL, and that wake-up commits the tail on the way.
+``on_event(..., watermark_ms=)`` takes the partition's last tick watermark: a user whose
+skipped commit that tick would have made is committed to it first, so an event behind it is
+late as after the eager wake-up. The answers equal the eager schedule's except that such an
+event, older than the last tick watermark, can be late where the eager engine (woken by an
+earlier tick) would take it (``tests/test_engine_live.py``); a new user costs two engine calls
+instead of three.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ import cramjam
 import orjson
 
 from processors.core import experiment, segment
-from processors.core.campaign import Campaign, CampaignSet
+from processors.core.campaign import AbsenceTrigger, Campaign, CampaignSet, RepeatTrigger
 from processors.core.clock import Clock
 from processors.core.decision import Decision, DecisionCancelled, make_decision_id
 from processors.core.events import ClickEvent, make_event
@@ -167,6 +178,7 @@ class Engine:
         clock: Clock | None = None,
         clock_name: str = "event",
         state_ttl_ms: int = DEFAULT_STATE_TTL_MS,
+        lazy_commit: bool = True,
     ) -> None:
         self.campaigns: tuple[Campaign, ...] = campaigns.enabled
         self.machines: list[tuple[Campaign, Machine]] = [
@@ -188,6 +200,18 @@ class Engine:
             for c in self.campaigns
             if c.variants
         }
+        self.lazy_commit = lazy_commit  # False: wake every tail for its commit (the reference)
+        # Event types some campaign reads whose commit is quiet -> the shortest timer they start
+        # (see _deferrable); types no campaign reads are quiet and start none.
+        self.quiet_delay: dict[str, int] = {}
+        for event_type, reactors in self.by_type.items():
+            delays = [
+                _quiet_delay(m, event_type)
+                for c, base in reactors
+                for m in (base, *self.variant_machines.get(c.id, {}).values())
+            ]
+            if None not in delays:
+                self.quiet_delay[event_type] = min(cast(list[int], delays))
 
     def _pick(
         self, campaign: Campaign, machine: Machine, user_id: str
@@ -201,7 +225,13 @@ class Engine:
 
     # ------------------------------------------------------------------ public API
 
-    def on_event(self, state: UserState | None, event: ClickEvent) -> Step:
+    def on_event(
+        self, state: UserState | None, event: ClickEvent, watermark_ms: int | None = None
+    ) -> Step:
+        """Apply one event. ``watermark_ms``: the live clock's last tick watermark of the user's
+        partition (None: event clock). A tail the eager schedule would have committed by then
+        (its first event is before it) is committed to it first, as that tick would have done;
+        a new user, or one whose tail no tick has reached, is not touched by it."""
         # The hot path (once per clickstream record): locals instead of repeated attribute
         # lookups, and the commit step is skipped when the watermark has not moved.
         st = state if state is not None else UserState(event.user_id)
@@ -212,11 +242,20 @@ class Engine:
             step.rejected.append((event, "duplicate"))
             step.wake_at = self.wake_at(st)
             return step
-        if ts < st.wm:
-            step.rejected.append((event, "late"))
+        tail = st.tail
+        catch_up = (
+            watermark_ms is not None
+            and watermark_ms > st.wm
+            and bool(tail)
+            and tail[0][0] < watermark_ms  # the eager wake-up (tail[0][0] + 1) was due
+        )
+        if ts < (cast(int, watermark_ms) if catch_up else st.wm):
+            step.rejected.append((event, "late"))  # the state is left as it was
             step.wake_at = self.wake_at(st)
             return step
         seen[event.event_id] = ts
+        if catch_up:
+            self._commit(st, cast(int, watermark_ms), step)  # the skipped tick's commit
         seq = st.seq = st.seq + 1
         entry = [ts, seq, event.to_record()]
         in_order = ts >= st.max_ts
@@ -252,6 +291,18 @@ class Engine:
 
     def on_time(self, state: UserState, watermark_ms: int) -> Step:
         """Move the watermark (live-clock tick, or ``FLUSH_MS`` at end of input)."""
+        if (
+            self.lazy_commit
+            and watermark_ms < FLUSH_MS
+            and state.tail
+            and watermark_ms - state.tail[-1][0] > self.state_ttl_ms
+            and not state.committed.get("d")
+            and self._deferrable(state)
+            and not cast(Core, state.head).get("d")
+        ):
+            # A lazily uncommitted quiet tail at its TTL: its commit would emit nothing and leave
+            # nothing pending, so the user expires without replaying it.
+            return Step(None)
         step = Step(state)
         self._commit(state, watermark_ms, step)
         if watermark_ms >= FLUSH_MS:
@@ -265,9 +316,19 @@ class Engine:
 
     def wake_at(self, st: UserState) -> int | None:
         """The watermark at which ``on_time`` has work: the next deadline, tail commit, or (when
-        nothing is pending) the end of the idle user's state TTL, so live ticks forget them."""
+        nothing is pending) the end of the idle user's state TTL, so live ticks forget them.
+        A quiet tail (:meth:`_deferrable`) waits for the next deadline of the committed or head
+        state, or for the TTL, and is committed then."""
         deadlines = st.committed.get("d")
         tail = st.tail
+        if tail and self.lazy_commit and self._deferrable(st):
+            due = min(deadlines.values()) + 1 if deadlines else None
+            head_deadlines = cast(Core, st.head).get("d")
+            if head_deadlines:
+                first = min(head_deadlines.values()) + 1
+                if due is None or first < due:
+                    due = first
+            return due if due is not None else tail[-1][0] + self.state_ttl_ms + 1
         if deadlines:
             due = min(deadlines.values()) + 1
             if tail and tail[0][0] + 1 < due:
@@ -277,6 +338,26 @@ class Engine:
             return tail[0][0] + 1  # type: ignore[no-any-return]
         last_seen = st.committed["f"]["ls"]
         return None if last_seen is None else last_seen + self.state_ttl_ms + 1
+
+    def _deferrable(self, st: UserState) -> bool:
+        """Committing the tail now or at the next deadline emits the same (nothing now): no
+        speculative decision waits for it (``spec``), every event is of a quiet type (no cancel,
+        no immediate firing, hence no "converted" or "reordered" cancellation, no audience
+        filtering), and no timer a tail event starts is due before the tail's last event (so the
+        head fired no decision inside the tail that only the commit would emit)."""
+        if st.spec or st.head is None:
+            return False
+        tail = st.tail
+        last = tail[-1][0]
+        by_type = self.by_type
+        quiet = self.quiet_delay
+        for ts, _seq, rec in tail:
+            event_type = rec["event_type"]
+            if event_type in by_type:
+                delay = quiet.get(event_type)
+                if delay is None or last - ts > delay:
+                    return False
+        return True
 
     def _pending(self, st: UserState) -> bool:
         return bool(st.tail or st.committed.get("d"))
@@ -448,6 +529,19 @@ class Engine:
         if last_seen is None or self._pending(st):
             return False
         return watermark < FLUSH_MS and watermark - last_seen > self.state_ttl_ms
+
+
+def _quiet_delay(machine: Machine, event_type: str) -> int | None:
+    """The shortest timer ``machine`` starts on ``event_type`` if applying it can emit nothing
+    (no cancellation, no immediate firing); None when it can."""
+    t = machine.t
+    if isinstance(t, AbsenceTrigger):
+        return None if event_type in t.cancel or t.after_ms <= 0 else t.after_ms
+    if isinstance(t, RepeatTrigger):
+        return t.delay_ms if t.delay_ms > 0 else None
+    if event_type in t.cancel or t.wait_until is not None or t.delay_ms <= 0:
+        return None
+    return t.delay_ms
 
 
 def _note_deadline(core: Core, campaign_id: str, deadline: int | None) -> None:
