@@ -272,8 +272,11 @@ class Dispatcher:
         self._redis_probe_at = 0.0
         self._redis_backoff_s = 0.1
         self._jobs_wait_for_redis = threading.Event()  # a send job met an outage first
-        self._pending: dict[TP, dict[int, bool]] = {}  # offset -> outcome produced
-        self._to_mark: list[tuple[str, str, str]] = []
+        # offset -> False until handled, then the stamp of its output (see _done)
+        self._pending: dict[TP, dict[int, int | bool]] = {}
+        self._produced = 0  # records handed to the producer so far (each one's sequence number)
+        self._undelivered: set[int] = set()  # sequence numbers without a delivery report yet
+        self._to_mark: list[tuple[str, str, str]] = []  # delivered outcomes (Redis "emitted")
         self._delivery_errors: list[str] = []
         self._assigned: set[TP] = set()
         self._flushes = FlushTracker()
@@ -542,8 +545,8 @@ class Dispatcher:
         tp = (topic, partition)
         self._pending.setdefault(tp, {})[offset] = False
         ref = (tp, offset)
-        headers = _headers(msg)
-        if header(headers, CONTROL_HEADER) == FLUSH:
+        headers = _headers(msg) if msg.headers() else []
+        if headers and header(headers, CONTROL_HEADER) == FLUSH:
             self._inbox.append(_Item(ref, "flush", headers=headers))
             return
         try:
@@ -837,7 +840,9 @@ class Dispatcher:
         tp, offset = ref
         pending = self._pending.get(tp)
         if pending is not None and offset in pending:
-            pending[offset] = True
+            # Handled: every record it produced has a sequence number below this stamp, so the
+            # offset may be committed once none of those is undelivered.
+            pending[offset] = self._produced + 1
 
     # ------------------------------------------------------------------ output
 
@@ -851,8 +856,8 @@ class Dispatcher:
 
     def _produce_outcome(self, outcome: SmsOutcome) -> None:
         value = self.codec.encode("SmsOutcome", outcome.to_record())
-        self._produce(self.settings.topic_outcomes, outcome.user_id.encode(), value)
-        self._to_mark.append((outcome.user_id, outcome.decision_id, outcome.status))
+        mark = (outcome.user_id, outcome.decision_id, outcome.status)
+        self._produce(self.settings.topic_outcomes, outcome.user_id.encode(), value, mark=mark)
         self.stats.outcomes[f"{outcome.status}:{outcome.reason or '-'}"] += 1
         self._count(outcome)
         if log.isEnabledFor(logging.INFO):
@@ -917,8 +922,24 @@ class Dispatcher:
         value: bytes | None,
         headers: list[tuple[str, bytes]] | None = None,
         partition: int | None = None,
+        mark: tuple[str, str, str] | None = None,
     ) -> None:
-        kwargs: dict[str, Any] = {"on_delivery": self._on_delivery}
+        """Hand a record to the producer; its delivery report (served by ``poll``/``flush``)
+        lets the offsets that produced it be committed, and marks a published outcome
+        (``mark``) as emitted in Redis at the next commit."""
+        self._produced += 1
+        seq = self._produced
+        undelivered, to_mark, errors = self._undelivered, self._to_mark, self._delivery_errors
+        undelivered.add(seq)
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            undelivered.discard(seq)
+            if err is not None:
+                errors.append(err.str())
+            elif mark is not None:
+                to_mark.append(mark)
+
+        kwargs: dict[str, Any] = {"on_delivery": delivered}
         if headers:
             kwargs["headers"] = headers
         if partition is not None:
@@ -930,42 +951,43 @@ class Dispatcher:
             except BufferError:
                 self.producer.poll(0.1)
 
-    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
-        if err is not None:
-            self._delivery_errors.append(err.str())
-
     # ------------------------------------------------------------------ commits
 
     def _commit(self, force: bool = False, revoking: bool = False) -> None:
-        """Flush outcomes, then commit each partition up to its first undone offset."""
-        self.producer.poll(0)
+        """Commit each partition up to its first offset that is not handled or whose outcomes
+        and dead letters are not all confirmed delivered (delivery reports; ``force``: wait for
+        all of them first, e.g. before letting go of partitions)."""
+        self.producer.poll(0)  # serves delivery reports
         if not force and time.monotonic() - self._last_commit < self.commit_interval_s:
             return
         self._last_commit = time.monotonic()
+        remaining = self.producer.flush(30) if force and self._undelivered else 0
+        # The oldest record still undelivered: an offset whose stamp is above it waits.
+        oldest = min(self._undelivered, default=self._produced + 1)
         offsets = []
         for (topic, partition), pending in self._pending.items():
             done_upto = None
             for offset in sorted(pending):
-                if not pending[offset]:
+                stamp = pending[offset]
+                if stamp is False or stamp > oldest:
                     break
                 done_upto = offset
             if done_upto is not None:
                 offsets.append(TopicPartition(topic, partition, done_upto + 1))
-        if not offsets and not self._to_mark:
-            return
-        # Outcomes and dead letters are confirmed delivered before any offset moves past them.
-        remaining = self.producer.flush(30)
         if remaining or self._delivery_errors:
-            errors, self._delivery_errors = self._delivery_errors, []
+            errors = list(self._delivery_errors)
+            self._delivery_errors.clear()  # in place: delivery callbacks hold these lists
             raise RuntimeError(
                 f"could not deliver {remaining} outcome(s) or dead letter(s) "
                 f"({'; '.join(errors[:3])}); stopping without committing so the decisions are "
                 "redelivered"
             )
+        if not offsets and not self._to_mark:
+            return
         if self._to_mark:
             try:
                 self.store.mark_emitted_many(self._to_mark)
-                self._to_mark = []
+                self._to_mark.clear()
             except REDIS_DOWN:
                 if not revoking:
                     raise  # an outage: commit once Redis is back (the marks are kept)

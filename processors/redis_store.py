@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -53,6 +53,12 @@ from processors.core.contact import Consent, Contact, ContactError
 from processors.core.decision import Decision, DecisionCancelled
 from processors.core.outcome import OutcomeError, SmsOutcome
 from processors.core.policy import CallPermit, CapCheck, Final, Prefetched, Prior
+
+_pack_command: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _pack_command
+except ImportError:  # redis-py without hiredis: its own packer
+    _pack_command = None
 
 DEFAULT_PREFIX = "nudgeflow:"
 STATE_TTL_MS = 30 * 86_400_000
@@ -735,7 +741,14 @@ class RedisStore:
         conn = pool.get_connection() if commands else None
         try:
             if conn is not None:
-                conn.send_packed_command(conn.pack_commands(commands))
+                # hiredis packs str/bytes/int arguments as they are; redis-py's packer first
+                # looks at each of the batch's thousands of arguments in Python
+                packed = (
+                    [b"".join(_pack_command(c) for c in commands)]
+                    if _pack_command is not None
+                    else conn.pack_commands(commands)
+                )
+                conn.send_packed_command(packed)
         except BaseException:
             assert conn is not None
             conn.disconnect()

@@ -452,6 +452,7 @@ def _flat_writer(record_schema: Mapping[str, Any]) -> _FlatWriter | None:
     names = frozenset(spec[0] for spec in specs)
     fields = tuple(specs)
     small = _SMALL
+    longs: dict[int, bytes] = {}  # e.g. the times of a batch of outcomes: mostly the same
 
     def write(record: Mapping[str, Any], header: bytes) -> bytes | None:
         if not record.keys() <= names:
@@ -472,7 +473,15 @@ def _flat_writer(record_schema: Mapping[str, Any]) -> _FlatWriter | None:
             else:
                 if type(value) is not int or not low <= value <= high:
                     return None
-                out += (tag, small[value + 64] if -64 <= value < 64 else _varint(value))
+                if -64 <= value < 64:
+                    out += (tag, small[value + 64])
+                    continue
+                known = longs.get(value)
+                if known is None:
+                    if len(longs) >= 1024:
+                        longs.clear()
+                    known = longs[value] = _varint(value)
+                out += (tag, known)
         return b"".join(out)
 
     return write
