@@ -17,8 +17,9 @@ Throughput (live clock): consecutive decisions are decided in batches of two Lua
 cap checks, in order), so one user's decisions in a batch see each other's cap reservations
 exactly as they would one at a time. A batch is not limited to ``max_in_flight`` (most decisions
 never reach the gateway): its settle step stops after the text that fills the room for sends,
-and the rest is prepared again later with the same attempt tokens. The next batch's reads run in
-a helper thread while this batch's outcomes are published. Event-clock replays decide one at a
+and the rest is prepared again later with the same attempt tokens. A batch's settle and the next
+batch's reads go to Redis together, and Redis runs them while the previous batch's outcomes are
+published (``_decide_run``). Event-clock replays decide one at a
 time (deferred sends are released between decisions, in replay time).
 
 Redis outage: a connection error or timeout pauses the assigned partitions (the consumer keeps
@@ -72,9 +73,8 @@ from processors.core.outcome import SmsOutcome
 from processors.core.policy import (
     CapCheck,
     Final,
+    Pending,
     Policy,
-    Prefetched,
-    Prior,
     RetryPolicy,
     SendPlan,
     Step,
@@ -83,7 +83,7 @@ from processors.core.policy import (
 )
 from processors.gateways.base import Gateway, GatewayError, SendResult, SmsMessage
 from processors.rate_limit import RateLimiter
-from processors.redis_store import DEFAULT_PREFIX, RedisStore
+from processors.redis_store import DEFAULT_PREFIX, RedisStore, SentBatch
 from processors.settings import Settings
 from schemas.codec import Codec, CodecError
 
@@ -97,8 +97,8 @@ DECIDE_BATCH_MAX = 128
 """Most decisions decided together (live clock): one Lua script call per phase, so Redis is
 busy with one batch for a few milliseconds at most."""
 DECIDE_RUN_MAX = 1024
-"""Most consecutive decisions taken from the inbox at once, decided batch after batch with the
-next batch's Redis reads overlapping this batch's publishing."""
+"""Most consecutive decisions taken from the inbox at once, decided batch after batch with
+Redis working on one batch while the previous one is published."""
 FETCH_WAIT_MAX_MS = 50
 """librdkafka's fetch.wait.max.ms for the decisions consumer: the default (500 ms) is how long
 a fetch may wait for new decisions (tansu waits that long), i.e. added latency per text."""
@@ -128,6 +128,32 @@ class _Item:
     payload: Any = None
     headers: list[tuple[str, bytes | None]] = field(default_factory=list)
     token: str | None = None  # a decision's attempt token, once a batch has reserved it
+
+
+class _Settled:
+    """A batch of decisions whose settle step has run: what ``_handle_settled`` publishes."""
+
+    __slots__ = ("items", "pending", "results", "cut", "passes")
+
+    def __init__(
+        self,
+        items: list[_Item],
+        pending: list[Pending],
+        results: list[tuple[int | None, bool]],
+    ) -> None:
+        self.items, self.pending, self.results = items, pending, results
+        self.cut = len(items)
+        self.passes = 0  # cap checks that passed with a reservation: texts to send
+        ran = 0
+        for i, p in enumerate(pending):
+            if not isinstance(p, (Final, CapCheck)):
+                continue
+            if ran == len(results):  # the settle step stopped at the room-th send
+                self.cut = i
+                break
+            if isinstance(p, CapCheck) and p.reserve and results[ran][0] is None:
+                self.passes += 1
+            ran += 1
 
 
 def make_gateway(settings: Settings) -> Gateway:
@@ -237,7 +263,6 @@ class Dispatcher:
         self.stats = Stats()
         self.error: BaseException | None = None  # why run() stopped early, if it did
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gateway")
-        self._batch_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="redis-batch")
         self._stop = threading.Event()
         self._futures: dict[Future[Step], TP | None] = {}
         self._later: list[tuple[float, Decision, tuple[TP, int]]] = []  # busy elsewhere
@@ -247,8 +272,11 @@ class Dispatcher:
         self._redis_probe_at = 0.0
         self._redis_backoff_s = 0.1
         self._jobs_wait_for_redis = threading.Event()  # a send job met an outage first
-        self._pending: dict[TP, dict[int, bool]] = {}  # offset -> outcome produced
-        self._to_mark: list[tuple[str, str, str]] = []
+        # offset -> False until handled, then the stamp of its output (see _done)
+        self._pending: dict[TP, dict[int, int | bool]] = {}
+        self._produced = 0  # records handed to the producer so far (each one's sequence number)
+        self._undelivered: set[int] = set()  # sequence numbers without a delivery report yet
+        self._to_mark: list[tuple[str, str, str]] = []  # delivered outcomes (Redis "emitted")
         self._delivery_errors: list[str] = []
         self._assigned: set[TP] = set()
         self._flushes = FlushTracker()
@@ -312,7 +340,6 @@ class Dispatcher:
     def close(self) -> None:
         try:
             self._pool.shutdown(wait=True, cancel_futures=False)
-            self._batch_io.shutdown(wait=True)
             self.producer.flush(10)
         finally:
             for consumer in (self.consumer, self.contacts):
@@ -518,8 +545,8 @@ class Dispatcher:
         tp = (topic, partition)
         self._pending.setdefault(tp, {})[offset] = False
         ref = (tp, offset)
-        headers = _headers(msg)
-        if header(headers, CONTROL_HEADER) == FLUSH:
+        headers = _headers(msg) if msg.headers() else []
+        if headers and header(headers, CONTROL_HEADER) == FLUSH:
             self._inbox.append(_Item(ref, "flush", headers=headers))
             return
         try:
@@ -588,74 +615,86 @@ class Dispatcher:
 
     def _decide_run(self, run: list[_Item]) -> None:
         """Live clock: the policy for consecutive decisions at the head of the inbox, in batches
-        of two Redis round trips each (see the module doc); same outcomes as one at a time.
+        of two Redis script calls each (see the module doc); same outcomes as one at a time.
 
-        While a batch's outcomes are published, the next batch's ``prepare_many`` runs in the
-        ``redis-batch`` thread (Redis works while this thread does). It is sent once this
-        batch is settled, so Redis sees prepare, settle, prepare, settle, ... as with one batch
-        after the other; only the single store calls of a passed cap check (rare: a text to
-        send) may come after the next batch's reservations, as within one batch.
+        Pipelined on one connection, without a helper thread: once a batch's policy is done up
+        to the cap checks, its ``settle_many`` and the next batch's ``prepare_many`` are written
+        to Redis together (:meth:`RedisStore.send_batch`), and while Redis runs them the previous
+        batch's outcomes are published here; then their replies are read. So Redis sees
+        prepare, settle, prepare, settle, ... as with one batch after the other. The store calls
+        that follow a passed cap check with a reservation (a text to send: first-text claim,
+        release of the caps of a text that cannot be rendered) must come before the next
+        batch's cap checks, so a batch with such a pass is published before the next batch's
+        settle is sent (sends are rare next to suppressions); other single calls (deferral,
+        final records of quiet-hours drops) may come after the next batch's reservations, as
+        within one batch.
 
         A batch's settle step stops after the ``room``-th text to send; the decisions after it
         stay in the inbox, reserved with their attempt's token, and the next call prepares them
-        again with that token (the store knows it as its own attempt, not a busy one)."""
+        again with that token (the store knows it as its own attempt, not a busy one). On an
+        error every decision not yet handled stays in the inbox (reserved, maybe settled: a
+        retry re-publishes a recorded outcome, see ``Policy.after_begin``)."""
         for item in run:
             if self._flushes.complete(item.ref[0][1]):
                 self._flushes.seen.pop(item.ref[0][1], None)
                 self._flushes.expected.pop(item.ref[0][1], None)
         self._ended = False
-        policy = self.policy
+        policy, store = self.policy, self.store
         for item in run:
             if item.token is None:
                 item.token = policy.token()
         chunks = [run[i : i + DECIDE_BATCH_MAX] for i in range(0, len(run), DECIDE_BATCH_MAX)]
         tokens = [[(item.payload, item.token or "") for item in chunk] for chunk in chunks]
-        prepared: Future[list[tuple[Prior, Prefetched]]] | None = None
+        if self.max_in_flight - len(self._futures) <= 0:
+            return  # the rest waits its turn
+        reads = store.prepare_many(tokens[0])
+        ready: _Settled | None = None  # settled, not yet handled
+        sent: SentBatch | None = None
         try:
             for k, chunk in enumerate(chunks):
-                room = self.max_in_flight - len(self._futures)
-                if room <= 0:
-                    return  # the rest waits its turn (reserved, prepared again later)
-                if prepared is None:
-                    reads = self.store.prepare_many(tokens[k])
-                else:
-                    reads, prepared = prepared.result(), None
                 now = _wall_ms()
                 pending = [
                     policy.after_begin(d, now, token, prior, prefetched)
                     for (d, token), (prior, prefetched) in zip(tokens[k], reads, strict=True)
                 ]
                 to_settle = [p for p in pending if isinstance(p, (Final, CapCheck))]
-                results = self.store.settle_many(to_settle, most_passes=room)
-                cut = len(chunk)
-                if len(results) < len(to_settle):  # stopped at the room-th send
-                    ran = [i for i, p in enumerate(pending) if isinstance(p, (Final, CapCheck))]
-                    cut = ran[len(results)]
-                elif k + 1 < len(chunks):
-                    prepared = self._batch_io.submit(self.store.prepare_many, tokens[k + 1])
-                settled = iter(results)
-                for item, p in zip(chunk[:cut], pending[:cut], strict=True):
-                    violated, recorded = (
-                        next(settled) if isinstance(p, (Final, CapCheck)) else (None, False)
-                    )
-                    # A passed cap check continues here with single calls; a Redis error leaves
-                    # this item (and the rest) in the inbox, and a retry finds its state as it
-                    # was left.
-                    step = policy.settled(p, violated, recorded)
-                    self.stats.decisions += 1
-                    self._inbox.popleft()
-                    self._handle(step, item.ref, item.payload)
-                if cut < len(chunk):
-                    return
+                if ready is not None and ready.passes:
+                    self._handle_settled(ready)  # its sends' store calls come first
+                    ready = None
+                room = self.max_in_flight - len(self._futures)
+                if room <= 0:
+                    break  # the rest waits its turn (reserved, prepared again later)
+                sent = store.send_batch(
+                    to_settle, room, tokens[k + 1] if k + 1 < len(chunks) else []
+                )
+                if ready is not None:
+                    self._handle_settled(ready)  # while Redis works
+                    ready = None
+                results, reads = sent.result()
+                sent = None
+                ready = _Settled(chunk, pending, results)
+                if ready.cut < len(chunk):
+                    break  # stopped at the room-th send
+            if ready is not None:
+                self._handle_settled(ready)
         finally:
-            if prepared is not None:
-                # Not used (an error above, or no room left): its reservations are its items'
-                # own, kept with their tokens in the inbox. Wait for it, so that Redis order
-                # stays as described.
-                try:
-                    prepared.result()
-                except Exception:  # noqa: BLE001 - the error above is the one that matters
-                    pass
+            if sent is not None:
+                sent.discard()  # an error above: the replies are not needed (see the doc)
+
+    def _handle_settled(self, batch: _Settled) -> None:
+        """Publish a settled batch (up to its cut), each decision leaving the inbox as handled."""
+        policy, inbox = self.policy, self._inbox
+        settled = iter(batch.results)
+        for item, p in zip(batch.items[: batch.cut], batch.pending, strict=False):
+            violated, recorded = (
+                next(settled) if isinstance(p, (Final, CapCheck)) else (None, False)
+            )
+            # A passed cap check continues here with single calls; a Redis error leaves this
+            # item (and the rest) in the inbox, and a retry finds its state as it was left.
+            step = policy.settled(p, violated, recorded)
+            self.stats.decisions += 1
+            inbox.popleft()
+            self._handle(step, item.ref, item.payload)
 
     def _retry_busy(self) -> None:
         """Ask again about decisions another instance was busy with (their lease ran out)."""
@@ -801,7 +840,9 @@ class Dispatcher:
         tp, offset = ref
         pending = self._pending.get(tp)
         if pending is not None and offset in pending:
-            pending[offset] = True
+            # Handled: every record it produced has a sequence number below this stamp, so the
+            # offset may be committed once none of those is undelivered.
+            pending[offset] = self._produced + 1
 
     # ------------------------------------------------------------------ output
 
@@ -815,8 +856,8 @@ class Dispatcher:
 
     def _produce_outcome(self, outcome: SmsOutcome) -> None:
         value = self.codec.encode("SmsOutcome", outcome.to_record())
-        self._produce(self.settings.topic_outcomes, outcome.user_id.encode(), value)
-        self._to_mark.append((outcome.user_id, outcome.decision_id, outcome.status))
+        mark = (outcome.user_id, outcome.decision_id, outcome.status)
+        self._produce(self.settings.topic_outcomes, outcome.user_id.encode(), value, mark=mark)
         self.stats.outcomes[f"{outcome.status}:{outcome.reason or '-'}"] += 1
         self._count(outcome)
         if log.isEnabledFor(logging.INFO):
@@ -881,8 +922,24 @@ class Dispatcher:
         value: bytes | None,
         headers: list[tuple[str, bytes]] | None = None,
         partition: int | None = None,
+        mark: tuple[str, str, str] | None = None,
     ) -> None:
-        kwargs: dict[str, Any] = {"on_delivery": self._on_delivery}
+        """Hand a record to the producer; its delivery report (served by ``poll``/``flush``)
+        lets the offsets that produced it be committed, and marks a published outcome
+        (``mark``) as emitted in Redis at the next commit."""
+        self._produced += 1
+        seq = self._produced
+        undelivered, to_mark, errors = self._undelivered, self._to_mark, self._delivery_errors
+        undelivered.add(seq)
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            undelivered.discard(seq)
+            if err is not None:
+                errors.append(err.str())
+            elif mark is not None:
+                to_mark.append(mark)
+
+        kwargs: dict[str, Any] = {"on_delivery": delivered}
         if headers:
             kwargs["headers"] = headers
         if partition is not None:
@@ -894,42 +951,43 @@ class Dispatcher:
             except BufferError:
                 self.producer.poll(0.1)
 
-    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
-        if err is not None:
-            self._delivery_errors.append(err.str())
-
     # ------------------------------------------------------------------ commits
 
     def _commit(self, force: bool = False, revoking: bool = False) -> None:
-        """Flush outcomes, then commit each partition up to its first undone offset."""
-        self.producer.poll(0)
+        """Commit each partition up to its first offset that is not handled or whose outcomes
+        and dead letters are not all confirmed delivered (delivery reports; ``force``: wait for
+        all of them first, e.g. before letting go of partitions)."""
+        self.producer.poll(0)  # serves delivery reports
         if not force and time.monotonic() - self._last_commit < self.commit_interval_s:
             return
         self._last_commit = time.monotonic()
+        remaining = self.producer.flush(30) if force and self._undelivered else 0
+        # The oldest record still undelivered: an offset whose stamp is above it waits.
+        oldest = min(self._undelivered, default=self._produced + 1)
         offsets = []
         for (topic, partition), pending in self._pending.items():
             done_upto = None
             for offset in sorted(pending):
-                if not pending[offset]:
+                stamp = pending[offset]
+                if stamp is False or stamp > oldest:
                     break
                 done_upto = offset
             if done_upto is not None:
                 offsets.append(TopicPartition(topic, partition, done_upto + 1))
-        if not offsets and not self._to_mark:
-            return
-        # Outcomes and dead letters are confirmed delivered before any offset moves past them.
-        remaining = self.producer.flush(30)
         if remaining or self._delivery_errors:
-            errors, self._delivery_errors = self._delivery_errors, []
+            errors = list(self._delivery_errors)
+            self._delivery_errors.clear()  # in place: delivery callbacks hold these lists
             raise RuntimeError(
                 f"could not deliver {remaining} outcome(s) or dead letter(s) "
                 f"({'; '.join(errors[:3])}); stopping without committing so the decisions are "
                 "redelivered"
             )
+        if not offsets and not self._to_mark:
+            return
         if self._to_mark:
             try:
                 self.store.mark_emitted_many(self._to_mark)
-                self._to_mark = []
+                self._to_mark.clear()
             except REDIS_DOWN:
                 if not revoking:
                     raise  # an outage: commit once Redis is back (the marks are kept)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -53,6 +53,12 @@ from processors.core.contact import Consent, Contact, ContactError
 from processors.core.decision import Decision, DecisionCancelled
 from processors.core.outcome import OutcomeError, SmsOutcome
 from processors.core.policy import CallPermit, CapCheck, Final, Prefetched, Prior
+
+_pack_command: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _pack_command
+except ImportError:  # redis-py without hiredis: its own packer
+    _pack_command = None
 
 DEFAULT_PREFIX = "nudgeflow:"
 STATE_TTL_MS = 30 * 86_400_000
@@ -503,6 +509,61 @@ def _outcome_json(outcome: SmsOutcome) -> bytes:
     return orjson.dumps(outcome.to_record(), option=orjson.OPT_SORT_KEYS)
 
 
+def _settled(raw: Sequence[Any]) -> list[tuple[int | None, bool]]:
+    """``settle_many``'s results from the script's flat reply."""
+    out: list[tuple[int | None, bool]] = []
+    for i in range(0, len(raw), 2):
+        index = int(raw[i])
+        out.append((None if index == 0 else index - 1, bool(raw[i + 1])))
+    return out
+
+
+class SentBatch:
+    """A :meth:`RedisStore.send_batch` whose replies are not read yet. ``result()`` reads them
+    (Redis errors, e.g. an outage, are raised there) and gives the connection back; ``discard()``
+    drops the connection unread (the scripts may or may not have run: as after a lost reply)."""
+
+    def __init__(
+        self, store: RedisStore, pool: Any, conn: Any, settles: bool, prepares: bool
+    ) -> None:
+        self._store, self._pool, self._conn = store, pool, conn
+        self._settles, self._prepares = settles, prepares
+
+    def result(
+        self,
+    ) -> tuple[list[tuple[int | None, bool]], list[tuple[Prior, Prefetched]]]:
+        """``(settle_many's results, prepare_many's results)``."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            if self._settles or self._prepares:
+                raise RuntimeError("this batch's replies were read or discarded already")
+            return [], []
+        replies: list[Any] = []
+        try:
+            for _ in range(self._settles + self._prepares):
+                try:
+                    replies.append(conn.read_response())
+                except redis.exceptions.ResponseError as exc:
+                    replies.append(exc)  # read every reply before the connection is reused
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            self._pool.release(conn)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        settled = _settled(replies[0]) if self._settles else []
+        prepared = self._store._prepared(replies[-1]) if self._prepares else []
+        return settled, prepared
+
+    def discard(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.disconnect()
+            self._pool.release(conn)
+
+
 def decision_json(d: Decision) -> str:
     rec = d.to_record()
     return json.dumps(rec, separators=(",", ":"), sort_keys=True)
@@ -611,17 +672,25 @@ class RedisStore:
         policy's reads (``contact()``, ``cancellation()``), in order, in one script call."""
         if not items:
             return []
+        keys, args = self._prepare_call(items)
+        return self._prepared(self._prepare_many(keys=keys, args=args))
+
+    def _prepare_call(self, items: Sequence[tuple[Decision, str]]) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
         args: list[Any] = [self.state_ttl_ms, self.emit_grace_ms, self._phone_prefix]
+        prefix = self.prefix
         for d, token in items:
-            user = self._user(d.user_id)
+            user = f"{prefix}{{{d.user_id}}}"
             keys += (f"{user}:d:{d.decision_id}", f"{user}:contact")
             args.append(token)
+        return keys, args
+
+    def _prepared(self, raws: Sequence[Any]) -> list[tuple[Prior, Prefetched]]:
         out = []
         parsed = self._parsed_contacts
         if len(parsed) > 4096:
             parsed.clear()  # a small memo: a batch often holds one user several times
-        for raw in self._prepare_many(keys=keys, args=args):
+        for raw in raws:
             known = parsed.get(raw[5]) if raw[5] is not None else None
             if known is None:
                 known = parsed[raw[5]] = _parse_contact_record(raw[5])
@@ -648,13 +717,56 @@ class RedisStore:
         send): only the results of the items it ran are returned, the others are untouched."""
         if not items:
             return []
+        keys, args = self._settle_call(items, most_passes)
+        return _settled(self._settle_many(keys=keys, args=args))
+
+    def send_batch(
+        self,
+        settle: Sequence[Final | CapCheck],
+        most_passes: int | None,
+        prepare: Sequence[tuple[Decision, str]],
+    ) -> SentBatch:
+        """``settle_many(settle, most_passes)``, then ``prepare_many(prepare)``: both written to
+        Redis now, in that order, on one connection; their results are read by
+        :meth:`SentBatch.result`. Redis runs the scripts while the caller does other work (the
+        dispatcher publishes the previous batch meanwhile), without a second thread."""
+        commands: list[tuple[Any, ...]] = []
+        if settle:
+            keys, args = self._settle_call(settle, most_passes)
+            commands.append(("EVAL", _SETTLE_MANY, len(keys), *keys, *args))
+        if prepare:
+            keys, args = self._prepare_call(prepare)
+            commands.append(("EVAL", _PREPARE_MANY, len(keys), *keys, *args))
+        pool = self.r.connection_pool
+        conn = pool.get_connection() if commands else None
+        try:
+            if conn is not None:
+                # hiredis packs str/bytes/int arguments as they are; redis-py's packer first
+                # looks at each of the batch's thousands of arguments in Python
+                packed = (
+                    [b"".join(_pack_command(c) for c in commands)]
+                    if _pack_command is not None
+                    else conn.pack_commands(commands)
+                )
+                conn.send_packed_command(packed)
+        except BaseException:
+            assert conn is not None
+            conn.disconnect()
+            pool.release(conn)
+            raise
+        return SentBatch(self, pool, conn, bool(settle), bool(prepare))
+
+    def _settle_call(
+        self, items: Sequence[Final | CapCheck], most_passes: int | None
+    ) -> tuple[list[str], list[Any]]:
         _deferred, data, lease = self._deferred
         keys: list[str] = [lease, data]
         most = len(items) + 1 if most_passes is None else max(1, most_passes)
         args: list[Any] = [most, self.state_ttl_ms, self.emit_grace_ms]
+        prefix = self.prefix
         for item in items:
             d = item.decision
-            user = self._user(d.user_id)
+            user = f"{prefix}{{{d.user_id}}}"
             dkey = f"{user}:d:{d.decision_id}"
             if isinstance(item, Final):
                 keys.append(dkey)
@@ -689,12 +801,7 @@ class RedisStore:
                     rule.max,
                     orjson.dumps(capped, option=orjson.OPT_SORT_KEYS),
                 )
-        raw = self._settle_many(keys=keys, args=args)
-        out: list[tuple[int | None, bool]] = []
-        for i in range(0, len(raw), 2):
-            index = int(raw[i])
-            out.append((None if index == 0 else index - 1, bool(raw[i + 1])))
-        return out
+        return keys, args
 
     def cancellation(self, decision: Decision, as_of: int | None = None) -> str | None:
         reason, at = self.r.hmget(self._dkey(decision.user_id, decision.decision_id), "c", "ca")

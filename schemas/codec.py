@@ -23,7 +23,7 @@ import copy
 import json
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, cast
@@ -167,6 +167,7 @@ class Codec:
         self._canonical: dict[str, str] = {}
         self._by_full_name: dict[str, str] = {}
         self._int_fields: dict[str, tuple[tuple[str, int, int], ...]] = {}
+        self._flat: dict[str, _FlatWriter] = {}
         for name in MANIFEST:
             source = load_schema(name)
             stripped = _strip_time_logical_types(source)
@@ -176,6 +177,9 @@ class Codec:
             self._canonical[name] = to_parsing_canonical_form(stripped)
             self._by_full_name[_full_name(source)] = name
             self._int_fields[name] = _int_fields(stripped)
+            flat = _flat_writer(stripped)
+            if flat is not None:
+                self._flat[name] = flat
         self._ids: dict[str, int] = {}
         self._headers: dict[str, bytes] = {}
         self._readers: dict[int, _Reader] = {}
@@ -221,6 +225,14 @@ class Codec:
         if header is None:
             self.schema_id(name)
             header = self._headers[name]
+        flat = self._flat.get(name)
+        if flat is not None:
+            try:
+                data = flat(record, header)
+            except Exception:  # noqa: BLE001 - e.g. a lone surrogate: fastavro decides below
+                data = None
+            if data is not None:
+                return data
         buf = BytesIO()
         buf.write(header)
         try:
@@ -394,6 +406,87 @@ class Codec:
 
 
 _INT_RANGES = {"int": (-(2**31), 2**31 - 1), "long": (-(2**63), 2**63 - 1)}
+
+_FlatWriter = Callable[[Mapping[str, Any], bytes], bytes | None]
+
+
+def _varint(n: int) -> bytes:
+    """Avro's zig-zag variable-length encoding of an int/long."""
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_SMALL = tuple(_varint(i) for i in range(-64, 64))  # one byte each
+
+
+def _flat_writer(record_schema: Mapping[str, Any]) -> _FlatWriter | None:
+    """A plain-Python writer for a record whose fields are all string/int/long or a union of
+    null and one of those (``SmsOutcome``, ``DecisionCancelled``): ~2.5x faster than fastavro's
+    per-call set-up, same bytes. Returns None for other schemas; the writer returns None for a
+    record it does not handle exactly (wrong type, missing or unknown field, out of range), so
+    that fastavro writes it or raises the usual :class:`RecordInvalid`."""
+    specs = []
+    for field in record_schema["fields"]:
+        kind_of = field["type"]
+        branches = kind_of if isinstance(kind_of, list) else [kind_of]
+        kinds = [b if isinstance(b, str) else b.get("type") for b in branches]
+        if isinstance(kind_of, list):
+            if len(kinds) != 2 or "null" not in kinds or field.get("default", None) is not None:
+                return None
+            other = 1 - kinds.index("null")
+            kind, null_tag, tag = kinds[other], _varint(1 - other), _varint(other)
+        else:
+            if "default" in field:
+                return None  # fastavro fills in a missing field's default
+            kind, null_tag, tag = kinds[0], None, b""
+        if kind not in ("string", "int", "long"):
+            return None
+        low, high = _INT_RANGES.get(kind, (0, 0))
+        required = "default" not in field
+        specs.append((field["name"], kind == "string", low, high, null_tag, tag, required))
+    names = frozenset(spec[0] for spec in specs)
+    fields = tuple(specs)
+    small = _SMALL
+    longs: dict[int, bytes] = {}  # e.g. the times of a batch of outcomes: mostly the same
+
+    def write(record: Mapping[str, Any], header: bytes) -> bytes | None:
+        if not record.keys() <= names:
+            return None
+        out = [header]
+        for name, is_str, low, high, null_tag, tag, required in fields:
+            value = record.get(name)
+            if value is None:
+                if null_tag is None or (required and name not in record):
+                    return None
+                out.append(null_tag)
+            elif is_str:
+                if type(value) is not str:
+                    return None
+                raw = value.encode()
+                size = len(raw)
+                out += (tag, small[size + 64] if size < 64 else _varint(size), raw)
+            else:
+                if type(value) is not int or not low <= value <= high:
+                    return None
+                if -64 <= value < 64:
+                    out += (tag, small[value + 64])
+                    continue
+                known = longs.get(value)
+                if known is None:
+                    if len(longs) >= 1024:
+                        longs.clear()
+                    known = longs[value] = _varint(value)
+                out += (tag, known)
+        return b"".join(out)
+
+    return write
+
+
 _PY_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
     "boolean": (bool,),

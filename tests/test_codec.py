@@ -356,6 +356,49 @@ def test_wrong_field_types_are_record_invalid(
         codec.encode(name, {**RECORDS[name], **change})
 
 
+@pytest.mark.parametrize(
+    "record",
+    [
+        RECORDS["SmsOutcome"],
+        {**RECORDS["SmsOutcome"], "segments": 2**31 - 1, "at": -(2**63), "reason": "é" * 70},
+        {**RECORDS["SmsOutcome"], "segments": -64, "price": "", "due_at": 63, "rule": "x" * 64},
+        {"decision_id": "d", "campaign_id": "c", "user_id": "u", "status": "sent", "at": 0},
+    ],
+)
+def test_fast_flat_writer_writes_fastavros_bytes(codec: Codec, record: dict[str, Any]) -> None:
+    """SmsOutcome takes the plain-Python writer (flat records): byte for byte fastavro's."""
+    buf = BytesIO()
+    stripped = {
+        **load_schema("SmsOutcome"),
+        "fields": [
+            {**f, "type": "long"} if f["name"] == "at" else f
+            for f in load_schema("SmsOutcome")["fields"]
+        ],
+    }
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(stripped), record)
+    assert codec.encode("SmsOutcome", record)[5:] == buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"at": 2**63}, r"at expected long in"),
+        ({"at": True}, r"at expected long \(int\), found bool"),
+        ({"reason": b"x"}, r"reason expected null or string, found bytes"),
+        ({"status": None}, r"status expected string, found NoneType"),
+        ({"extra": 1}, "fields not in the schema: extra"),
+    ],
+)
+def test_fast_flat_writer_leaves_bad_records_to_fastavro(
+    codec: Codec, change: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(RecordInvalid, match=match):
+        codec.encode("SmsOutcome", {**RECORDS["SmsOutcome"], **change})
+    missing = {k: v for k, v in RECORDS["SmsOutcome"].items() if k != "user_id"}
+    with pytest.raises(RecordInvalid, match=r"SmsOutcome\.user_id is required"):
+        codec.encode("SmsOutcome", missing)
+
+
 def test_record_invalid_does_not_echo_values(codec: Codec) -> None:
     record = {**RECORDS["ContactProfile"], "phone": 447700900123}
     with pytest.raises(RecordInvalid) as info:
