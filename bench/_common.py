@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import threading
 import time
 import uuid
@@ -167,10 +168,14 @@ def bench_settings(state_dir: Path, **overrides: Any) -> Settings:
         for f in Settings.model_fields
         if f.startswith("topic_")
     }
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        web_port = int(s.getsockname()[1])  # not 6066: benchmarks and dev workers may run at once
     return Settings.load(
         profile="dev",
         state_dir=state_dir,
         worker_id=f"bench-worker-{suffix}",
+        worker_web_port=web_port,
         dispatcher_group=f"bench-dispatcher-{suffix}",
         **{**topics, **overrides},
     )
