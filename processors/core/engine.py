@@ -46,6 +46,7 @@ from processors.core.trigger import Fire, Machine, machine_for
 FLUSH_MS = 2**62  # watermark meaning "end of input": commit everything, fire every timer
 DEDUP_WINDOW_MS = 24 * 3_600_000
 DEFAULT_STATE_TTL_MS = 30 * 86_400_000
+_REUSE_MIN = 2  # tail events a commit must save to take the head when a clone follows
 
 Core = dict[str, Any]  # {"f": facts, "c": {campaign_id: machine state}}
 
@@ -101,6 +102,11 @@ class UserState:
     tail: list[list[Any]] = field(default_factory=list)  # [ts, seq, event record], sorted
     seen: dict[str, int] = field(default_factory=dict)  # event_id -> ts (de-duplication)
     spec: dict[str, list[Any]] = field(default_factory=dict)  # emitted, not yet committed
+    # Not stored (a decoded state starts False): the head is the committed core with the tail
+    # applied in order and applying it dropped nothing the commit would emit (a timer decision,
+    # a cancellation, an audience filter), so committing the whole tail can take the head
+    # instead of replaying the tail (Engine._commit).
+    quiet: bool = field(default=False, compare=False, repr=False)
 
     def to_bytes(self) -> bytes:
         fields = [self.user_id, self.wm, self.max_ts, self.seq, self.committed, self.head,
@@ -179,6 +185,7 @@ class Engine:
         clock_name: str = "event",
         state_ttl_ms: int = DEFAULT_STATE_TTL_MS,
         lazy_commit: bool = True,
+        reuse_head: bool = True,
     ) -> None:
         self.campaigns: tuple[Campaign, ...] = campaigns.enabled
         self.machines: list[tuple[Campaign, Machine]] = [
@@ -201,6 +208,10 @@ class Engine:
             if c.variants
         }
         self.lazy_commit = lazy_commit  # False: wake every tail for its commit (the reference)
+        # False: every commit replays the tail on the committed core (the reference for
+        # UserState.quiet; tests/test_engine_reuse.py)
+        self.reuse_head = reuse_head
+        self._dropped = False  # set by _apply on the head when it drops what a commit emits
         # Event types some campaign reads whose commit is quiet -> the shortest timer they start
         # (see _deferrable); types no campaign reads are quiet and start none.
         self.quiet_delay: dict[str, int] = {}
@@ -260,23 +271,28 @@ class Engine:
         entry = [ts, seq, event.to_record()]
         in_order = ts >= st.max_ts
         if in_order:
-            st.tail.append(entry)
+            tail.append(entry)
             st.max_ts = ts
         else:
-            bisect.insort(st.tail, entry, key=_entry_order)
+            bisect.insort(tail, entry, key=_entry_order)
+            st.quiet = False  # the head is rebuilt below
         # Commit first: timer decisions now due are older than this event's immediate ones, so
         # the send topic sees them in fire_at order. The new event (ts >= watermark) stays in
         # the tail.
         watermark = st.max_ts - self.lateness
         if watermark > st.wm:
-            self._commit(st, watermark, step)
+            self._commit(st, watermark, step, fresh=in_order)
         if in_order:
             head = st.head
             if head is None:
                 # A new user's committed core is empty: build the copy instead of cloning.
                 committed = st.committed
                 head = st.head = _new_core() if committed == _EMPTY_CORE else _clone(committed)
+                st.quiet = True
+            self._dropped = False
             made = self._apply(head, event, None)
+            if self._dropped:
+                st.quiet = False
             if made:
                 spec = st.spec
                 for decision in made:
@@ -373,6 +389,8 @@ class Engine:
         ts = ev.ts
         deadlines = core.get("d")
         if deadlines and min(deadlines.values()) < ts:
+            if emit is None:
+                self._dropped = True
             self._fire_timers(core, ts, emit, ev.user_id)
         facts = core["f"]
         gap = segment.observe(facts, ev)
@@ -403,7 +421,9 @@ class Engine:
                 d = self._decide(campaign, variant, ev.user_id, fire, facts, emit)
                 if d is not None:
                     immediate.append(d)
-            if emit is not None:
+            if cancelled and emit is None:
+                self._dropped = True
+            elif emit is not None:
                 for key in cancelled:
                     emit.cancellations.append(
                         DecisionCancelled(
@@ -448,6 +468,8 @@ class Engine:
         if not segment.matches(campaign.audience, facts, fire.gap_ms):
             if emit is not None:
                 emit.filtered.append((campaign.id, "audience"))
+            else:
+                self._dropped = True
             return None
         return Decision(
             decision_id=make_decision_id(campaign.id, user_id, fire.key_event_id),
@@ -464,18 +486,34 @@ class Engine:
             decided_at=self.clock.now_ms() if self.clock else None,
         )
 
-    def _commit(self, st: UserState, watermark: int, step: Step) -> None:
+    def _commit(self, st: UserState, watermark: int, step: Step, fresh: bool = False) -> None:
+        """Commit the tail before ``watermark``, fire the committed timers before it. ``fresh``:
+        the tail's last entry is a new event not yet applied to the head."""
         if watermark <= st.wm:
             return
         tail = st.tail
         core = st.committed
         if tail and tail[0][0] < watermark:
             n = bisect.bisect_left(tail, watermark, key=_entry_ts)
-            spec = st.spec
-            for _ts, _seq, rec in tail[:n]:
-                for d in self._apply(core, _event_from(rec), step):
-                    if spec.pop(d.decision_id, None) is None:
-                        step.decisions.append(d)  # not seen by the head: emit now
+            if (
+                st.quiet
+                and self.reuse_head
+                and (n == len(tail) if not fresh else n == len(tail) - 1 and n >= _REUSE_MIN)
+            ):
+                # The whole (applied) tail: replaying it on the committed core would give the
+                # head and emit nothing but the head's speculative decisions, which it confirms.
+                # With a fresh event the head must then be cloned again (one clone costs about
+                # one replayed event), so that takes a longer tail.
+                core = st.committed = cast(Core, st.head)
+                st.head = None
+                st.quiet = False
+                st.spec.clear()
+            else:
+                spec = st.spec
+                for _ts, _seq, rec in tail[:n]:
+                    for d in self._apply(core, _event_from(rec), step):
+                        if spec.pop(d.decision_id, None) is None:
+                            step.decisions.append(d)  # not seen by the head: emit now
             del tail[:n]
         deadlines = core.get("d")
         if deadlines and min(deadlines.values()) < watermark:
@@ -492,6 +530,7 @@ class Engine:
                     )
         if not tail:
             st.head = None
+            st.quiet = False
 
     def _rebuild_head(self, st: UserState, step: Step) -> None:
         """An out-of-order event: replay the tail in order and reconcile immediate decisions."""
@@ -501,6 +540,7 @@ class Engine:
             for d in self._apply(head, _event_from(rec), emit=None):
                 made[d.decision_id] = d
         st.head = head
+        st.quiet = False
         for did, (cid, ts) in list(st.spec.items()):
             if did not in made:
                 del st.spec[did]
