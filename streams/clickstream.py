@@ -55,7 +55,7 @@ class ClickstreamReader:
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest",
                 "fetch.wait.max.ms": FETCH_WAIT_MS,
-                "queued.max.messages.kbytes": 64 * 1024,
+                "queued.max.messages.kbytes": 16 * 1024,  # prefetch bound: ~100k events, 16 MB
                 "enable.partition.eof": False,
                 "socket.timeout.ms": SOCKET_TIMEOUT_MS,  # streams.output: dead connections
                 "socket.keepalive.enable": True,
