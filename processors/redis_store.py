@@ -540,9 +540,14 @@ def _apply_phone_consent(contact: Contact, state: PhoneConsent | None) -> Contac
     )
 
 
+_NEW = Prior("new")
+
+
 def _prior(raw: Sequence[Any]) -> Prior:
     """``Prior`` from the first five fields _BEGIN returns."""
     state, outcome, emitted, wait_ms, dead_letter = raw[:5]
+    if state == b"new" and not outcome:
+        return _NEW  # what nearly every decision finds (a shared immutable value)
     state_s = _text(state) or "new"
     if state_s == "busy":
         return Prior("busy", wait_ms=int(wait_ms))
@@ -684,7 +689,9 @@ class RedisStore:
         self._prepare_many = client.register_script(_PREPARE_MANY)
         self._settle_many = client.register_script(_SETTLE_MANY)
         self._mark_emitted_many = client.register_script(_MARK_EMITTED_MANY)
-        self._parsed_contacts: dict[Any, tuple[Contact | None, Any]] = {}
+        self._parsed_contacts: dict[
+            Any, tuple[Contact | None, Any, dict[str | None, Prefetched]]
+        ] = {}
 
     @classmethod
     def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX, **kw: Any) -> RedisStore:
@@ -779,15 +786,23 @@ class RedisStore:
         for raw in raws:
             known = parsed.get(raw[5]) if raw[5] is not None else None
             if known is None:
-                known = parsed[raw[5]] = _parse_contact_record(raw[5])
-            contact, record = known
+                known = parsed[raw[5]] = (*_parse_contact_record(raw[5]), {})
+            contact, record, reads = known
             if contact is not None and contact.consent != "opted_out":
                 if isinstance(record, dict) and record.get("phone") == contact.phone:
-                    state = _parse_phone_consent(raw[6:9])
+                    state = _parse_phone_consent(raw[6:9]) if raw[6] is not None else None
                 else:  # the script looked up the number as stored, not as parsed
                     state = self.phone_consent(contact.phone)
                 contact = _apply_phone_consent(contact, state)
-            out.append((_prior(raw), Prefetched(contact, _text(raw[9]))))
+            cancellation = _text(raw[9])
+            if contact is known[0]:
+                # the same reads recur (the stored profile, no cancellation): one immutable value
+                prefetched = reads.get(cancellation)
+                if prefetched is None:
+                    prefetched = reads[cancellation] = Prefetched(contact, cancellation)
+            else:
+                prefetched = Prefetched(contact, cancellation)
+            out.append((_prior(raw), prefetched))
         return out
 
     def settle_many(
@@ -876,7 +891,15 @@ class RedisStore:
                 args += _rule_group(item.rules, item.rule_keys, now_ms)
             head, tail = _capped_json(item.capped)
             keys += (f"{user}:sends", f"{user}:sends:{d.campaign_id}", dkey)
-            args += ("c", d.decision_id, "1" if item.reserve else "0", item.token, group, head, tail)
+            args += (
+                "c",
+                d.decision_id,
+                "1" if item.reserve else "0",
+                item.token,
+                group,
+                head,
+                tail,
+            )
         return keys, args
 
     def cancellation(self, decision: Decision, as_of: int | None = None) -> str | None:
