@@ -107,7 +107,7 @@ _BEGIN = _NOW + _BEGIN_FN + "return begin(KEYS[1], ARGV[1], ARGV[2], ARGV[3], AR
 # cancellation) at the same instant (``begin`` changes neither the profile nor the
 # cancellation, so they are read with its state). One script for a whole batch: the per-call
 # overhead of a script (in Redis and in redis-py) is most of the cost of a decision's few
-# commands. The profile's number is its ``p`` field when that was written with the profile at
+# commands. The reply is flat: 11 values per decision. The profile's number is its ``p`` field when that was written with the profile at
 # its offset ``o`` (see ``put_contact``), else read from the profile's JSON.
 _PREPARE_MANY = (
     _NOW
@@ -133,7 +133,10 @@ for i = 1, #ARGV - 3 do
   end
   local p = {false, false, false}
   if phone then p = redis.call('HMGET', ARGV[3] .. phone, 's', 'at', 'src') end
-  out[i] = {b[1], b[2], b[3], b[4], b[5], v, p[1], p[2], p[3], c[2], c[3]}
+  local o = 11 * i - 11  -- one flat reply: a table per decision costs Redis more
+  out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = b[1], b[2], b[3], b[4], b[5]
+  out[o + 6], out[o + 7], out[o + 8], out[o + 9] = v, p[1], p[2], p[3]
+  out[o + 10], out[o + 11] = c[2], c[3]
 end
 return out
 """
@@ -329,12 +332,13 @@ _SETTLE_MANY = (
 local lease, data = KEYS[1], KEYS[2]
 local claims = redis.call('EXISTS', lease) == 1
 local function finish(key, did, outcome, status, token, dl, ttl, grace, now)
-  if redis.call('HGET', key, 't') ~= token then return 0 end
+  local f = redis.call('HMGET', key, 't', 'e', 'dl')
+  if f[1] ~= token then return 0 end
   redis.call('HSET', key, 's', 'done', 'o', outcome, 'os', status, 'l', now + grace)
   if dl == '1' then
     redis.call('HSET', key, 'dl', '1')
-    redis.call('HDEL', key, 'e')
-  else
+    if f[2] then redis.call('HDEL', key, 'e') end
+  elseif f[2] or f[3] then
     redis.call('HDEL', key, 'e', 'dl')
   end
   redis.call('PEXPIRE', key, ttl)
@@ -783,7 +787,8 @@ class RedisStore:
         parsed = self._parsed_contacts
         if len(parsed) > 4096:
             parsed.clear()  # a small memo: a batch often holds one user several times
-        for raw in raws:
+        for at in range(0, len(raws), 11):
+            raw = raws[at : at + 11]
             known = parsed.get(raw[5]) if raw[5] is not None else None
             if known is None:
                 known = parsed[raw[5]] = (*_parse_contact_record(raw[5]), {})
