@@ -107,8 +107,9 @@ _BEGIN = _NOW + _BEGIN_FN + "return begin(KEYS[1], ARGV[1], ARGV[2], ARGV[3], AR
 # cancellation) at the same instant (``begin`` changes neither the profile nor the
 # cancellation, so they are read with its state). One script for a whole batch: the per-call
 # overhead of a script (in Redis and in redis-py) is most of the cost of a decision's few
-# commands. The reply is flat: 11 values per decision. The profile's number is its ``p`` field when that was written with the profile at
-# its offset ``o`` (see ``put_contact``), else read from the profile's JSON.
+# commands. The reply is flat: 11 values per decision. The profile's number is its ``p``
+# field when that was written with the profile at its offset ``o`` (see ``put_contact``), else
+# read from the profile's JSON.
 _PREPARE_MANY = (
     _NOW
     + _BEGIN_FN
@@ -472,10 +473,16 @@ end
 return 1
 """
 
-# KEYS: contact hash. ARGV: expected record, new record (the offset stays).
+# KEYS: contact hash. ARGV: expected record, new record (the offset stays), its number.
 _SWAP_CONTACT = """
 if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'v', ARGV[2])
+local o = redis.call('HGET', KEYS[1], 'o')
+if o then
+  redis.call('HSET', KEYS[1], 'p', o .. '|' .. ARGV[3])
+else
+  redis.call('HDEL', KEYS[1], 'p')
+end
 return 1
 """
 
@@ -1124,7 +1131,7 @@ class RedisStore:
                 contact, consent=status, consent_at_ms=int(at_ms), consent_source=source
             )
             new = json.dumps(updated.to_record(), separators=(",", ":"))
-            if self._swap_contact(keys=[key], args=[raw, new]):
+            if self._swap_contact(keys=[key], args=[raw, new, updated.phone]):
                 return updated
         raise RuntimeError("contact record kept changing; consent not set")
 

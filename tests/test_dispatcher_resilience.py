@@ -441,3 +441,6 @@ def test_batch_reads_a_profiles_number_written_by_an_older_version(
     assert consent("v4") == "opted_out"
     store.put_contact("u-ana", ANA.to_record(), 4)
     assert consent("v5") == "opted_in"
+    assert store.set_consent("u-ana", "opted_out", NOW, "sms:STOP") is not None  # swap: p kept
+    assert redis_client.hget(key, "p") == b"4|+14155550100"
+    assert consent("v6") == "opted_out"
