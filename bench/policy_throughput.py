@@ -116,6 +116,10 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
             f"{rate:,.0f} decisions/s; CPU per decision {cpu_us:.0f} us here, {redis_us:.0f} us "
             f"in redis-server; outcomes {dict(outcomes)}"
         )
+        if args.redis_stats:  # where redis-server's time goes (per decision, whole run)
+            stats = dispatcher.redis.info("commandstats")
+            for name, row in sorted(stats.items(), key=lambda kv: -kv[1]["usec"])[:12]:
+                say(f"  {name}: {row['calls'] / total:.2f} calls, {row['usec'] / total:.1f} us")
         if capped < 0.99 * total:
             raise BenchError(f"only {capped} of {total} decisions were suppressed by caps")
         return [
@@ -138,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=500, help="capped users (500)")
     parser.add_argument("--per-user", type=int, default=10, help="decisions per user (10)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to drain (120)")
+    parser.add_argument(
+        "--redis-stats", action="store_true", help="print Redis commandstats per decision"
+    )
     return run_main("policy_throughput", run, parser.parse_args(argv))
 
 

@@ -14,7 +14,9 @@ as a hash tag, so one user's keys share a cluster slot):
 * ``P{u}:texted``: the decision id that claimed the first text to the contact (the STOP footer
   goes on it only); released again if that text does not go out.
 * ``P{u}:contact`` hash: ``v`` the ContactProfile record (JSON), ``o`` its offset on the
-  compacted topic (an older offset never overwrites a newer one).
+  compacted topic (an older offset never overwrites a newer one), ``p`` "<offset>|<phone>" (the
+  batch script's consent lookup without decoding ``v``; valid only while ``o`` is that offset,
+  so profiles stored without it, or by an older version, are still read from ``v``).
 * ``Pdeferred`` sorted set (decision id by due time), ``Pdeferred:data`` hash (decision JSON),
   ``Pdeferred:lease`` sorted set (claimed ids by lease expiry, wall clock): a deferred send
   survives restarts, and a claim lost in a crash returns to ``Pdeferred`` when its lease ends.
@@ -76,8 +78,7 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 # script. An attempt asking again with its own token (a batch cut short, see ``_SETTLE_MANY``) is
 # not "busy" with itself.
 _BEGIN_FN = """
-local function begin(key, token, resume, ttl, grace, now)
-  local s = redis.call('HGET', key, 's')
+local function begin_from(key, s, token, resume, ttl, grace, now)
   if (not s) or s == 'reserved' or (s == 'deferred' and resume == '1') then
     redis.call('HSET', key, 's', 'reserved', 't', token)
     redis.call('PEXPIRE', key, ttl)
@@ -93,6 +94,9 @@ local function begin(key, token, resume, ttl, grace, now)
   end
   return {s, f[1], emitted and 1 or 0, 0, f[5]}
 end
+local function begin(key, token, resume, ttl, grace, now)
+  return begin_from(key, redis.call('HGET', key, 's'), token, resume, ttl, grace, now)
+end
 """
 
 _BEGIN = _NOW + _BEGIN_FN + "return begin(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], now)\n"
@@ -100,8 +104,12 @@ _BEGIN = _NOW + _BEGIN_FN + "return begin(KEYS[1], ARGV[1], ARGV[2], ARGV[3], AR
 # KEYS: per decision its state hash and its user's contact hash. ARGV: state ttl, grace, the
 # phone key prefix, then one token per decision. For each decision, in order: ``begin`` (not
 # resuming deferred sends) plus the policy's reads (profile, the keyword consent of its number,
-# cancellation) at the same instant. One script for a whole batch: the per-call overhead of a
-# script (in Redis and in redis-py) is most of the cost of a decision's few commands.
+# cancellation) at the same instant (``begin`` changes neither the profile nor the
+# cancellation, so they are read with its state). One script for a whole batch: the per-call
+# overhead of a script (in Redis and in redis-py) is most of the cost of a decision's few
+# commands. The reply is flat: 11 values per decision. The profile's number is its ``p``
+# field when that was written with the profile at its offset ``o`` (see ``put_contact``), else
+# read from the profile's JSON.
 _PREPARE_MANY = (
     _NOW
     + _BEGIN_FN
@@ -109,17 +117,27 @@ _PREPARE_MANY = (
 local out = {}
 for i = 1, #ARGV - 3 do
   local dkey, ckey = KEYS[2 * i - 1], KEYS[2 * i]
-  local b = begin(dkey, ARGV[3 + i], '0', ARGV[1], ARGV[2], now)
-  local v = redis.call('HGET', ckey, 'v')
-  local p = {false, false, false}
+  local c = redis.call('HMGET', dkey, 's', 'c', 'ca')
+  local b = begin_from(dkey, c[1], ARGV[3 + i], '0', ARGV[1], ARGV[2], now)
+  local cf = redis.call('HMGET', ckey, 'v', 'o', 'p')
+  local v, phone = cf[1], nil
   if v then
-    local ok, rec = pcall(cjson.decode, v)
-    if ok and type(rec) == 'table' and type(rec['phone']) == 'string' then
-      p = redis.call('HMGET', ARGV[3] .. rec['phone'], 's', 'at', 'src')
+    local at = cf[3] and cf[2] and string.find(cf[3], '|', 1, true)
+    if at and string.sub(cf[3], 1, at - 1) == cf[2] then
+      phone = string.sub(cf[3], at + 1)
+    else
+      local ok, rec = pcall(cjson.decode, v)
+      if ok and type(rec) == 'table' and type(rec['phone']) == 'string' then
+        phone = rec['phone']
+      end
     end
   end
-  local c = redis.call('HMGET', dkey, 'c', 'ca')
-  out[i] = {b[1], b[2], b[3], b[4], b[5], v, p[1], p[2], p[3], c[1], c[2]}
+  local p = {false, false, false}
+  if phone then p = redis.call('HMGET', ARGV[3] .. phone, 's', 'at', 'src') end
+  local o = 11 * i - 11  -- one flat reply: a table per decision costs Redis more
+  out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = b[1], b[2], b[3], b[4], b[5]
+  out[o + 6], out[o + 7], out[o + 8], out[o + 9] = v, p[1], p[2], p[3]
+  out[o + 10], out[o + 11] = c[2], c[3]
 end
 return out
 """
@@ -297,56 +315,89 @@ return finish(KEYS[1], ARGV[3], ARGV[1], ARGV[5], ARGV[7], ARGV[8], ARGV[4], ARG
 # KEYS: lease, data, then per item: a Final's decision hash, or a CapCheck's global sends,
 # campaign sends and decision hash. ARGV: most passes, state ttl, grace, then per item either
 #   'f', decision id, outcome, status, token, dead-lettered (1/0)            (``finish``)
-#   'c', decision id, now, reserve, sends ttl, trim_before, token, rule count, then per rule:
-#        is_global (1/0), exclusive lower bound (now - per), max, the outcome when violated
-# A CapCheck is ``_CAPS`` and, when a rule is violated, ``finish`` with that rule's outcome (a
-# decision suppressed by caps in one step). Items run in order, each exactly as on its own; the
-# script stops after the item whose check is the ``most passes``-th to pass with a reservation
-# (a send: the shell has room for that many), so the rest of the batch is left as it was.
-# Returns {violated rule + 1 or 0, recorded} per item it ran.
+#   'c', decision id, reserve, token, rules, outcome head, outcome tail       (a cap check)
+#   'r', now, sends ttl, trim_before, rule count, then per rule: is_global (1/0), exclusive
+#        lower bound (now - per), max, the outcome's ``"rule":<key>`` JSON member
+# A 'r' item declares the rules of the cap checks after it (``rules``: its ARGV index), once
+# per batch, campaign and time. A cap check is ``_CAPS`` and, when a rule is violated,
+# ``finish`` with ``head .. member .. tail``, that rule's outcome (a decision suppressed by caps
+# in one step). Items run in order, each exactly as on its own; the script stops after the
+# item whose check is the ``most passes``-th to pass with a reservation (a send: the shell has
+# room for that many), so the rest of the batch is left as it was.
+# Returns {violated rule + 1 or 0, recorded} per 'f' or 'c' item it ran.
+# ``finish`` skips the deferred-claim cleanup when no claim exists (nothing else in the script
+# adds one).
 _SETTLE_MANY = (
     _NOW
-    + _FINISH_FN
     + """
 local lease, data = KEYS[1], KEYS[2]
+local claims = redis.call('EXISTS', lease) == 1
+local function finish(key, did, outcome, status, token, dl, ttl, grace, now)
+  local f = redis.call('HMGET', key, 't', 'e', 'dl')
+  if f[1] ~= token then return 0 end
+  redis.call('HSET', key, 's', 'done', 'o', outcome, 'os', status, 'l', now + grace)
+  if dl == '1' then
+    redis.call('HSET', key, 'dl', '1')
+    if f[2] then redis.call('HDEL', key, 'e') end
+  elseif f[2] or f[3] then
+    redis.call('HDEL', key, 'e', 'dl')
+  end
+  redis.call('PEXPIRE', key, ttl)
+  if claims and redis.call('ZREM', lease, did) == 1 then redis.call('HDEL', data, did) end
+  return 1
+end
 local most, ttl, grace = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local out, a, k, passes = {}, 4, 3, 0
+local n_out = 0
+local bounds, maxes = {}, {}
 while a <= #ARGV do
-  if ARGV[a] == 'f' then
-    table.insert(out, 0)
-    table.insert(out, finish(KEYS[k], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
-      ARGV[a + 5], ttl, grace, now, lease, data))
+  local kind = ARGV[a]
+  if kind == 'f' then
+    out[n_out + 1] = 0
+    out[n_out + 2] = finish(KEYS[k], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
+      ARGV[a + 5], ttl, grace, now)
+    n_out = n_out + 2
     a, k = a + 6, k + 1
+  elseif kind == 'r' then
+    local n = tonumber(ARGV[a + 4])
+    local b, m = {}, {}
+    for i = 0, n - 1 do
+      b[i + 1] = '(' .. ARGV[a + 6 + 4 * i]
+      m[i + 1] = tonumber(ARGV[a + 7 + 4 * i])
+    end
+    bounds[a], maxes[a] = b, m
+    a = a + 5 + 4 * n
   else
     local gkey, ckey, dkey, did = KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[a + 1]
-    local reserve, n = ARGV[a + 3], tonumber(ARGV[a + 7])
+    local reserve, r = ARGV[a + 2], tonumber(ARGV[a + 4])
+    local n, b, m = tonumber(ARGV[r + 4]), bounds[r], maxes[r]
     local violated, recorded = 0, 0
     if not redis.call('ZSCORE', gkey, did) then
-      for i = 0, n - 1 do
-        local at = a + 8 + 4 * i
+      for i = 1, n do
         local key = ckey
-        if ARGV[at] == '1' then key = gkey end
-        if redis.call('ZCOUNT', key, '(' .. ARGV[at + 1], '+inf') >= tonumber(ARGV[at + 2]) then
-          violated = i + 1
-          recorded = finish(dkey, did, ARGV[at + 3], 'suppressed', ARGV[a + 6], '0', ttl, grace,
-            now, lease, data)
+        if ARGV[r + 1 + 4 * i] == '1' then key = gkey end
+        if redis.call('ZCOUNT', key, b[i], '+inf') >= m[i] then
+          violated = i
+          recorded = finish(dkey, did, ARGV[a + 5] .. ARGV[r + 4 + 4 * i] .. ARGV[a + 6],
+            'suppressed', ARGV[a + 3], '0', ttl, grace, now)
           break
         end
       end
       if violated == 0 and reserve == '1' then
         -- sends older than twice the longest window are dropped when one is added (as in
         -- _CAPS, which trims first: no rule counts that far back, so no count differs)
-        redis.call('ZREMRANGEBYSCORE', gkey, '-inf', '(' .. ARGV[a + 5])
-        redis.call('ZREMRANGEBYSCORE', ckey, '-inf', '(' .. ARGV[a + 5])
-        redis.call('ZADD', gkey, ARGV[a + 2], did)
-        redis.call('ZADD', ckey, ARGV[a + 2], did)
-        redis.call('PEXPIRE', gkey, ARGV[a + 4])
-        redis.call('PEXPIRE', ckey, ARGV[a + 4])
+        redis.call('ZREMRANGEBYSCORE', gkey, '-inf', '(' .. ARGV[r + 3])
+        redis.call('ZREMRANGEBYSCORE', ckey, '-inf', '(' .. ARGV[r + 3])
+        redis.call('ZADD', gkey, ARGV[r + 1], did)
+        redis.call('ZADD', ckey, ARGV[r + 1], did)
+        redis.call('PEXPIRE', gkey, ARGV[r + 2])
+        redis.call('PEXPIRE', ckey, ARGV[r + 2])
       end
     end
-    table.insert(out, violated)
-    table.insert(out, recorded)
-    a, k = a + 8 + 4 * n, k + 3
+    out[n_out + 1] = violated
+    out[n_out + 2] = recorded
+    n_out = n_out + 2
+    a, k = a + 7, k + 3
     if violated == 0 and reserve == '1' then
       passes = passes + 1
       if passes >= most then break end
@@ -381,13 +432,20 @@ if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
 return 1
 """
 
+# KEYS: contact hash. ARGV: offset, profile JSON ('' = delete), its phone number ('' = none).
+# ``p`` is "<offset>|<number>": ``_PREPARE_MANY`` trusts it only while ``o`` is that offset, so
+# a profile written without it (by an older version, which sets ``o`` and ``v`` only) is read
+# from its JSON.
 _PUT_CONTACT = """
 local cur = redis.call('HGET', KEYS[1], 'o')
 if cur and tonumber(cur) > tonumber(ARGV[1]) then return 0 end
 if ARGV[2] == '' then
   redis.call('DEL', KEYS[1])
-else
+elseif ARGV[3] == '' then
   redis.call('HSET', KEYS[1], 'o', ARGV[1], 'v', ARGV[2])
+  redis.call('HDEL', KEYS[1], 'p')
+else
+  redis.call('HSET', KEYS[1], 'o', ARGV[1], 'v', ARGV[2], 'p', ARGV[1] .. '|' .. ARGV[3])
 end
 return 1
 """
@@ -415,10 +473,16 @@ end
 return 1
 """
 
-# KEYS: contact hash. ARGV: expected record, new record (the offset stays).
+# KEYS: contact hash. ARGV: expected record, new record (the offset stays), its number.
 _SWAP_CONTACT = """
 if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'v', ARGV[2])
+local o = redis.call('HGET', KEYS[1], 'o')
+if o then
+  redis.call('HSET', KEYS[1], 'p', o .. '|' .. ARGV[3])
+else
+  redis.call('HDEL', KEYS[1], 'p')
+end
 return 1
 """
 
@@ -487,9 +551,14 @@ def _apply_phone_consent(contact: Contact, state: PhoneConsent | None) -> Contac
     )
 
 
+_NEW = Prior("new")
+
+
 def _prior(raw: Sequence[Any]) -> Prior:
     """``Prior`` from the first five fields _BEGIN returns."""
     state, outcome, emitted, wait_ms, dead_letter = raw[:5]
+    if state == b"new" and not outcome:
+        return _NEW  # what nearly every decision finds (a shared immutable value)
     state_s = _text(state) or "new"
     if state_s == "busy":
         return Prior("busy", wait_ms=int(wait_ms))
@@ -507,6 +576,35 @@ def _outcome_json(outcome: SmsOutcome) -> bytes:
     """``outcome.dumps()`` (same fields, sorted keys, compact) at a fraction of the cost: the
     batch path stores one per cap rule of every decision."""
     return orjson.dumps(outcome.to_record(), option=orjson.OPT_SORT_KEYS)
+
+
+_RULE_NULL = b'"rule":null'
+
+
+def _capped_json(capped: SmsOutcome) -> tuple[bytes, bytes]:
+    """``_outcome_json`` of ``capped`` split around its ``rule`` member: the script joins
+    ``head``, the violated rule's ``"rule":<key>`` and ``tail``, the same bytes as
+    ``_outcome_json`` of the outcome with that rule (keys are sorted; in a value, a quote is
+    escaped, so the member's bytes occur once)."""
+    record = capped.to_record()
+    record["rule"] = None
+    head, _sep, tail = orjson.dumps(record, option=orjson.OPT_SORT_KEYS).partition(_RULE_NULL)
+    return head, tail
+
+
+def _rule_group(rules: Sequence[CapRule], rule_keys: Sequence[str], now_ms: int) -> list[Any]:
+    """A ``_SETTLE_MANY`` rule declaration ('r' item): what ``check_caps`` sends per rule, with
+    each rule's ``rule`` member of the capped outcome's JSON."""
+    longest = longest_window_ms(rules)
+    out: list[Any] = ["r", now_ms, max(longest * 2, 60_000), now_ms - 2 * longest, len(rules)]
+    for rule, key in zip(rules, rule_keys, strict=True):
+        out += (
+            "1" if rule.scope == GLOBAL_SCOPE else "0",
+            now_ms - rule.per_ms,
+            rule.max,
+            b'"rule":' + orjson.dumps(key),
+        )
+    return out
 
 
 def _settled(raw: Sequence[Any]) -> list[tuple[int | None, bool]]:
@@ -602,7 +700,9 @@ class RedisStore:
         self._prepare_many = client.register_script(_PREPARE_MANY)
         self._settle_many = client.register_script(_SETTLE_MANY)
         self._mark_emitted_many = client.register_script(_MARK_EMITTED_MANY)
-        self._parsed_contacts: dict[Any, tuple[Contact | None, Any]] = {}
+        self._parsed_contacts: dict[
+            Any, tuple[Contact | None, Any, dict[str | None, Prefetched]]
+        ] = {}
 
     @classmethod
     def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX, **kw: Any) -> RedisStore:
@@ -626,8 +726,12 @@ class RedisStore:
     def put_contact(self, user_id: str, record: dict[str, Any] | None, offset: int) -> bool:
         """Store the profile at ``offset`` of the contacts topic (None = tombstone: delete)."""
         value = "" if record is None else json.dumps(record, separators=(",", ":"))
+        phone = record.get("phone") if record is not None else None
         return bool(
-            self._put_contact(keys=[f"{self._user(user_id)}:contact"], args=[offset, value])
+            self._put_contact(
+                keys=[f"{self._user(user_id)}:contact"],
+                args=[int(offset), value, phone if isinstance(phone, str) else ""],
+            )
         )
 
     def contact(self, user_id: str, as_of: int | None = None) -> Contact | None:
@@ -690,18 +794,27 @@ class RedisStore:
         parsed = self._parsed_contacts
         if len(parsed) > 4096:
             parsed.clear()  # a small memo: a batch often holds one user several times
-        for raw in raws:
+        for at in range(0, len(raws), 11):
+            raw = raws[at : at + 11]
             known = parsed.get(raw[5]) if raw[5] is not None else None
             if known is None:
-                known = parsed[raw[5]] = _parse_contact_record(raw[5])
-            contact, record = known
+                known = parsed[raw[5]] = (*_parse_contact_record(raw[5]), {})
+            contact, record, reads = known
             if contact is not None and contact.consent != "opted_out":
                 if isinstance(record, dict) and record.get("phone") == contact.phone:
-                    state = _parse_phone_consent(raw[6:9])
+                    state = _parse_phone_consent(raw[6:9]) if raw[6] is not None else None
                 else:  # the script looked up the number as stored, not as parsed
                     state = self.phone_consent(contact.phone)
                 contact = _apply_phone_consent(contact, state)
-            out.append((_prior(raw), Prefetched(contact, _text(raw[9]))))
+            cancellation = _text(raw[9])
+            if contact is known[0]:
+                # the same reads recur (the stored profile, no cancellation): one immutable value
+                prefetched = reads.get(cancellation)
+                if prefetched is None:
+                    prefetched = reads[cancellation] = Prefetched(contact, cancellation)
+            else:
+                prefetched = Prefetched(contact, cancellation)
+            out.append((_prior(raw), prefetched))
         return out
 
     def settle_many(
@@ -764,6 +877,9 @@ class RedisStore:
         most = len(items) + 1 if most_passes is None else max(1, most_passes)
         args: list[Any] = [most, self.state_ttl_ms, self.emit_grace_ms]
         prefix = self.prefix
+        # (rules, their keys, now) -> ARGV index (1-based) of their 'r' item; the items hold
+        # the rules, so the ids stay valid throughout
+        groups: dict[tuple[int, int, int], int] = {}
         for item in items:
             d = item.decision
             user = f"{prefix}{{{d.user_id}}}"
@@ -779,28 +895,23 @@ class RedisStore:
                     "1" if item.dead_letter else "0",
                 )
                 continue
-            longest = longest_window_ms(item.rules)
             now_ms = item.now_ms
+            group_key = (id(item.rules), id(item.rule_keys), now_ms)
+            group = groups.get(group_key)
+            if group is None:
+                group = groups[group_key] = len(args) + 1
+                args += _rule_group(item.rules, item.rule_keys, now_ms)
+            head, tail = _capped_json(item.capped)
             keys += (f"{user}:sends", f"{user}:sends:{d.campaign_id}", dkey)
             args += (
                 "c",
                 d.decision_id,
-                now_ms,
                 "1" if item.reserve else "0",
-                max(longest * 2, 60_000),
-                now_ms - 2 * longest,
                 item.token,
-                len(item.rules),
+                group,
+                head,
+                tail,
             )
-            capped = item.capped.to_record()  # the outcome of each rule differs in its key only
-            for rule, key in zip(item.rules, item.rule_keys, strict=True):
-                capped["rule"] = key
-                args += (
-                    "1" if rule.scope == GLOBAL_SCOPE else "0",
-                    now_ms - rule.per_ms,
-                    rule.max,
-                    orjson.dumps(capped, option=orjson.OPT_SORT_KEYS),
-                )
         return keys, args
 
     def cancellation(self, decision: Decision, as_of: int | None = None) -> str | None:
@@ -1020,7 +1131,7 @@ class RedisStore:
                 contact, consent=status, consent_at_ms=int(at_ms), consent_source=source
             )
             new = json.dumps(updated.to_record(), separators=(",", ":"))
-            if self._swap_contact(keys=[key], args=[raw, new]):
+            if self._swap_contact(keys=[key], args=[raw, new, updated.phone]):
                 return updated
         raise RuntimeError("contact record kept changing; consent not set")
 

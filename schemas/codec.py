@@ -168,6 +168,7 @@ class Codec:
         self._by_full_name: dict[str, str] = {}
         self._int_fields: dict[str, tuple[tuple[str, int, int], ...]] = {}
         self._flat: dict[str, _FlatWriter] = {}
+        self._flat_readers: dict[str, _FlatReader] = {}
         for name in MANIFEST:
             source = load_schema(name)
             stripped = _strip_time_logical_types(source)
@@ -180,6 +181,9 @@ class Codec:
             flat = _flat_writer(stripped)
             if flat is not None:
                 self._flat[name] = flat
+            flat_reader = _flat_reader(stripped)
+            if flat_reader is not None:
+                self._flat_readers[name] = flat_reader
         self._ids: dict[str, int] = {}
         self._headers: dict[str, bytes] = {}
         self._readers: dict[int, _Reader] = {}
@@ -259,6 +263,15 @@ class Codec:
         reader = self._readers.get(schema_id)
         if reader is None:
             reader = self._load_reader(schema_id)
+        if reader.reader is None and type(payload) is bytes:
+            flat = self._flat_readers.get(reader.name)
+            if flat is not None:
+                try:
+                    fast = flat(payload)
+                except Exception:  # noqa: BLE001 - a bad body: fastavro reads it or raises below
+                    fast = None
+                if fast is not None:
+                    return reader.name, fast
         buf = BytesIO(payload)
         buf.seek(HEADER_SIZE)
         try:
@@ -485,6 +498,139 @@ def _flat_writer(record_schema: Mapping[str, Any]) -> _FlatWriter | None:
         return b"".join(out)
 
     return write
+
+
+_FlatReader = Callable[[bytes], dict[str, Any] | None]
+_STR, _INT, _LONG, _STRINGS, _STRING_MAP = range(5)
+
+
+def _read_long(data: bytes, pos: int) -> tuple[int, int]:
+    """The zig-zag varint at ``pos``: (value, position after it); ValueError past 64 bits."""
+    b = data[pos]
+    pos += 1
+    n = b & 0x7F
+    shift = 7
+    while b & 0x80:
+        if shift > 63:
+            raise ValueError("varint longer than a long")
+        b = data[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+    return (n >> 1) ^ -(n & 1), pos
+
+
+def _read_string(data: bytes, pos: int, size: int) -> tuple[str, int]:
+    n, pos = _read_long(data, pos)
+    end = pos + n
+    if n < 0 or end > size:
+        raise ValueError("string length out of the body")
+    return data[pos:end].decode(), end
+
+
+def _read_block(data: bytes, pos: int, size: int, strings: bool) -> tuple[Any, int]:
+    """An array of strings (``strings``) or a map of strings at ``pos``: (value, end)."""
+    items: list[str] = []
+    pairs: dict[str, str] = {}
+    count, pos = _read_long(data, pos)
+    while count:
+        if count < 0:  # a block with its size in bytes
+            count = -count
+            _block_size, pos = _read_long(data, pos)
+        for _ in range(count):
+            text, pos = _read_string(data, pos, size)
+            if strings:
+                items.append(text)
+            else:
+                pairs[text], pos = _read_string(data, pos, size)
+        count, pos = _read_long(data, pos)
+    return (items if strings else pairs), pos
+
+
+def _flat_kind(schema: Any) -> int | None:
+    """The kind of a field type the plain-Python reader handles, else None."""
+    if isinstance(schema, dict):
+        kind = schema.get("type")
+        if kind == "array" and set(schema) == {"type", "items"}:
+            return _STRINGS if _flat_kind(schema["items"]) == _STR else None
+        if kind == "map" and set(schema) == {"type", "values"}:
+            return _STRING_MAP if _flat_kind(schema["values"]) == _STR else None
+        if set(schema) != {"type"}:
+            return None  # e.g. a logical type fastavro would convert
+        schema = kind
+    kinds = {"string": _STR, "int": _INT, "long": _LONG}
+    return kinds.get(schema) if isinstance(schema, str) else None
+
+
+def _flat_reader(record_schema: Mapping[str, Any]) -> _FlatReader | None:
+    """A plain-Python reader (after the wire header) for a record whose fields are all
+    string/int/long, a union of null and one of those, an array of strings or a map of strings
+    (``TriggerDecision``, ``SmsOutcome``, ...): ~25% faster than fastavro's per-call set-up, the
+    same dict. Returns None for other schemas; the reader returns None (or raises) for a body
+    it does not read exactly (a bad union index, an int out of range, a varint longer than a
+    long, truncated, trailing bytes, bad UTF-8), so that fastavro reads it or raises the usual
+    :class:`AvroDecodeError`. Only for a writer schema equal to the reader's.
+
+    The reader is straight-line code generated from the schema (a loop over field specs costs
+    as much as fastavro); field names go in as ``repr`` literals only."""
+    lines = ["def read(data):", "    size = len(data)", f"    pos = {HEADER_SIZE}"]
+    names = []
+    for i, field in enumerate(record_schema["fields"]):
+        kind_of = field["type"]
+        null_at = -1
+        if isinstance(kind_of, list):
+            if len(kind_of) != 2 or "null" not in kind_of:
+                return None
+            null_at = kind_of.index("null")
+            kind_of = kind_of[1 - null_at]
+        kind = _flat_kind(kind_of)
+        if kind is None or (null_at >= 0 and kind not in (_STR, _INT, _LONG)):
+            return None
+        names.append(str(field["name"]))
+        target, indent = f"v{i}", "    "
+        if null_at >= 0:
+            lines += [
+                "    branch = data[pos]",  # a one-byte varint: zig-zag 0 or 2
+                "    pos += 1",
+                f"    if branch == {null_at << 1}:",
+                f"        {target} = None",
+                f"    elif branch != {(1 - null_at) << 1}:",
+                "        return None",
+                "    else:",
+            ]
+            indent = "        "
+        if kind == _STR:  # a length below 64: one byte, read inline
+            lines += [
+                f"{indent}n = data[pos]",
+                f"{indent}if n < 128 and not n & 1:",
+                f"{indent}    end = pos + 1 + (n >> 1)",
+                f"{indent}    if end > size:",
+                f"{indent}        return None",
+                f"{indent}    {target} = data[pos + 1 : end].decode()",
+                f"{indent}    pos = end",
+                f"{indent}else:",
+                f"{indent}    {target}, pos = _read_string(data, pos, size)",
+            ]
+        elif kind in (_LONG, _INT):
+            lines.append(f"{indent}{target}, pos = _read_long(data, pos)")
+            if kind == _INT:
+                low, high = _INT_RANGES["int"]
+                lines += [
+                    f"{indent}if not {low} <= {target} <= {high}:",
+                    f"{indent}    return None",
+                ]
+        else:
+            strings = kind == _STRINGS
+            lines.append(f"{indent}{target}, pos = _read_block(data, pos, size, {strings})")
+    body = ", ".join(f"{name!r}: v{i}" for i, name in enumerate(names))
+    lines += ["    if pos != size:", "        return None", f"    return {{{body}}}"]
+    scope: dict[str, Any] = {
+        "_read_long": _read_long,
+        "_read_string": _read_string,
+        "_read_block": _read_block,
+    }
+    exec("\n".join(lines), scope)  # noqa: S102 - generated above from the schema
+    return cast(_FlatReader, scope["read"])
 
 
 _PY_TYPES: dict[str, tuple[type, ...]] = {

@@ -565,3 +565,74 @@ def test_http_registry_read_only_falls_back_to_lookup(http_registry: str) -> Non
     assert codec.schema_id("SmsOutcome") == 100
     with pytest.raises(SchemaRegistryError, match="read-only"):  # absent and may not register
         codec.schema_id("ClickEvent")
+
+
+def _fastavro_schema(name: str) -> Any:
+    from schemas.codec import _strip_time_logical_types
+
+    return fastavro.parse_schema(_strip_time_logical_types(load_schema(name)))
+
+
+def _random_value(rnd: Any, kind: Any) -> Any:
+    if isinstance(kind, list):
+        return None if rnd.random() < 0.4 else _random_value(rnd, kind[1 - kind.index("null")])
+    if isinstance(kind, dict):
+        if kind["type"] == "array":
+            return [_random_value(rnd, "string") for _ in range(rnd.choice((0, 1, 2, 70)))]
+        if kind["type"] == "map":
+            return {_random_value(rnd, "string"): "v" * rnd.randint(0, 80) for _ in range(3)}
+        kind = kind["type"]
+    if kind == "string":
+        return "".join(
+            rnd.choice('aé\u20ac\U0001f600"\\\x00') for _ in range(rnd.choice((0, 1, 63, 64, 200)))
+        )
+    limit = 2**31 if kind == "int" else 2**63
+    return rnd.choice((0, -1, 63, 64, -65, limit - 1, -limit, rnd.randint(-limit, limit - 1)))
+
+
+def test_flat_reader_reads_what_fastavro_reads(codec: Codec) -> None:
+    """The plain-Python reader (flat records, arrays and maps of strings): fastavro's dict."""
+    import random
+
+    from schemas.codec import _flat_reader, _strip_time_logical_types
+
+    rnd = random.Random(3)
+    names = [n for n in MANIFEST if _flat_reader(_strip_time_logical_types(load_schema(n)))]
+    assert {"TriggerDecision", "DecisionCancelled", "SmsOutcome"} <= set(names)
+    for name in names:
+        schema = _fastavro_schema(name)
+        for _ in range(60):
+            record = {f["name"]: _random_value(rnd, f["type"]) for f in load_schema(name)["fields"]}
+            buf = BytesIO()
+            buf.write(b"\x00" + PINNED_IDS[name].to_bytes(4, "big"))
+            fastavro.schemaless_writer(buf, schema, record)
+            data = buf.getvalue()
+            expected = fastavro.schemaless_reader(BytesIO(data[5:]), schema)
+            fast = codec._flat_readers[name](data)
+            assert fast == expected and list(fast) == list(expected)
+            assert codec.decode(data) == (name, expected)
+
+
+def test_flat_reader_reads_blocks_with_sizes_and_leaves_bad_bodies_to_fastavro(
+    codec: Codec,
+) -> None:
+    """Negative block counts (a block with its byte size) read as fastavro does; a bad union
+    index or an int out of range is fastavro's to judge (same errors as before)."""
+    head = b"\x00" + PINNED_IDS["TriggerDecision"].to_bytes(4, "big")
+    strings = b"".join(b"\x02" + c for c in (b"d", b"c", b"u"))
+    # fire_at 1, trigger_event_ids: one block of -2 items (4 bytes), then end; trigger_ts 1
+    body = strings + b"\x02" + b"\x03\x08" + b"\x02a\x02b" + b"\x00" + b"\x02"
+    # variant null, stage "s", priority 5, properties: -1 item block, clock "x", decided_at 2
+    body += b"\x00" + b"\x02\x02s" + b"\x0a" + b"\x01\x06\x02k\x02v\x00" + b"\x02x" + b"\x02\x04"
+    schema = _fastavro_schema("TriggerDecision")
+    expected = fastavro.schemaless_reader(BytesIO(body), schema)
+    assert expected["trigger_event_ids"] == ["a", "b"] and expected["properties"] == {"k": "v"}
+    assert codec._flat_readers["TriggerDecision"](head + body) == expected
+    assert codec.decode(head + body) == ("TriggerDecision", expected)
+    bad_union = body.replace(b"\x02\x02s\x0a", b"\x04\x02s\x0a")
+    assert codec._flat_readers["TriggerDecision"](head + bad_union) is None
+    with pytest.raises(AvroDecodeError):
+        codec.decode(head + bad_union)
+    assert codec._flat_readers["TriggerDecision"](head + body + b"\x00") is None
+    with pytest.raises(AvroDecodeError, match="trailing"):
+        codec.decode(head + body + b"\x00")

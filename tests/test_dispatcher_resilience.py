@@ -8,6 +8,7 @@ vonage SDK against the local HTTPS fake."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import socket
 import subprocess
@@ -164,6 +165,7 @@ def test_batched_policy_decides_exactly_like_one_at_a_time(
         _decision("s1", "u-bea"),  # the handset texted STOP
     ]
     results: dict[str, list[tuple[Any, ...]]] = {}
+    stored: dict[str, list[tuple[str, bytes]]] = {"one:": [], "batch:": []}
     batches = 0
     for prefix in ("one:", "batch:"):
         store = RedisStore(redis_client, prefix)
@@ -204,7 +206,13 @@ def test_batched_policy_decides_exactly_like_one_at_a_time(
                 seen.append((step.send.decision.decision_id, "send", step.send.message.text))
         ana_sends = redis_client.zrange(f"{prefix}{{u-ana}}:sends", 0, -1)
         results[prefix] = sorted(seen) + [("ana-slots", tuple(sorted(ana_sends)))]  # type: ignore[list-item]
+        # the recorded outcomes (what a redelivery re-publishes) are the published ones
+        for d in items:
+            raw = redis_client.hget(f"{prefix}{{{d.user_id}}}:d:{d.decision_id}", "o")
+            if raw is not None:
+                stored[prefix].append((d.decision_id, raw))
     assert results["one:"] == results["batch:"]
+    assert stored["one:"] and sorted(stored["one:"]) == sorted(stored["batch:"])
     # cut after the texts of a1, a3, b1 (twice: "lost" to the second at its call) and r1
     assert batches == (1 if most_passes is None else 6)
     assert ("a2", "suppressed", "frequency_cap", "cart:1/1d") in results["batch:"]
@@ -401,3 +409,38 @@ def test_cap_rules_are_shared_between_batches_and_one_at_a_time() -> None:
         ).rule
         == "global:1/4h"
     )
+
+
+def test_batch_reads_a_profiles_number_written_by_an_older_version(
+    redis_client: redis.Redis,
+) -> None:
+    """``prepare_many`` looks up the keyword consent of the number the stored profile has now:
+    from ``p`` when it was written with the profile, from the JSON when an older version
+    (``o`` and ``v`` only) replaced the profile or stored it without ``p``."""
+    store = RedisStore(redis_client, "old:")
+    redis_client.delete(*redis_client.keys("old:*") or ["-"])
+    key = "old:{u-ana}:contact"
+    store.put_contact("u-ana", ANA.to_record(), 1)
+    assert redis_client.hget(key, "p") == b"1|+14155550100"
+    moved = dataclasses.replace(ANA, phone="+14155550199")
+    store.set_phone_consent("+14155550199", "opted_out", NOW - 1, "sms:STOP")
+    policy = _policy(store, event_clock=False)
+
+    def consent(did: str) -> str | None:
+        [(_prior, reads)] = store.prepare_many([(_decision(did), policy.token())])
+        return reads.contact.consent if reads.contact is not None else None
+
+    assert consent("v1") == "opted_in"
+    # an older version stores the new number: o and v change, p (the old number) stays
+    redis_client.hset(key, mapping={"o": 2, "v": json.dumps(moved.to_record())})
+    assert consent("v2") == "opted_out"
+    redis_client.hdel(key, "p")  # stored before p existed
+    assert consent("v3") == "opted_out"
+    store.put_contact("u-ana", moved.to_record(), 3)  # re-materialized: p again
+    assert redis_client.hget(key, "p") == b"3|+14155550199"
+    assert consent("v4") == "opted_out"
+    store.put_contact("u-ana", ANA.to_record(), 4)
+    assert consent("v5") == "opted_in"
+    assert store.set_consent("u-ana", "opted_out", NOW, "sms:STOP") is not None  # swap: p kept
+    assert redis_client.hget(key, "p") == b"4|+14155550100"
+    assert consent("v6") == "opted_out"

@@ -381,10 +381,10 @@ class Policy:
         if isinstance(pending, Final):
             return self.settle(pending, recorded)
         if isinstance(pending, CapCheck):
-            after = self.after_caps(pending, violated)
             if violated is not None:
-                return self.settle(after, recorded)  # type: ignore[arg-type]
-            return self.resolve(after)
+                # ``settle(after_caps(pending, violated), recorded)`` without the Final
+                return Step([pending.capped_by(violated)]) if recorded else Step()
+            return self.resolve(self.after_caps(pending, None))
         return pending
 
     def after_caps(self, check: CapCheck, violated: int | None) -> Pending:
