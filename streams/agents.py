@@ -62,7 +62,12 @@ from processors.intake import (  # header, reason_tag: re-exported for callers o
 from processors.settings import Settings
 from schemas.codec import Codec
 from streams.checkpoint import Checkpointer, is_position_key
-from streams.clickstream import ClickstreamReader, offsets_group
+from streams.clickstream import (
+    FETCH_WAIT_MS,
+    STUCK_FETCH_WAIT_MS,
+    ClickstreamReader,
+    offsets_group,
+)
 from streams.output import Output
 from streams.state_cache import LiveState, StateCache
 from streams.timers import StoredState, TimerIndex, unpack_state
@@ -179,6 +184,7 @@ class TriggerShell:
         self.busy = asyncio.Lock()
         self._output: Output | None = None
         self._reader: ClickstreamReader | None = None
+        self._fetch_wait_ms = FETCH_WAIT_MS  # STUCK_FETCH_WAIT_MS once a reader was stuck
         self._checkpointer: Checkpointer | None = None
         self._last_checkpoint = time.monotonic()
         self._writer: asyncio.Future[None] | None = None
@@ -216,7 +222,9 @@ class TriggerShell:
     def reader(self) -> ClickstreamReader:
         if self._reader is None:
             self._reader = ClickstreamReader(
-                self.settings, client_id=f"{self.settings.worker_id}-clickstream"
+                self.settings,
+                client_id=f"{self.settings.worker_id}-clickstream",
+                fetch_wait_ms=self._fetch_wait_ms,
             )
         return self._reader
 
@@ -513,10 +521,13 @@ class TriggerShell:
             positions = dict(old.positions)
             log.warning(
                 "clickstream reader fetched nothing for %.0f s with records waiting on %s; "
-                "replacing its consumer",
+                "replacing its consumer (fetch wait %d ms from now on: a broker such as tansu "
+                "answers short fetches of partitions of many small batches empty)",
                 idle_s,
                 sorted(positions),
+                STUCK_FETCH_WAIT_MS,
             )
+            self._fetch_wait_ms = STUCK_FETCH_WAIT_MS
             self._reader = None
             old.close()
             self.reader.assign(positions)

@@ -33,10 +33,14 @@ log = logging.getLogger(__name__)
 
 BATCH_MAX = 5000  # records per consume() call
 POLL_S = 0.05  # longest wait for a batch when the partitions are idle
-# A broker that holds fetches (tansu) would otherwise add 500 ms; below ~50 ms tansu answers
-# every fetch of a partition holding tens of thousands of small batches empty, for good
-# (tests/chaos/repro_tansu_small_batches.py). 50 ms: decisions p99 37-52 ms at 1,000 events/s.
-FETCH_WAIT_MS = 50
+# A broker that holds fetches for the whole wait (tansu) adds up to this much to every event:
+# produce-to-consume on tansu at 1,000 events/s was p50 7 / p99 24 ms with 10 and p50 27 / p99
+# 88 ms with 50. But with a wait under ~20 ms tansu answers every fetch of a partition that holds
+# tens of thousands of small batches empty, for good (tests/chaos/repro_tansu_small_batches.py):
+# a reader found stuck is replaced by one that waits STUCK_FETCH_WAIT_MS (streams.agents).
+# Apache Kafka answers as soon as there is data, so neither matters there.
+FETCH_WAIT_MS = 10
+STUCK_FETCH_WAIT_MS = 500
 
 
 def offsets_group(worker_id: str) -> str:
@@ -47,7 +51,9 @@ def offsets_group(worker_id: str) -> str:
 class ClickstreamReader:
     """Batches of clickstream records from the partitions this worker owns."""
 
-    def __init__(self, settings: Settings, *, client_id: str) -> None:
+    def __init__(
+        self, settings: Settings, *, client_id: str, fetch_wait_ms: int = FETCH_WAIT_MS
+    ) -> None:
         self.topic = settings.topic_clickstream
         self._consumer = Consumer(
             {
@@ -57,7 +63,7 @@ class ClickstreamReader:
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": FETCH_WAIT_MS,
+                "fetch.wait.max.ms": fetch_wait_ms,
                 "queued.max.messages.kbytes": 16 * 1024,  # prefetch bound: ~100k events, 16 MB
                 "enable.partition.eof": False,
                 "socket.timeout.ms": SOCKET_TIMEOUT_MS,  # streams.output: dead connections
