@@ -500,7 +500,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--events", type=int, default=50_000, help="events (default 50000)")
+    parser.add_argument("--events", type=int, default=100_000, help="events (default 100000)")
     parser.add_argument("--users", type=int, default=100_000, help="users (default 100000)")
     parser.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
     parser.add_argument(
