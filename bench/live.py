@@ -23,9 +23,9 @@ offsets) before the next:
    ``soak_lag_events``: soak events the worker had not checkpointed when the soak ended.
 
 Issue 7 asks for 100k open episodes (the default) and a soak of 1M distinct users. One worker on
-the shared 2-core machine keeps up with ~3,000-3,700 new users/s, so the default soak is 600,000
-users in 200 s (``make bench``'s 10 minutes); ``--soak-rate 5000 --soak-s 200`` is the 1M soak
-(the worker then ends ~260k events behind, docs/performance.md). Phases 2-3 produce with a 20 ms
+the 2-core machine processed ~2,200-3,700 new users/s, so the default soak is 600,000 users in
+200 s (``make bench``'s 10 minutes); ``--soak-rate 5000 --soak-s 200`` is the 1M soak (the worker
+then ended ~260k events behind, docs/performance.md). Phases 2-3 produce with a 20 ms
 linger (``Events.bulk``): tansu's memory storage cannot serve partitions of tens of thousands of
 one-record batches (tests/chaos/repro_tansu_small_batches.py).
 """
