@@ -426,7 +426,7 @@ class TriggerShell:
                 partition = msg.partition()
                 if partition not in owned:
                     continue  # fetched just before the partition was released
-                offset = msg.offset()
+                offset: int = msg.offset() or 0
                 if offset < (positions.get(partition) or 0):
                     continue  # already applied (a replaced reader's last batch)
                 key, value, headers = msg.key(), msg.value() or b"", msg.headers()
@@ -463,7 +463,7 @@ class TriggerShell:
         finally:
             advance = self.checkpointer.advance
             for partition in touched:
-                advance(partition, positions[partition])
+                advance(partition, positions[partition] or 0)  # set above: never None
             for label, n in consumed.items():
                 metrics.EVENTS_CONSUMED.labels(label).inc(n)
 

@@ -157,7 +157,8 @@ class Checkpointer:
 
     def buffered(self) -> Iterator[tuple[bytes, bytes | None]]:
         """Every buffered value, oldest layer first (for scans that must see them)."""
-        for layer in (self._writing, self._dirty):
+        layers: tuple[dict[int, dict[bytes, Value]], ...] = (self._writing, self._dirty)  # type: ignore[assignment]
+        for layer in layers:
             for dirty in list(layer.values()):
                 for key, value in list(dirty.items()):
                     yield key, _encoded(value)
