@@ -9,7 +9,7 @@ for good, while tansu burns CPU; with 50 or 200 ms, or the default 500, it reads
 and so it does with 10 ms when the records came in batches of ~10 (``linger.ms`` 20) or when
 there are 50,000. Apparently tansu gives up assembling the response when the wait is over.
 This stalled the live benchmark at 2,000 events/s (the reader "fetched nothing for 22 s with
-records waiting", over and over) and is the likely cause of the after-outage stall of ``make
+records waiting", over and over) and may be part of the after-outage stall of ``make
 chaos`` (docs/chaos.md). The reader now waits up to 50 ms (streams/clickstream.py).
 
 Run: ``PYTHONPATH=. .venv/bin/python tests/chaos/repro_tansu_small_batches.py [n] [linger] [wait]``
