@@ -10,7 +10,7 @@ and so it does with 10 ms when the records came in batches of ~10 (``linger.ms``
 there are 50,000. Apparently tansu gives up assembling the response when the wait is over.
 This stalled the live benchmark at 2,000 events/s (the reader "fetched nothing for 22 s with
 records waiting", over and over) and may be part of the after-outage stall of ``make
-chaos`` (docs/chaos.md). The reader now waits up to 50 ms (streams/clickstream.py).
+chaos`` (docs/chaos.md). A reader found stuck now waits 500 ms per fetch (streams/agents.py).
 
 Run: ``PYTHONPATH=. .venv/bin/python tests/chaos/repro_tansu_small_batches.py [n] [linger] [wait]``
 (records, the producer's ``linger.ms``, the consumer's ``fetch.wait.max.ms``; defaults 100000, 1,
