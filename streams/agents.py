@@ -580,9 +580,7 @@ class TriggerShell:
             unchanged = state is not None and any(ev is click for ev, _ in step.rejected)
             if not unchanged:
                 self._store(user_key, click.user_id, partition, step, raw)
-                after = self._open_campaigns(step.state)
-                if before != after:
-                    self.episodes.change(partition, before, after)
+                self._note_episodes(partition, before, step.state)
         except Exception as exc:  # an engine/state bug must not stop the partition
             self._rollback(partition, user_key, raw)
             log.exception(
@@ -608,9 +606,7 @@ class TriggerShell:
             step = self.engine.on_time(state, watermark_ms)
             out = self._outputs(step, current=None)
             self._store(user_key, user_id, partition, step, raw)
-            after = self._open_campaigns(step.state)
-            if before != after:
-                self.episodes.change(partition, before, after)
+            self._note_episodes(partition, before, step.state)
         except Exception:
             # The timer is dropped (the user's next event re-arms it).
             self._rollback(partition, user_key, raw)
@@ -667,6 +663,15 @@ class TriggerShell:
                 LiveState(self.states, user_key, partition, state, step.wake_at, base),
             )
         timers.set(user_id, step.wake_at)
+
+    def _note_episodes(
+        self, partition: int, before: frozenset[str], state: UserState | None
+    ) -> None:
+        """``nudgeflow_open_episodes``: the user's open campaigns went from ``before`` to those
+        of ``state`` (most steps change none: no gauge update then)."""
+        after = self._open_campaigns(state)
+        if before != after:
+            self.episodes.change(partition, before, after)
 
     def _open_campaigns(self, state: UserState | None) -> frozenset[str]:
         """Campaigns with a pending timer (open episodes) in the user's head state: committed

@@ -184,10 +184,10 @@ class Checkpointer:
         for p, items in self._dirty.items():
             encoded: dict[bytes, bytes | None] = {}
             for key, value in items.items():
-                if value is not None and type(value) is not bytes:
-                    value = value.encode()  # type: ignore[union-attr]
-                    if value == get(key):
-                        continue  # e.g. a tick that changed nothing
+                deferred = value is not None and type(value) is not bytes
+                value = _encoded(value)
+                if deferred and value == get(key):
+                    continue  # e.g. a tick that changed nothing
                 encoded[key] = value
             batch[p] = encoded
         positions = self._positions
