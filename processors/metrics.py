@@ -307,11 +307,14 @@ class PartitionedGauge:
 
     def change(self, partition: int, before: Iterable[str], after: Iterable[str]) -> None:
         """One user of ``partition`` moved from the label set ``before`` to ``after``."""
-        old, new = set(before), set(after)
+        old = before if type(before) is frozenset else frozenset(before)
+        new = after if type(after) is frozenset else frozenset(after)
         if old == new:
             return
         with self._lock:
-            counts = self.counts.setdefault(partition, Tally())
+            counts = self.counts.get(partition)
+            if counts is None:  # (not setdefault: that builds a Counter on every call)
+                counts = self.counts[partition] = Tally()
             owned = partition in self.owned
             totals = self._totals
             for label in old - new:
