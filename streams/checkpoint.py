@@ -42,6 +42,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from faust.stores.memory import Store as MemoryStore
 from faust.types import TP
 
 from streams.output import Output
@@ -122,6 +123,21 @@ class Checkpointer:
         self.checkpoints = 0
         self.records_written = 0
 
+    @property
+    def store(self) -> Any:
+        return self._store
+
+    @store.setter
+    def store(self, store: Any) -> None:
+        self._store = store
+        # Faust's in-memory store keeps its values in a plain dict (``data``, never replaced);
+        # its own ``get`` goes through three Python calls and raises KeyError for every new
+        # user, ~1-2 us per read on the worker's hot path.
+        data = getattr(store, "data", None)
+        self._read = (
+            data.get if isinstance(store, MemoryStore) and type(data) is dict else store.get
+        )
+
     # -------------------------------------------------------------- reads and buffered writes
 
     def get(self, partition: int, key: bytes) -> Value:
@@ -133,7 +149,7 @@ class Checkpointer:
         writing = self._writing.get(partition)
         if writing is not None and key in writing:
             return writing[key]
-        return self.store.get(key)
+        return self._read(key)
 
     def put(self, partition: int, key: bytes, value: Value) -> None:
         """Buffer a new value (None = delete; a :class:`Deferred` is encoded by :meth:`take`)
@@ -180,7 +196,7 @@ class Checkpointer:
         if self._writing:
             raise RuntimeError("a checkpoint is already being written")
         batch: dict[int, dict[bytes, bytes | None]] = {}
-        get = self.store.get
+        get = self._read
         for p, items in self._dirty.items():
             encoded: dict[bytes, bytes | None] = {}
             for key, value in items.items():
