@@ -61,6 +61,7 @@ UNKNOWN_PREFIX = "unknown_after_"  # crash, timeout, connection_lost: the text m
 CONNECT_REASONS = frozenset({"connect_timeout", "connection_error", "tls_error"})
 GATEWAY_TIMEOUT_S = 1.0  # the dispatchers' Vonage timeout: short, so timeout faults are quick
 RATE_PER_S = 30  # Vonage's default account limit, the dispatcher's default
+FEED_LINGER_MS = 100  # the clickstream feeder's producer batching (Feeder._run)
 FAIL_CLOSED_GRACE_S = 1.5  # a request that passed its checks before Redis died may still land
 REDIS_BACK_GRACE_S = 10.0  # an exit this soon after Redis is back still counts as the outage's
 LATE_S = GATEWAY_TIMEOUT_S + 0.6  # an answer this late is past the client's timeout
@@ -481,7 +482,12 @@ class Feeder(threading.Thread):
             {
                 **self.settings.kafka_common(),
                 "enable.idempotence": True,
-                "linger.ms": 5,
+                # Batches like a busy site's collector. With 5 ms, the ~230 events/s of the
+                # steady feed made a batch of one or two records each: ~17,000 batches per
+                # partition by the end, and tansu 0.6 (memory storage) lists every batch of a
+                # partition on each fetch that has data (docs/chaos.md), so after the broker
+                # outage the workers caught up at 10-25 events/s and the run timed out.
+                "linger.ms": FEED_LINGER_MS,
                 "compression.type": "lz4",
                 "log_level": 2,
             }
