@@ -1,6 +1,6 @@
 # NudgeFlow developer tasks (GNU make). Works on a fresh Debian/Ubuntu machine with Python >= 3.11.
 #   make test [PYTEST_ARGS=...]   unit + integration tests (embedded tansu broker + redis-server)
-#   make chaos [PYTEST_ARGS=...]  the fault-injection suite (~10 min; docs/chaos.md)
+#   make chaos [PYTEST_ARGS=...]  the fault-injection suite (~8 min; docs/chaos.md)
 #   make demo [DEMO_ARGS=...]     the whole pipeline on the embedded stack
 #   make lint | bench | clean | distclean
 

@@ -7,10 +7,13 @@ A producer with ``linger.ms`` 1 at 2,000 records/s makes a batch of nearly every
 worker's clickstream reader used) reads a few dozen records and then nothing, from any offset,
 for good, while tansu burns CPU; with 50 or 200 ms, or the default 500, it reads all 100,000,
 and so it does with 10 ms when the records came in batches of ~10 (``linger.ms`` 20) or when
-there are 50,000. Apparently tansu gives up assembling the response when the wait is over.
-This stalled the live benchmark at 2,000 events/s (the reader "fetched nothing for 22 s with
-records waiting", over and over) and may be part of the after-outage stall of ``make
-chaos`` (docs/chaos.md). A reader found stuck now waits 500 ms per fetch (streams/agents.py).
+there are 50,000. Why (tansu-storage 0.6 ``dynostore.rs``, ``fetch``): every fetch with data
+to return first lists every batch object of the partition and parses its offset, so a fetch
+costs O(batches in the partition), and a short wait runs out before the listing does. This
+stalled the live benchmark at 2,000 events/s (the reader "fetched nothing for 22 s with
+records waiting", over and over) and slowed the after-outage catch-up of ``make chaos`` to
+10-25 events/s until its feeder batched (docs/chaos.md). A reader found stuck now waits 500 ms
+per fetch (streams/agents.py).
 
 Run: ``PYTHONPATH=. .venv/bin/python tests/chaos/repro_tansu_small_batches.py [n] [linger] [wait]``
 (records, the producer's ``linger.ms``, the consumer's ``fetch.wait.max.ms``; defaults 100000, 1,
