@@ -21,13 +21,16 @@ from processors.produce import send_flush
 from processors.settings import Settings
 from processors.simulate import generate
 from schemas.codec import Codec
-from tests.test_streams_smoke import WorkerProcess, worker_env
+from streams.checkpoint import is_position_key
+from tests.test_streams_smoke import TopicReader, WorkerProcess, worker_env
 
 pytestmark = pytest.mark.integration
 
 
-def _produce(settings: Settings, codec: Codec, events: list) -> None:
-    producer = Producer({"bootstrap.servers": settings.bootstrap_servers, "linger.ms": 5})
+PACED_MAX = 4_000
+
+
+def _produce(producer: Producer, codec: Codec, settings: Settings, events: list) -> None:
     for e in events:
         producer.produce(
             settings.topic_clickstream,
@@ -75,42 +78,40 @@ def _collect(settings: Settings, codec: Codec, alive: Callable[[], None]) -> set
 
 
 def test_worker_sigkilled_mid_replay_loses_no_episode(settings: Settings, tmp_path: Path) -> None:
+    """The first worker is killed at its first checkpoint while its input is still arriving,
+    so the second one resumes from a checkpoint taken mid-stream, with events applied after it
+    (and their decisions perhaps sent) but not checkpointed."""
     campaigns_file = EXAMPLES / "campaigns.yaml"
     events = list(generate(users=500, events=6_000, seed=5))
     codec = Codec(settings.schema_registry_url)
     env = worker_env(settings)
+    changelog = TopicReader(settings, f"{settings.worker_id}-user_state-changelog")
     first = WorkerProcess(env, campaigns_file, "event", tmp_path / "w1.log")
     try:
-        _produce(settings, codec, events[:3_000])
-        # Let the first worker process part of the input and write state, then kill it hard.
-        changelog = f"{settings.worker_id}-user_state-changelog"
-        probe = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "t-probe"})
+        # ~1,000 events/s until the first position record (a checkpoint) is on the changelog;
+        # at most PACED_MAX events, so that some input always arrives after the kill.
+        producer = Producer({"bootstrap.servers": settings.bootstrap_servers, "linger.ms": 5})
+        sent = 0
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        while not any(is_position_key(m.key() or b"") for m in changelog.messages):
+            assert time.monotonic() < deadline, "the first worker wrote no checkpoint in 60 s"
             first.assert_alive()
-            md = probe.list_topics(changelog, timeout=5).topics.get(changelog)
-            if md is not None and md.partitions and md.error is None:
-                highs = [
-                    probe.get_watermark_offsets(TopicPartition(changelog, p), timeout=5)[1]
-                    for p in md.partitions
-                ]
-                if sum(highs) > 500:
-                    break
-            time.sleep(0.3)
-        probe.close()
+            if sent < PACED_MAX:
+                _produce(producer, codec, settings, events[sent : sent + 100])
+                sent += 100
+            changelog.drain(0.1)
         os.kill(first.proc.pid, signal.SIGKILL)
         first.proc.wait()
-        _produce(settings, codec, events[3_000:])
+        assert 0 < sent < len(events)
+        _produce(producer, codec, settings, events[sent:])
         second = WorkerProcess(env, campaigns_file, "event", tmp_path / "w2.log")
         try:
-            send_flush(
-                Producer({"bootstrap.servers": settings.bootstrap_servers}),
-                settings.topic_clickstream,
-            )
+            send_flush(producer, settings.topic_clickstream)
             live = _collect(settings, codec, second.assert_alive)
         finally:
             second.stop()
     finally:
+        changelog.close()
         if first.proc.poll() is None:
             first.stop()
     expected = {
