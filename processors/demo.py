@@ -155,7 +155,9 @@ def run_demo(
     out: Path,
     timeout_s: float = 150,
     inbound: Path | None = None,
+    rate_per_s: float | None = None,
 ) -> int:
+    """``rate_per_s``: the dispatcher's gateway rate (None: its default, Vonage's 30/s)."""
     from processors.contacts_import import import_contacts
     from processors.devstack import EmbeddedStack, create_topics
     from processors.produce import produce_file
@@ -211,12 +213,13 @@ def run_demo(
         logs.mkdir(exist_ok=True)
         metrics_ports = {}
         for name in ("worker", "dispatcher"):
+            argv = [*exe, name]
+            if name == "dispatcher" and rate_per_s is not None:
+                argv += ["--rate", str(rate_per_s)]
             log = (logs / f"{name}.log").open("wb")
             metrics_ports[name] = _free_port()
             proc_env = {**env, "NUDGEFLOW_METRICS_PORT": str(metrics_ports[name])}
-            procs.append(
-                subprocess.Popen([*exe, name], env=proc_env, stdout=log, stderr=subprocess.STDOUT)
-            )
+            procs.append(subprocess.Popen(argv, env=proc_env, stdout=log, stderr=subprocess.STDOUT))
         print("worker and dispatcher started; replaying events in event time…", flush=True)
         sent, errors = produce_file(settings, events, flush=True, progress=False)
         print(f"events: {sent} produced, {len(errors)} bad lines skipped", flush=True)
@@ -260,12 +263,28 @@ def run_demo(
     return 0
 
 
+def _positive_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", type=Path, default=EXAMPLES / "events.jsonl")
     parser.add_argument("--campaigns", type=Path, default=EXAMPLES / "campaigns.yaml")
     parser.add_argument("--contacts", type=Path, default=EXAMPLES / "contacts.jsonl")
     parser.add_argument("--out", type=Path, default=Path("demo-out"))
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds before giving up")
+    parser.add_argument(
+        "--rate",
+        type=_positive_rate,
+        help="gateway requests per second of the dispatcher (default 30, Vonage's limit; the "
+        "outbox gateway takes any rate)",
+    )
     parser.add_argument(
         "--inbound",
         type=Path,
@@ -283,5 +302,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"nudgeflow demo: {args.inbound}: no such file", file=sys.stderr)
         return 2
     return run_demo(
-        args.events, args.campaigns, args.contacts, args.out, args.timeout, inbound=args.inbound
+        args.events,
+        args.campaigns,
+        args.contacts,
+        args.out,
+        args.timeout,
+        inbound=args.inbound,
+        rate_per_s=args.rate,
     )

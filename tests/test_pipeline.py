@@ -148,7 +148,11 @@ def test_generated_clickstream_live_path_equals_backtest_and_obeys_policy(tmp_pa
             fh.write(json.dumps(e.to_json()) + "\n")
     contacts = _contacts_for(2_000, tmp_path / "contacts.jsonl")
     out = tmp_path / "out"
-    assert run_demo(events, CAMPAIGNS, tmp_path / "contacts.jsonl", out, timeout_s=240) == 0
+    # 1,000+ texts: at the default 30/s the pacing alone took ~40 s (the rate has its own tests)
+    assert (
+        run_demo(events, CAMPAIGNS, tmp_path / "contacts.jsonl", out, timeout_s=240, rate_per_s=500)
+        == 0
+    )
     expected = _backtest(events)
     assert len(expected) > 500
     assert _decided(out) == expected
