@@ -42,10 +42,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
@@ -61,6 +62,8 @@ try:
     from hiredis import pack_command as _pack_command
 except ImportError:  # redis-py without hiredis: its own packer
     _pack_command = None
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "nudgeflow:"
 STATE_TTL_MS = 30 * 86_400_000
@@ -750,14 +753,20 @@ class RedisStore:
         self.r.zadd(f"{self._phone_prefix}{phone}:timeline", {f"{at_ms}:{status}": at_ms})
 
     def _with_keyword_timeline(self, contact: Contact, as_of: int) -> Contact:
+        """The contact with the latest STOP/START at or before ``as_of`` applied. An entry that
+        :meth:`record_keyword` cannot have written is skipped (an earlier STOP still holds)."""
         key = f"{self._phone_prefix}{contact.phone}:timeline"
-        latest = self.r.zrevrangebyscore(key, as_of, "-inf", start=0, num=1)
-        if not latest:
-            return contact
-        at, status = (_text(latest[0]) or "0:").split(":", 1)
-        return dataclasses.replace(
-            contact, consent=status, consent_at_ms=int(at), consent_source="sms:keyword"
-        )
+        for entry in self.r.zrevrangebyscore(key, as_of, "-inf", start=0, num=16):
+            at, _, status = (_text(entry) or "").partition(":")
+            if status in ("opted_out", "opted_in") and at.isdigit():
+                return dataclasses.replace(
+                    contact,
+                    consent=cast(Consent, status),
+                    consent_at_ms=int(at),
+                    consent_source="sms:keyword",
+                )
+            log.warning("skipping an unreadable keyword timeline entry of a contact")
+        return contact
 
     # -- PolicyStore ----------------------------------------------------------------------------
 

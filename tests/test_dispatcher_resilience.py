@@ -135,6 +135,34 @@ def test_redis_store_keeps_the_dead_letter_flag(redis_client: redis.Redis) -> No
     assert policy.on_decision(_decision("d2"), NOW + 2).dead_letter is None
 
 
+def test_keyword_timeline_holds_from_its_time_and_skips_unreadable_entries(
+    redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``demo --inbound``: a STOP holds for checks at or after its time only; an entry that
+    ``record_keyword`` cannot have written is skipped, so the STOP before it still holds (and
+    the log line has no number)."""
+    store = RedisStore(redis_client)
+    store.put_contact("u-ana", ANA.to_record(), 1)
+    store.record_keyword(ANA.phone, "opted_out", NOW)
+    before, after = store.contact("u-ana", as_of=NOW - 1), store.contact("u-ana", as_of=NOW)
+    assert before is not None and before.consent == "opted_in"
+    assert after is not None
+    assert (after.consent, after.consent_at_ms, after.consent_source) == (
+        "opted_out",
+        NOW,
+        "sms:keyword",
+    )
+    key = f"{store._phone_prefix}{ANA.phone}:timeline"
+    redis_client.zadd(key, {f"{NOW + 5}:maybe": NOW + 5})
+    with caplog.at_level("WARNING", logger="processors.redis_store"):
+        later = store.contact("u-ana", as_of=NOW + 10)
+    assert later is not None and later.consent == "opted_out"
+    assert "unreadable keyword timeline entry" in caplog.text
+    assert ANA.phone not in caplog.text
+    with pytest.raises(ValueError):
+        store.record_keyword(ANA.phone, "maybe", NOW)
+
+
 # --------------------------------------------------------------------------- batches
 
 
