@@ -17,16 +17,35 @@ from processors.files import LineErrors, read_events
 from processors.settings import Settings
 from schemas.codec import Codec
 
+# Batching window of the clickstream producers (``produce``, ``simulate --topic``). A file or a
+# simulation is produced as fast as it goes, so a longer window costs nothing there, and with
+# ``--rate`` each event waits at most this long. Batches matter on the embedded tansu broker: it
+# lists every batch of a partition on each fetch (docs/performance.md), so a paced replay with a
+# 5 ms window (one or two events per batch) slowed the worker's fetches down as it went.
+DEFAULT_LINGER_MS = 50
+MAX_LINGER_MS = 900_000  # librdkafka's upper bound for linger.ms
 
-def make_producer(settings: Settings) -> Producer:
+
+def make_producer(settings: Settings, linger_ms: int = DEFAULT_LINGER_MS) -> Producer:
     return Producer(
         {
             **settings.kafka_common(),
             "enable.idempotence": True,
-            "linger.ms": 5,
+            "linger.ms": linger_ms,
             "compression.type": "lz4",
         }
     )
+
+
+def linger_arg(text: str) -> int:
+    """``--linger-ms``: a whole number of milliseconds librdkafka accepts."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of milliseconds: {text!r}") from None
+    if not 0 <= value <= MAX_LINGER_MS:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_LINGER_MS}, got {value}")
+    return value
 
 
 def partition_count(producer: Producer, topic: str) -> int:
@@ -55,11 +74,12 @@ def produce_file(
     rate: float | None = None,
     flush: bool = False,
     progress: bool = True,
+    linger_ms: int = DEFAULT_LINGER_MS,
 ) -> tuple[int, LineErrors]:
     """Send every good event of ``path``; returns (events sent, bad lines)."""
     topic = topic or settings.topic_clickstream
     codec = Codec(settings.schema_registry_url)
-    producer = make_producer(settings)
+    producer = make_producer(settings, linger_ms)
     errors = LineErrors(str(path))
     failures: list[str] = []
 
@@ -107,6 +127,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="after the file, mark end of input on every partition (event-clock replays)",
     )
+    parser.add_argument(
+        "--linger-ms",
+        type=linger_arg,
+        default=DEFAULT_LINGER_MS,
+        help="producer batching window (default %(default)s ms; with --rate an event waits at "
+        "most this long)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,7 +142,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"nudgeflow produce: {args.file}: no such file", file=sys.stderr)
         return 2
     sent, errors = produce_file(
-        settings, args.file, topic=args.topic, rate=args.rate, flush=args.flush
+        settings,
+        args.file,
+        topic=args.topic,
+        rate=args.rate,
+        flush=args.flush,
+        linger_ms=args.linger_ms,
     )
     print(
         f"produced {sent} events to {args.topic or settings.topic_clickstream}; "

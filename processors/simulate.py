@@ -378,6 +378,12 @@ def _count(text: str) -> int:
     return value
 
 
+def _linger(text: str) -> int:
+    from processors.produce import linger_arg  # confluent-kafka only when producing
+
+    return linger_arg(text)
+
+
 def _rate(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -402,6 +408,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--flush",
         action="store_true",
         help="with --topic: mark end of input on every partition afterwards (event-clock replays)",
+    )
+    parser.add_argument(
+        "--linger-ms",
+        type=_linger,
+        help="with --topic: producer batching window (default 50 ms, as nudgeflow produce)",
     )
 
 
@@ -434,14 +445,15 @@ def produce_stream(
     *,
     rate: float | None = None,
     flush: bool = False,
+    linger_ms: int | None = None,
 ) -> int:
     """Avro to ``topic`` keyed by user_id (as ``nudgeflow produce``); returns events sent.
 
     Raises ``RuntimeError`` if the topic is missing or some events were not delivered."""
-    from processors.produce import make_producer, partition_count, send_flush
+    from processors.produce import DEFAULT_LINGER_MS, make_producer, partition_count, send_flush
     from schemas.codec import Codec
 
-    producer = make_producer(settings)
+    producer = make_producer(settings, DEFAULT_LINGER_MS if linger_ms is None else linger_ms)
     partition_count(producer, topic)  # fail before generating anything if the topic is missing
     codec = Codec(settings.schema_registry_url)
     failures: list[str] = []
@@ -485,8 +497,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"nudgeflow simulate: {message}", file=sys.stderr)
         return code
 
-    if args.out is not None and (args.rate is not None or args.flush):
-        return fail("--rate and --flush only apply to --topic")
+    if args.out is not None and (args.rate is not None or args.flush or args.linger_ms is not None):
+        return fail("--rate, --flush and --linger-ms only apply to --topic")
     try:
         start_ms = parse_ts(args.start)
         stream = generate(args.users, args.events, args.seed, start_ms)
@@ -500,7 +512,13 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             sent = produce_stream(
-                Settings.load(), stream, args.topic, args.events, rate=args.rate, flush=args.flush
+                Settings.load(),
+                stream,
+                args.topic,
+                args.events,
+                rate=args.rate,
+                flush=args.flush,
+                linger_ms=args.linger_ms,
             )
         except (RuntimeError, KafkaException) as exc:  # missing topic, broker down, undelivered
             return fail(str(exc), 1)

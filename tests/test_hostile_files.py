@@ -253,6 +253,24 @@ def test_produce_reports_bad_lines_and_sends_only_good_events(
     )
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("-1", "must be between 0 and 900000"), ("5.5", "not a whole number"), ("", "not a whole")],
+)
+def test_produce_linger_must_be_milliseconds_librdkafka_takes(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    value: str,
+    message: str,
+) -> None:
+    path, _ = _events_with_bad_lines(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        _run_cli(monkeypatch, capsys, "produce", str(path), "--linger-ms", value)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_contacts_import_reports_bad_rows_without_their_numbers(
     settings: Settings,
     tmp_path: Path,

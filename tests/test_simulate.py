@@ -300,6 +300,7 @@ def test_cli_start_option(
         (["--start", "2024-03-01T00:00:00"], "no time zone"),
         (["--rate", "10"], "only apply to --topic"),
         (["--flush"], "only apply to --topic"),
+        (["--linger-ms", "20"], "only apply to --topic"),
     ],
 )
 def test_cli_bad_input_is_a_clear_error(
