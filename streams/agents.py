@@ -172,10 +172,11 @@ class TriggerShell:
             value_type=bytes,
             help="engine state per user: streams.timers.pack_state(partition, wake_at, state)",
         )
-        self.timers = TimerIndex(self._scan_table)
+        self.live = settings.clock == "live"
+        # Event clock: only the end-of-input flush reads the index (all its users), no ticks.
+        self.timers = TimerIndex(self._scan_table, ordered=self.live)
         self.states = StateCache(settings.state_cache_users)  # streams.state_cache
         self.stats = ShellStats()
-        self.live = settings.clock == "live"
         self.vocabulary = frozenset(engine.by_type)  # event types some enabled campaign reads
         self.campaign_ids = frozenset(engine.index)
         for campaign_id in self.campaign_ids:

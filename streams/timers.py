@@ -56,11 +56,14 @@ def unpack_state(value: bytes) -> StoredState:
 
 
 class PartitionTimers:
-    """Pending deadlines of the users of one partition."""
+    """Pending deadlines of the users of one partition. ``ordered`` False (the event clock, where
+    only the end-of-input flush reads the index, through :meth:`all_users`): no heap is kept, so
+    a deadline costs one dict write; :meth:`pop_due` then scans instead."""
 
-    def __init__(self) -> None:
+    def __init__(self, ordered: bool = True) -> None:
         self._heap: list[tuple[int, str]] = []
         self._wake: dict[str, int] = {}
+        self._ordered = ordered
 
     def __len__(self) -> int:
         return len(self._wake)
@@ -70,6 +73,8 @@ class PartitionTimers:
         if self._wake.get(user_id) == wake_at_ms:
             return
         self._wake[user_id] = wake_at_ms
+        if not self._ordered:
+            return
         heapq.heappush(self._heap, (wake_at_ms, user_id))
         if len(self._heap) > 2 * len(self._wake) + 64:
             self._compact()
@@ -86,6 +91,11 @@ class PartitionTimers:
     def pop_due(self, now_ms: int) -> list[str]:
         """Users whose deadline is ``<= now_ms``, earliest first; they leave the index (the
         caller pushes their next deadline after ``on_time``)."""
+        if not self._ordered:
+            ready = sorted((w, u) for u, w in self._wake.items() if w <= now_ms)
+            for _, user in ready:
+                del self._wake[user]
+            return [user for _, user in ready]
         due: list[str] = []
         heap = self._heap
         while heap and heap[0][0] <= now_ms:
@@ -96,6 +106,8 @@ class PartitionTimers:
         return due
 
     def next_wake(self) -> int | None:
+        if not self._ordered:
+            return min(self._wake.values(), default=None)
         while self._heap and self._wake.get(self._heap[0][1]) != self._heap[0][0]:
             heapq.heappop(self._heap)
         return self._heap[0][0] if self._heap else None
@@ -112,9 +124,13 @@ class PartitionTimers:
 class TimerIndex:
     """The :class:`PartitionTimers` of every assigned partition, rebuilt lazily (module doc)."""
 
-    def __init__(self, scan: Callable[[], Iterable[tuple[str, StoredState]]]) -> None:
-        """``scan`` yields ``(user_id, stored)`` for every table entry this worker holds."""
+    def __init__(
+        self, scan: Callable[[], Iterable[tuple[str, StoredState]]], ordered: bool = True
+    ) -> None:
+        """``scan`` yields ``(user_id, stored)`` for every table entry this worker holds;
+        ``ordered``: see :class:`PartitionTimers`."""
         self._scan = scan
+        self._ordered = ordered
         self._parts: dict[int, PartitionTimers] | None = None
 
     def partition(self, partition: int) -> PartitionTimers:
@@ -124,13 +140,13 @@ class TimerIndex:
             parts: dict[int, PartitionTimers] = {}
             for user_id, stored in self._scan():
                 if stored.wake_at is not None:
-                    parts.setdefault(stored.partition, PartitionTimers()).push(
+                    parts.setdefault(stored.partition, PartitionTimers(self._ordered)).push(
                         stored.wake_at, user_id
                     )
             self._parts = parts
         timers = self._parts.get(partition)
         if timers is None:
-            timers = self._parts[partition] = PartitionTimers()
+            timers = self._parts[partition] = PartitionTimers(self._ordered)
         return timers
 
     def clear(self) -> None:

@@ -320,8 +320,9 @@ def test_live_clock_tick_fires_abandoned_cart(
 # ---------------------------------------------------------------- pure helpers (no broker)
 
 
-def test_partition_timers_pop_due_skips_moved_and_dropped_deadlines() -> None:
-    t = PartitionTimers()
+@pytest.mark.parametrize("ordered", [True, False])
+def test_partition_timers_pop_due_skips_moved_and_dropped_deadlines(ordered: bool) -> None:
+    t = PartitionTimers(ordered)  # unordered (event clock): no heap, same answers
     t.push(300, "a")
     t.push(100, "b")
     t.push(200, "c")
