@@ -83,8 +83,9 @@ def absence_campaign(after_s: float) -> dict[str, Any]:
 
 IMMEDIATE = ("signup-confirm", "loyalty-gold")
 # Producer linger: 5 ms in phase 1 (a real producer batches; the event time is stamped before
-# it, so the latency figures include the wait; `nudgeflow produce` waits up to 50 ms). With 1 ms nearly every
-# event is a batch of its own and tansu's fetches slow down as a partition's batches add up:
+# it, so the latency figures include the wait; `nudgeflow produce` waits up to 50 ms). With 1 ms
+# nearly every event is a batch of its own and tansu's fetches slow down as a partition's batches
+# add up:
 # decisions p99 rose from ~30-80 to ~100-200 ms over the 10 s (the worst at 8-10 s).
 LATENCY_LINGER_MS = 5
 BULK_LINGER_MS = 20  # phase 2 (Events.bulk)

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from processors.arguments import positive_rate
 from processors.core.campaign import CampaignError, load_campaigns
 from processors.core.decision import Decision, DecisionCancelled
 from processors.settings import REPO_ROOT, Settings
@@ -263,16 +264,6 @@ def run_demo(
     return 0
 
 
-def _positive_rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", type=Path, default=EXAMPLES / "events.jsonl")
     parser.add_argument("--campaigns", type=Path, default=EXAMPLES / "campaigns.yaml")
@@ -281,7 +272,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds before giving up")
     parser.add_argument(
         "--rate",
-        type=_positive_rate,
+        type=positive_rate,
         help="gateway requests per second of the dispatcher (default 30, Vonage's limit; the "
         "outbox gateway takes any rate)",
     )

@@ -64,7 +64,7 @@ from confluent_kafka import (
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from processors import metrics
+from processors import arguments, metrics
 from processors.control import CONTROL_HEADER, FLUSH, FlushTracker, flush_headers, header
 from processors.core.campaign import CampaignError, CampaignSet, load_campaigns
 from processors.core.decision import Decision, DecisionCancelled
@@ -1065,7 +1065,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--rate",
-        type=float,
+        type=arguments.positive_rate,
         default=DEFAULT_RATE_PER_S,
         help="gateway requests per second, shared by all instances (default 30, Vonage's limit)",
     )

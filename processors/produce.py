@@ -12,6 +12,7 @@ from pathlib import Path
 from confluent_kafka import Producer
 from tqdm import tqdm
 
+from processors import arguments
 from processors.control import flush_headers
 from processors.files import LineErrors, read_events
 from processors.settings import Settings
@@ -23,7 +24,6 @@ from schemas.codec import Codec
 # lists every batch of a partition on each fetch (docs/performance.md), so a paced replay with a
 # 5 ms window (one or two events per batch) slowed the worker's fetches down as it went.
 DEFAULT_LINGER_MS = 50
-MAX_LINGER_MS = 900_000  # librdkafka's upper bound for linger.ms
 
 
 def make_producer(settings: Settings, linger_ms: int = DEFAULT_LINGER_MS) -> Producer:
@@ -35,17 +35,6 @@ def make_producer(settings: Settings, linger_ms: int = DEFAULT_LINGER_MS) -> Pro
             "compression.type": "lz4",
         }
     )
-
-
-def linger_arg(text: str) -> int:
-    """``--linger-ms``: a whole number of milliseconds librdkafka accepts."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of milliseconds: {text!r}") from None
-    if not 0 <= value <= MAX_LINGER_MS:
-        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_LINGER_MS}, got {value}")
-    return value
 
 
 def partition_count(producer: Producer, topic: str) -> int:
@@ -120,7 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, help="events as JSON Lines (.jsonl) or CSV (.csv)")
     parser.add_argument("--topic", help="target topic (default: the clickstream topic)")
     parser.add_argument(
-        "--rate", type=float, help="events per second (default: as fast as possible)"
+        "--rate",
+        type=arguments.positive_rate,
+        help="events per second (default: as fast as possible)",
     )
     parser.add_argument(
         "--flush",
@@ -129,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--linger-ms",
-        type=linger_arg,
+        type=arguments.linger_ms,
         default=DEFAULT_LINGER_MS,
         help="producer batching window (default %(default)s ms; with --rate an event waits at "
         "most this long)",

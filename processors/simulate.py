@@ -34,6 +34,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from processors import arguments
 from processors.core.events import (
     MAX_TS_MS,
     MIN_TS_MS,
@@ -378,19 +379,6 @@ def _count(text: str) -> int:
     return value
 
 
-def _linger(text: str) -> int:
-    from processors.produce import linger_arg  # confluent-kafka only when producing
-
-    return linger_arg(text)
-
-
-def _rate(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--users", type=_positive, required=True, help="number of users")
     parser.add_argument("--events", type=_count, required=True, help="number of events")
@@ -403,7 +391,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help="write canonical JSON Lines to this file ('-' = stdout)")
     target.add_argument("--topic", help="produce Avro to this Kafka topic, keyed by user_id")
-    parser.add_argument("--rate", type=_rate, help="with --topic: events per second")
+    parser.add_argument(
+        "--rate", type=arguments.positive_rate, help="with --topic: events per second"
+    )
     parser.add_argument(
         "--flush",
         action="store_true",
@@ -411,7 +401,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--linger-ms",
-        type=_linger,
+        type=arguments.linger_ms,
         help="with --topic: producer batching window (default 50 ms, as nudgeflow produce)",
     )
 

@@ -63,7 +63,7 @@ from confluent_kafka import (
 )
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from processors import metrics
+from processors import arguments, metrics
 from processors.core import receipts
 from processors.core.contact import Contact
 from processors.core.events import MAX_VALUE_LEN, ClickEvent, EventError, validate
@@ -1142,7 +1142,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="listen port (default: NUDGEFLOW_WEBHOOK_PORT)")
     parser.add_argument("--key-prefix", default=DEFAULT_PREFIX, help="Redis key prefix")
     parser.add_argument(
-        "--rate", type=float, default=30.0, help="gateway requests/s shared with the dispatcher"
+        "--rate",
+        type=arguments.positive_rate,
+        default=30.0,
+        help="gateway requests/s shared with the dispatcher",
     )
     parser.add_argument(
         "--create-topics",

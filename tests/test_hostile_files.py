@@ -254,19 +254,33 @@ def test_produce_reports_bad_lines_and_sends_only_good_events(
 
 
 @pytest.mark.parametrize(
-    ("value", "message"),
-    [("-1", "must be between 0 and 900000"), ("5.5", "not a whole number"), ("", "not a whole")],
+    ("argv", "message"),
+    [
+        (["produce", "{events}", "--linger-ms", "-1"], "must be between 0 and 900000"),
+        (["produce", "{events}", "--linger-ms", "5.5"], "not a whole number"),
+        (["produce", "{events}", "--rate", "0"], "must be a positive number"),
+        (["produce", "{events}", "--rate", "nan"], "must be a positive number"),
+        (
+            ["simulate", "--users", "1", "--events", "1", "--topic", "t", "--rate", "inf"],
+            "must be a positive number",
+        ),  # fmt: skip
+        (["dispatcher", "--rate", "-30"], "must be a positive number"),
+        (["webhooks", "--rate", "fast"], "not a number"),
+        (["demo", "--rate", "0"], "must be a positive number"),
+    ],
 )
-def test_produce_linger_must_be_milliseconds_librdkafka_takes(
+def test_rates_and_lingers_are_checked_before_anything_starts(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    value: str,
+    argv: list[str],
     message: str,
 ) -> None:
+    """A rate of 0, nan or inf (or a negative linger) used to be taken as is: produce then
+    ran unpaced, the dispatcher failed with a traceback from the rate limiter."""
     path, _ = _events_with_bad_lines(tmp_path)
     with pytest.raises(SystemExit) as exited:
-        _run_cli(monkeypatch, capsys, "produce", str(path), "--linger-ms", value)
+        _run_cli(monkeypatch, capsys, *[a.replace("{events}", str(path)) for a in argv])
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
 
