@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from processors.arguments import positive_rate
 from processors.core.campaign import CampaignError, load_campaigns
@@ -77,7 +78,7 @@ def collect(settings: Settings, deadline: float, procs: list[subprocess.Popen[by
                 headers = dict(msg.headers() or [])
                 if CONTROL_HEADER in headers:
                     if msg.topic() == settings.topic_outcomes:
-                        got.outcome_flushes.add(msg.partition())
+                        got.outcome_flushes.add(cast(int, msg.partition()))  # set on a record
                     continue
                 name, rec = codec.decode(msg.value())
                 if name == "TriggerDecision":
@@ -206,8 +207,8 @@ def run_demo(
 
             store = RedisStore(redis.Redis.from_url(settings.redis_url))
             keywords = load_inbound(inbound)
-            for phone, status, at in keywords:
-                store.record_keyword(phone, status, at)
+            for phone, consent, at in keywords:
+                store.record_keyword(phone, consent, at)
             print(f"inbound: {len(keywords)} STOP/START replies applied in event time", flush=True)
         exe = [sys.executable, "-m", "processors.cli"]
         logs = out / "logs"
