@@ -811,5 +811,8 @@ def install(
         clock=SystemClock() if live else None,  # decided_at: wall clock live, unset in replays
         clock_name=settings.clock,
         state_ttl_ms=int(settings.state_ttl_s * 1000),
+        # Lazy commits decide which tick wakes a quiet tail; the event clock has no ticks (the
+        # end-of-input flush commits every tail), where they only cost a tail scan per event.
+        lazy_commit=live,
     )
     return TriggerShell(app, settings, engine, codec or Codec(settings.schema_registry_url))
