@@ -8,9 +8,12 @@ cancel out: both figures read the same clickstream topic on the same fresh embed
 2. Baseline: one confluent-kafka ``Consumer`` assigned to every partition from the beginning,
    ``consume(1000)`` + ``Codec.decode`` of each message until all are seen.
 3. Trigger stage: a real ``nudgeflow worker`` subprocess (event clock, every example campaign,
-   changelog on) consumes the same topic in a new group. Its rate comes from the group's
-   committed offsets, sampled every 0.5 s: start-up and the group join are left out by starting
-   at the first sample where the offsets moved.
+   changelog on) consumes the same topic in a new group. Its rate comes from its own
+   ``nudgeflow_events_consumed_total`` (``/metrics``) and CPU time, sampled every 0.5 s from
+   the first sample where it had consumed records to the last before it had consumed them all:
+   start-up, the group join and the first batch are left out. It is done when its committed
+   offsets reach the end (they were the counter before session 5, when they lagged the work
+   by up to a checkpoint interval; still the fallback if the metrics do not answer).
 
 Prints ``key=value`` lines (``raw_events_per_s``, ``faust_events_per_s``, ...) and ``ratio=…``
 last. Everything started here (broker, Redis, worker) is stopped on exit, Ctrl-C or error.
@@ -28,12 +31,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
@@ -281,6 +285,25 @@ class Sample:
     t: float  # monotonic seconds
     committed: int  # sum of committed offsets over all partitions
     cpu: float = 0.0  # the worker's user + system CPU seconds so far (all threads)
+    consumed: int | None = None  # the worker's nudgeflow_events_consumed_total (None: no scrape)
+
+
+def events_consumed(port: int) -> int | None:
+    """Sum of ``nudgeflow_events_consumed_total`` on the worker's ``/metrics`` (None if it does
+    not answer). The worker adds each batch's records as it finishes the batch, so the count is
+    at most one batch (2,000 records) behind the CPU time read next to it; the committed offsets
+    lag by up to a checkpoint interval and the commit thread, which made single runs move by
+    +-15-25% (docs/performance.md, session 5)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1.0) as answer:
+            text = answer.read().decode()
+    except (OSError, ValueError):
+        return None
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("nudgeflow_events_consumed_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
 
 
 def process_cpu_s(pid: int) -> float:
@@ -323,17 +346,31 @@ def steady_window(samples: list[Sample], target: int) -> tuple[Sample, Sample]:
     return first, last
 
 
-def steady_rate(samples: list[Sample], target: int) -> float:
-    """Events/s over :func:`steady_window`."""
-    first, last = steady_window(samples, target)
-    return (last.committed - first.committed) / (last.t - first.t)
+def consumed_window(samples: list[Sample], target: int) -> tuple[Sample, Sample] | None:
+    """From the first sample where the worker had consumed records (its first batch is left out,
+    as the raw loop's) to the last one before it had consumed ``target``; None when the scrapes
+    do not give two such samples at least 1 s apart."""
+    busy = [s for s in samples if s.consumed is not None and 0 < s.consumed < target]
+    if len(busy) < 2 or busy[-1].t - busy[0].t < 1.0:
+        return None
+    return busy[0], busy[-1]
 
 
-def steady_cpu_rate(samples: list[Sample], target: int) -> float:
-    """Events per CPU-second of the worker over :func:`steady_window` (0.0 if unmeasured)."""
-    first, last = steady_window(samples, target)
+def steady_rates(samples: list[Sample], target: int) -> tuple[float, float, str]:
+    """(events/s, events per CPU-second of the worker, which counter): over
+    :func:`consumed_window` when the worker's metrics answered, else over
+    :func:`steady_window` of the committed offsets."""
+    window = consumed_window(samples, target)
+    if window is not None:
+        first, last = window
+        events = float(cast(int, last.consumed) - cast(int, first.consumed))
+        source = "consumed"
+    else:
+        first, last = steady_window(samples, target)
+        events = float(last.committed - first.committed)
+        source = "committed"
     cpu = last.cpu - first.cpu
-    return (last.committed - first.committed) / cpu if cpu > 0 else 0.0
+    return events / (last.t - first.t), (events / cpu if cpu > 0 else 0.0), source
 
 
 class Profiler:
@@ -375,6 +412,7 @@ class FaustRun:
     cpu_rate: float  # steady events per CPU-second of the worker
     wall_s: float  # from spawn to everything committed
     worker: Worker
+    counted_by: str = "consumed"  # the counter behind the rates (steady_rates)
 
 
 def faust_rate(
@@ -402,13 +440,18 @@ def faust_rate(
     try:
         topic = settings.topic_clickstream
         tps = [TopicPartition(topic, p) for p in partitions(watcher, topic)]
-        worker = Worker(settings, workdir)
+        metrics_port = free_port()
+        worker = Worker(settings, workdir, env={"NUDGEFLOW_METRICS_PORT": str(metrics_port)})
         say(f"worker started (pid {worker.pid}), waiting for {expected} committed offsets")
         if on_start is not None:
             on_start(worker)
-        samples = [
-            Sample(time.monotonic(), committed_total(watcher, tps), process_cpu_s(worker.pid))
-        ]
+
+        def sample() -> Sample:
+            consumed = events_consumed(metrics_port)  # first: at most one batch behind the CPU
+            cpu = process_cpu_s(worker.pid)
+            return Sample(time.monotonic(), committed_total(watcher, tps), cpu, consumed)
+
+        samples = [sample()]
         deadline = worker.started + timeout_s
         while samples[-1].committed < expected:
             worker.check_alive()
@@ -418,17 +461,15 @@ def faust_rate(
                     f"{timeout_s:.0f} s; last lines of its log:\n{worker.log_tail()}"
                 )
             time.sleep(max(0.0, samples[-1].t + SAMPLE_INTERVAL_S - time.monotonic()))
-            committed = committed_total(watcher, tps)
-            samples.append(Sample(time.monotonic(), committed, process_cpu_s(worker.pid)))
+            samples.append(sample())
         total = samples[-1].t - worker.started
         moves = [b for a, b in zip(samples, samples[1:], strict=False) if b.committed > a.committed]
         say(
             "commits seen (s after spawn: committed): "
             + " ".join(f"{s.t - worker.started:.1f}:{s.committed}" for s in moves)
         )
-        return FaustRun(
-            steady_rate(samples, expected), steady_cpu_rate(samples, expected), total, worker
-        )
+        rate, cpu_rate, counted_by = steady_rates(samples, expected)
+        return FaustRun(rate, cpu_rate, total, worker, counted_by)
     except BaseException:
         if worker is not None:
             worker.stop()
@@ -561,7 +602,8 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         worker = result.worker
         say(
             f"faust worker: {result.rate:,.0f} events/s steady ({result.cpu_rate:,.0f} per "
-            f"CPU-second), all committed {result.wall_s:.1f} s after spawn"
+            f"CPU-second, counted by {result.counted_by} records), all committed "
+            f"{result.wall_s:.1f} s after spawn"
         )
         worker.stop()
         if profiler is not None:
@@ -576,6 +618,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
             ("raw_events_per_cpu_s", f"{raw_cpu:.0f}"),
             ("faust_events_per_cpu_s", f"{result.cpu_rate:.0f}"),
             ("cpu_ratio", f"{cpu_ratio:.3f}"),
+            ("faust_counted_by", result.counted_by),
         ]
         try:
             per_user, users = state_bytes_per_user(settings)
@@ -603,7 +646,7 @@ def run_main(
     try:
         with sigterm_as_interrupt():
             lines = run_fn(args, tmp)
-    except (BenchError, StackError, *errors) as exc:
+    except (BenchError, StackError) + errors as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
