@@ -1,5 +1,5 @@
 # NudgeFlow developer tasks (GNU make). Works on a fresh Debian/Ubuntu machine with Python >= 3.11.
-#   make test [PYTEST_ARGS=...]   unit + integration tests (embedded tansu broker + redis-server)
+#   make test [PYTEST_ARGS=...]   unit + integration tests (embedded Apache Kafka + redis-server)
 #   make chaos [PYTEST_ARGS=...]  the fault-injection suite (~8 min; docs/chaos.md)
 #   make demo [DEMO_ARGS=...]     the whole pipeline on the embedded stack
 #   make lint | bench | clean | distclean
@@ -21,7 +21,13 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: .venv venv redis test chaos demo lint bench clean distclean
+.PHONY: .venv venv redis java kafka test chaos demo lint bench clean distclean
+
+# Apache Kafka for the embedded stack: the version deploy/kafka/pom.xml pins, its runtime jars
+# copied once by Maven into a per-user cache (override with NUDGEFLOW_KAFKA_LIBS).
+KAFKA_VERSION := $(shell sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' deploy/kafka/pom.xml)
+KAFKA_LIBS ?= $(or $(NUDGEFLOW_KAFKA_LIBS),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/nudgeflow/kafka-$(KAFKA_VERSION)/libs)
+export NUDGEFLOW_KAFKA_LIBS := $(KAFKA_LIBS)
 
 .venv venv: $(STAMP)
 
@@ -53,24 +59,49 @@ redis:
 	  fi; \
 	fi
 
-test: .venv redis
+# Java (Kafka 4 needs 17+) and Maven, with apt when root.
+java:
+	@missing=""; \
+	command -v java >/dev/null 2>&1 || missing="default-jre-headless"; \
+	command -v mvn >/dev/null 2>&1 || missing="$$missing maven"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else \
+	    echo "java/mvn not found; install them with: sudo apt-get install -y$$missing" >&2; exit 1; \
+	  fi; \
+	fi; \
+	v=$$(java -XshowSettings:properties -version 2>&1 | sed -n 's/ *java.specification.version = //p'); \
+	if [ "$${v%%.*}" -lt 17 ] 2>/dev/null; then \
+	  echo "Apache Kafka $(KAFKA_VERSION) needs Java 17 or newer, found $$v; set JAVA_HOME to one" >&2; exit 1; \
+	fi
+
+kafka: $(KAFKA_LIBS)/kafka_2.13-$(KAFKA_VERSION).jar
+
+$(KAFKA_LIBS)/kafka_2.13-$(KAFKA_VERSION).jar: deploy/kafka/pom.xml | java
+	@echo "fetching Apache Kafka $(KAFKA_VERSION) jars into $(KAFKA_LIBS) (once)"
+	@rm -rf "$(KAFKA_LIBS).tmp" && mkdir -p "$(KAFKA_LIBS).tmp"
+	mvn -q -B -Dstyle.color=never -f deploy/kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime \
+	  -DoutputDirectory="$(KAFKA_LIBS).tmp"
+	@rm -rf "$(KAFKA_LIBS)" && mv "$(KAFKA_LIBS).tmp" "$(KAFKA_LIBS)" && touch "$@"
+
+test: .venv redis kafka
 	$(VENV)/bin/pytest -q -m "not chaos" $(PYTEST_ARGS)
 
 # The summary line (kills=… lost=… duplicates=…) is printed again as the very last line.
-chaos: .venv redis
+chaos: .venv redis kafka
 	@summary=$$(mktemp); \
 	NUDGEFLOW_CHAOS_SUMMARY=$$summary $(VENV)/bin/pytest -m chaos -s $(PYTEST_ARGS); rc=$$?; \
 	if [ -s $$summary ]; then echo; tail -n 1 $$summary; fi; rm -f $$summary; exit $$rc
 
-demo: .venv redis
+demo: .venv redis kafka
 	$(VENV)/bin/nudgeflow demo $(DEMO_ARGS)
 
 lint: .venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# 
-bench: .venv redis
+bench: .venv redis kafka
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 # Stops a running dev stack first so no broker/redis is left without its state file.

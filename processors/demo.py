@@ -1,6 +1,6 @@
 """``nudgeflow demo``: the whole pipeline on the embedded stack, on a laptop, in one command.
 
-Starts a fresh embedded stack (tansu + redis-server), imports the contacts, starts the Faust
+Starts a fresh embedded stack (Apache Kafka + redis-server), imports the contacts, starts the Faust
 worker and the dispatcher as separate processes (as in production), replays the events in event
 time, marks end of input (which flushes pending timers), waits until the dispatcher has recorded
 an outcome for everything, writes ``decisions.jsonl``, ``outcomes.jsonl`` and ``outbox.jsonl``,
@@ -177,9 +177,10 @@ def run_demo(
         shutil.rmtree(state_dir, ignore_errors=True)
     outbox = out / "outbox.jsonl"
     outbox.unlink(missing_ok=True)
-    print("starting the embedded stack (tansu broker + redis-server)…", flush=True)
+    print("starting the embedded stack (Apache Kafka broker + redis-server)…", flush=True)
     stack = EmbeddedStack()
     info = stack.up(state_dir)
+    print(f"broker: {info.broker_version} at {info.bootstrap_servers}", flush=True)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         env = {

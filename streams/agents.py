@@ -62,12 +62,7 @@ from processors.intake import (  # header, reason_tag: re-exported for callers o
 from processors.settings import Settings
 from schemas.codec import Codec
 from streams.checkpoint import Checkpointer, is_position_key
-from streams.clickstream import (
-    FETCH_WAIT_MS,
-    STUCK_FETCH_WAIT_MS,
-    ClickstreamReader,
-    offsets_group,
-)
+from streams.clickstream import ClickstreamReader, offsets_group
 from streams.output import Output
 from streams.state_cache import LiveState, StateCache
 from streams.timers import StoredState, TimerIndex, unpack_state
@@ -82,7 +77,6 @@ log = logging.getLogger(__name__)
 
 TICK_INTERVAL_S = 0.5  # a due timer waits at most this long for its tick (lateness p99 <= 1 s)
 LAG_INTERVAL_S = 5.0  # how often every worker samples the consumer lag of its partitions
-READER_STUCK_S = 20.0  # records waiting and none fetched this long: a new consumer
 RECONCILE_INTERVAL_S = 2.0  # how often the read partitions are checked against Faust's
 RECONCILE_AFTER_S = 6.0  # a mismatch this long outside a rebalance is not a rebalance in flight
 YIELD_EVERY = 1000  # records/users between turns given to the event loop (heartbeats)
@@ -185,7 +179,6 @@ class TriggerShell:
         self.busy = asyncio.Lock()
         self._output: Output | None = None
         self._reader: ClickstreamReader | None = None
-        self._fetch_wait_ms = FETCH_WAIT_MS  # STUCK_FETCH_WAIT_MS once a reader was stuck
         self._checkpointer: Checkpointer | None = None
         self._last_checkpoint = time.monotonic()
         self._writer: asyncio.Future[None] | None = None
@@ -223,9 +216,7 @@ class TriggerShell:
     def reader(self) -> ClickstreamReader:
         if self._reader is None:
             self._reader = ClickstreamReader(
-                self.settings,
-                client_id=f"{self.settings.worker_id}-clickstream",
-                fetch_wait_ms=self._fetch_wait_ms,
+                self.settings, client_id=f"{self.settings.worker_id}-clickstream"
             )
         return self._reader
 
@@ -509,29 +500,6 @@ class TriggerShell:
         metrics.set_consumer_lag(
             offsets_group(self.settings.worker_id), {(topic, p): n for p, n in lags.items()}
         )
-        idle_s = time.monotonic() - self.reader.last_record_at
-        if sum(lags.values()) > 0 and idle_s > READER_STUCK_S:
-            await self._replace_reader(idle_s)
-
-    async def _replace_reader(self, idle_s: float) -> None:
-        """Records wait on owned partitions but none has come for :data:`READER_STUCK_S`: a
-        consumer left in a bad state (seen after a broker outage: connected, fetching nothing).
-        A new consumer takes over at the same positions; nothing is lost or applied twice."""
-        async with self.busy:
-            old = self.reader
-            positions = dict(old.positions)
-            log.warning(
-                "clickstream reader fetched nothing for %.0f s with records waiting on %s; "
-                "replacing its consumer (fetch wait %d ms from now on: a broker such as tansu "
-                "answers short fetches of partitions of many small batches empty)",
-                idle_s,
-                sorted(positions),
-                STUCK_FETCH_WAIT_MS,
-            )
-            self._fetch_wait_ms = STUCK_FETCH_WAIT_MS
-            self._reader = None
-            old.close()
-            self.reader.assign(positions)
 
     # ------------------------------------------------------------------ time
 

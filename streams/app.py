@@ -1,52 +1,11 @@
 """The Faust application of the trigger worker (settings only; agents live in streams.agents).
 
-Spike findings (faust-streaming 0.15.3, aiokafka 0.14, tansu 0.6 with memory storage):
-
-* Join: with ``broker_session_timeout=6`` / ``broker_heartbeat_interval=1`` a fresh worker
-  processes its first record ~6 s after ``exec`` (imports ~1 s, group join + leader election
-  ~3 s, table recovery); with Faust's defaults (60 s / 3 s) the same spike took ~32 s on tansu.
-  ``nudgeflow worker`` in tests/test_streams_smoke.py: first state stored ~6 s after start.
-  SIGTERM stops the worker cleanly in 1.3-3 s (mode's Worker handles SIGTERM/SIGINT itself:
-  stops agents, flushes the producer, commits, leaves the group); ``execute_from_commandline``
-  then raises ``SystemExit(0)``.
-* Table: the store is ``settings.worker_store``. ``memory://`` (dev profile) needs no RocksDB;
-  ``rocksdb://`` (production default) uses faust-streaming's ``rocksdict`` driver (the
-  ``rocksdict`` wheel; python-rocksdb is not installed), one RocksDB per table partition under
-  Faust's data directory (``FAUST_DATADIR``, default ``<worker_id>-data`` in the working
-  directory), and keeps the changelog offset it has applied, so a restart replays only the
-  changelog tail. Verified on tansu: a worker restarted on the same data directory recovered its
-  users' state and fired their timers.
-  The table must be declared with ``key_type=bytes, value_type=bytes`` to get raw serializers:
-  ``app.Table`` does not accept ``key_serializer``/``value_serializer``, and passing only a
-  ``schema=`` leaves the table's own serializer at ``json``, so writes look fine but recovery
-  fails with "Error in recovery Expecting value" warnings. With the memory store the whole
-  changelog is replayed at every start (no persisted offsets): a restarted worker sees its
-  state again (verified: a counter continued from its pre-restart value).
-* Table writes are only allowed inside stream iteration; the changelog record goes to the
-  partition of the *current event*, not the key's hash partition. So an agent on a
-  co-partitioned topic (``nudgeflow-ticks``, same partition count) may read/write the keys of
-  the partition it is processing. Faust's assignor gives partition p of both topics to the same
-  worker (verified with two workers: each got clickstream {0,1}/{2,3} and ticks {0,1}/{2,3},
-  and the handed-over partitions' state was recovered on the new owner).
-* The memory store drops keys of partitions that are not assigned only for keys it *restored*
-  from the changelog, not for keys written live, so after a rebalance ``table.items()`` may show
-  keys of other workers' partitions: the worker filters by the partition stored in each value
-  (streams.timers.pack_state).
-* ``async for event in stream.events()`` gives ``event.key``/``event.value`` (raw bytes),
-  ``event.message.partition`` and ``event.message.headers`` = a tuple of ``(str, bytes)`` pairs
-  (empty tuple when there are none). ``topic.send(headers={"name": b"value"})`` works.
-* ``web_port`` must be 1..65535 (``0`` is rejected), so port 0 means ``web_enabled=False``.
-* ``@app.timer(interval, on_leader=True)`` runs only on the group leader: one tick per partition
-  per interval (``streams.agents.TICK_INTERVAL_S``) for the whole group, not per worker.
-* Programmatic start: ``faust.Worker(app, loglevel="warn", quiet=True).execute_from_commandline()``
-  (``app.main()`` would re-parse ``sys.argv`` with Faust's own click CLI). Faust's loglevel
-  takes ``warn``, not ``warning``. Faust's terminal spinner (on unless the level is below
-  WARN) writes escape codes into logs and sets the root logger to DEBUG, so streams.worker
-  turns it off.
+Why each setting is what it is: docs/adr/0001-faust-worker-app.md.
 """
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,33 +22,6 @@ own produce request and the socket writes alone took ~20% of the worker's CPU. 5
 them and adds at most 5 ms to a decision's latency."""
 PRODUCER_MAX_BATCH_BYTES = 256 * 1024  # per partition; the default 16 KB holds ~18 states
 STREAM_BUFFER_MAXSIZE = 16_384  # events prefetched per stream (Faust default 4096)
-FETCH_MAX_WAIT_MS = 50
-"""Longest a fetch may wait at the broker for data. Faust hard-codes 1500 ms; a broker that holds
-a fetch for its full wait when little data is there (tansu does) then delays every event at low
-rates: on the embedded stack, aiokafka's produce-to-consume latency was p50 364 ms with 1500
-and 4 ms with 10. Idle partitions cost one empty fetch per 50 ms."""
-
-
-def shorten_fetch_wait() -> None:
-    """Make Faust's consumer use :data:`FETCH_MAX_WAIT_MS` (idempotent).
-
-    Faust builds its aiokafka consumer in ``AIOKafkaConsumerThread._create_worker_consumer`` with
-    a literal ``fetch_max_wait_ms=1500`` and offers no setting for it; aiokafka reads the value
-    only when the consumer starts, so it is set on the new consumer right after it is built.
-    """
-    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-
-    create = AIOKafkaConsumerThread._create_worker_consumer
-    if getattr(create, "_nudgeflow", False):
-        return
-
-    def create_worker_consumer(self: Any, *args: Any, **kwargs: Any) -> Any:
-        consumer = create(self, *args, **kwargs)
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
-        return consumer
-
-    create_worker_consumer._nudgeflow = True  # type: ignore[attr-defined]
-    AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
 
 
 class QuietMonitor(Monitor):
@@ -165,6 +97,26 @@ class WorkerApp(faust.App):
         await super().on_stop()
 
 
+def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    """Faust's view of the cluster security that ``Settings.kafka_common`` gives librdkafka."""
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    context = None
+    if protocol.endswith("SSL"):
+        ca = settings.kafka_ssl_ca_location
+        context = ssl.create_default_context(cafile=str(ca) if ca else None)
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    password = settings.kafka_sasl_password
+    return faust.SASLCredentials(
+        username=settings.kafka_sasl_username,
+        password=password.get_secret_value() if password else None,
+        mechanism=settings.kafka_sasl_mechanism,
+        ssl_context=context,
+    )
+
+
 def broker_urls(bootstrap_servers: str) -> list[str]:
     """``host1:9092,host2:9092`` -> Faust broker URLs."""
     hosts = [h.strip() for h in bootstrap_servers.split(",") if h.strip()]
@@ -196,10 +148,8 @@ def make_app(settings: Settings) -> faust.App:
 
     ``producer_acks=-1``: a decision or dead letter is only "sent" once every in-sync replica
     has it, because Faust commits the input offsets right after flushing the producer.
-    Raises ``ValueError`` for a store it cannot open. Shortens the consumer's fetch wait
-    (:func:`shorten_fetch_wait`).
+    Raises ``ValueError`` for a store it cannot open.
     """
-    shorten_fetch_wait()
     session_s = settings.session_timeout_ms / 1000
     web_port = settings.worker_web_port
     options: dict[str, Any] = {"web_enabled": web_port > 0}
@@ -208,6 +158,7 @@ def make_app(settings: Settings) -> faust.App:
     return WorkerApp(
         settings.worker_id,
         broker=broker_urls(settings.bootstrap_servers),
+        broker_credentials=broker_credentials(settings),
         store=check_store(settings.worker_store),
         autodiscover=False,
         broker_session_timeout=session_s,

@@ -6,9 +6,9 @@ partition) that every read goes through. A checkpoint then
 1. flushes the producer: every decision, cancellation and dead letter produced so far is on
    its topic before any state that presumes it;
 2. writes one changelog record per changed user to the ``user_state`` table's changelog
-   partition p and flushes again;
+   partition p;
 3. writes a **position record** (key :func:`position_key`) holding the next clickstream offset
-   of partition p, on its own (see below), and flushes;
+   of partition p after them (the producer is idempotent, so it lands after them), and flushes;
 4. applies the same records to the table's local store (what Faust's own recovery would do
    with them), so reads see them once the buffer is cleared.
 
@@ -16,12 +16,9 @@ Why the position lives in the changelog and not in a consumer group's committed 
 recovery the new owner of partition p restores the changelog and resumes the clickstream at
 the position it finds there. Any prefix of the changelog is consistent (the position record is
 the last record of its checkpoint, so every state it covers comes before it): a worker killed
-mid-checkpoint, or a broker that reports a short high watermark (tansu, docs/chaos.md), at
-worst restores some users *ahead* of the position, and the replayed events are then
-de-duplicated by the engine (``event_id``), while the decisions they made carry the same
-deterministic ids. The position record is produced alone so that it is the whole last batch
-of its partition: tansu (the dev/CI broker) reports a partition's end as the start of its last
-batch + 1, which would hide a position record batched after states.
+mid-checkpoint at worst restores some users *ahead* of the position, and the replayed events
+are then de-duplicated by the engine (``event_id``), while the decisions they made carry the
+same deterministic ids.
 
 States are encoded when a checkpoint takes them, not at every change (:class:`Deferred`): a
 user with several events between two checkpoints is encoded once (the worker's per-event cost,
@@ -229,7 +226,6 @@ class Checkpointer:
             for p, items in batch.items():
                 for key, value in items.items():
                     self.output.send(self.changelog_topic, value, key, partition=p)
-            await self.output.flush()  # 2. the states, durable
             delivered: dict[int, int] = {}
 
             def on_delivery(err: Any, msg: Any) -> None:
@@ -237,8 +233,7 @@ class Checkpointer:
                     delivered[msg.partition()] = msg.offset()
 
             for p, offset in positions.items():
-                # Alone in its produce request: a broker that reports the start of a
-                # partition's last batch as its end (tansu) still lets recovery read it.
+                # After its partition's states: the producer keeps their order (idempotent).
                 self.output.send(
                     self.changelog_topic,
                     encode_position(offset),
@@ -246,7 +241,7 @@ class Checkpointer:
                     partition=p,
                     on_delivery=on_delivery,
                 )
-            await self.output.flush()  # 3. then the positions
+            await self.output.flush()  # 2.-3. the states, then the positions, durable
         except BaseException:
             # Not written: put it back under anything newer, so nothing is lost if the caller
             # goes on (it normally stops the worker).

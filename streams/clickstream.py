@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
@@ -33,14 +32,6 @@ log = logging.getLogger(__name__)
 
 BATCH_MAX = 5000  # records per consume() call
 POLL_S = 0.05  # longest wait for a batch when the partitions are idle
-# A broker that holds fetches for the whole wait (tansu) adds up to this much to every event:
-# produce-to-consume on tansu at 1,000 events/s was p50 7 / p99 24 ms with 10 and p50 27 / p99
-# 88 ms with 50. But with a wait under ~20 ms tansu answers every fetch of a partition that holds
-# tens of thousands of small batches empty, for good (tests/chaos/repro_tansu_small_batches.py):
-# a reader found stuck is replaced by one that waits STUCK_FETCH_WAIT_MS (streams.agents).
-# Apache Kafka answers as soon as there is data, so neither matters there.
-FETCH_WAIT_MS = 10
-STUCK_FETCH_WAIT_MS = 500
 
 
 def offsets_group(worker_id: str) -> str:
@@ -51,9 +42,7 @@ def offsets_group(worker_id: str) -> str:
 class ClickstreamReader:
     """Batches of clickstream records from the partitions this worker owns."""
 
-    def __init__(
-        self, settings: Settings, *, client_id: str, fetch_wait_ms: int = FETCH_WAIT_MS
-    ) -> None:
+    def __init__(self, settings: Settings, *, client_id: str) -> None:
         self.topic = settings.topic_clickstream
         self._consumer = Consumer(
             {
@@ -63,7 +52,6 @@ class ClickstreamReader:
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": fetch_wait_ms,
                 "queued.max.messages.kbytes": 16 * 1024,  # prefetch bound: ~100k events, 16 MB
                 "enable.partition.eof": False,
                 "socket.timeout.ms": SOCKET_TIMEOUT_MS,  # streams.output: dead connections
@@ -75,7 +63,6 @@ class ClickstreamReader:
         # And commits their own: librdkafka's asynchronous commit still blocks its caller for
         # as long as a fetch is in flight (~30 ms measured), which stalled the event loop.
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="clickstream-commit")
-        self.last_record_at = time.monotonic()  # (the worker replaces a reader stuck for long)
         self.owned: set[int] = set()
         self.positions: dict[int, int | None] = {}
         """Next offset to read per owned partition (None: the beginning); the caller advances it."""
@@ -90,7 +77,6 @@ class ClickstreamReader:
             for p, off in positions.items()
         ]
         self._consumer.incremental_assign(tps)
-        self.last_record_at = time.monotonic()
         self.owned.update(positions)
         self.positions.update(positions)
         log.info("reading clickstream partitions %s", sorted(positions))
@@ -126,8 +112,6 @@ class ClickstreamReader:
             msgs = consumer.consume(1, POLL_S)
             if msgs:
                 msgs += consumer.consume(BATCH_MAX - 1, 0)
-        if msgs:
-            self.last_record_at = time.monotonic()
         return msgs
 
     def commit(self, positions: dict[int, int]) -> None:

@@ -51,6 +51,9 @@ class Output:
                 **settings.kafka_common(),
                 "client.id": client_id,
                 "acks": "all",
+                # Per partition, records land in the order they were sent, retries included:
+                # a checkpoint's position record always follows the states it covers.
+                "enable.idempotence": True,
                 "linger.ms": LINGER_MS,
                 "batch.size": 1_000_000,
                 "queue.buffering.max.messages": 1_000_000,

@@ -55,7 +55,7 @@ def check_topics(settings: Settings, timeout: float = 15.0) -> None:
     if settings.clock == "live":
         names.append(settings.topic_ticks)
     # log_level 2: connection failures are reported once, below, not every 50 ms by librdkafka.
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, "log_level": 2})
+    admin = AdminClient({**settings.kafka_common(), "log_level": 2})
     try:
         metadata = admin.list_topics(timeout=timeout)
     except KafkaException as exc:

@@ -1,17 +1,21 @@
-"""Shared fixtures: one embedded stack (tansu + redis-server) per test session.
+"""Shared fixtures: one embedded stack (Apache Kafka + redis-server) per test session.
 
 Tests share the broker but never a topic or consumer group: the ``settings`` fixture suffixes
-every topic and group name with a fresh uuid, so tests stay independent and order-free.
+every topic and group name with a fresh uuid, so tests stay independent and order-free, and
+deletes those topics (and the worker's changelog topics) when the test ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 
 from processors.devstack import EmbeddedStack, StackInfo, create_topics
 from processors.settings import Settings
@@ -69,9 +73,20 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def settings(stack: StackInfo, tmp_path: Path) -> Settings:
+def settings(stack: StackInfo, tmp_path: Path) -> Iterator[Settings]:
     """Dev-profile settings on the session stack with per-test topics and groups (created)."""
-    return isolated_settings(stack, outbox_path=tmp_path / "outbox.jsonl")
+    result = isolated_settings(stack, outbox_path=tmp_path / "outbox.jsonl")
+    yield result
+    delete_topics(stack.bootstrap_servers, result.topic_clickstream.rsplit("-", 1)[1])
+
+
+def delete_topics(bootstrap: str, suffix: str) -> None:
+    """Delete every topic whose name holds ``suffix``: a long session keeps a small broker."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    names = [t for t in admin.list_topics(timeout=10).topics if suffix in t]
+    for future in admin.delete_topics(names, operation_timeout=10).values() if names else ():
+        with contextlib.suppress(KafkaException):
+            future.result(timeout=30)
 
 
 def isolated_settings(stack: StackInfo, **overrides: object) -> Settings:

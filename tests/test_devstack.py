@@ -1,4 +1,4 @@
-"""The embedded dev stack: real tansu, real redis-server, real confluent-kafka clients."""
+"""The embedded dev stack: real Apache Kafka, real redis-server, real confluent-kafka clients."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from processors.devstack import (
     redis_healthy,
     topic_specs,
 )
+from processors.kafka_broker import kafka_version
 from processors.settings import REPO_ROOT, Settings
 
 pytestmark = pytest.mark.integration
@@ -89,7 +90,9 @@ def test_up_starts_both_and_records_them(tmp_path: Path) -> None:
         assert state["redis_url"] == info.redis_url
         assert state["broker_pid"] == info.broker_pid != state["redis_pid"] == info.redis_pid
         assert abs(state["started_at"] - time.time()) < 60
-        assert (tmp_path / "tansu.log").exists() and (tmp_path / "redis.log").exists()
+        assert (tmp_path / "kafka.log").exists() and (tmp_path / "redis.log").exists()
+        assert "Kafka Server started" in (tmp_path / "kafka.log").read_text()
+        assert state["broker_version"] == f"Apache Kafka {kafka_version()}"
         # Each child leads its own session, so a terminal's Ctrl-C does not reach it.
         assert os.getsid(info.broker_pid) == info.broker_pid
         assert os.getsid(info.redis_pid) == info.redis_pid
@@ -248,11 +251,21 @@ def _script(path: Path, body: str) -> str:
     return str(path)
 
 
+def _fake_java(home: Path, body: str) -> str:
+    """A JAVA_HOME whose ``java`` formats storage with the real one and runs ``body`` otherwise."""
+    real = shutil.which("java")
+    assert real is not None
+    (home / "bin").mkdir(parents=True)
+    script = f'case "$*" in *StorageTool*) exec {real} "$@";; esac\n{body}'
+    _script(home / "bin" / "java", script)
+    return str(home)
+
+
 def test_broker_that_dies_gives_its_log_tail(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("CALF_TANSU_BIN", _script(tmp_path / "tansu", "echo kaputt-123; exit 3"))
-    with pytest.raises(StackError, match=r"(?s)tansu exited with code 3.*kaputt-123"):
+    monkeypatch.setenv("JAVA_HOME", _fake_java(tmp_path / "jdk", "echo kaputt-123; exit 3"))
+    with pytest.raises(StackError, match=r"(?s)kafka exited with code 3.*kaputt-123"):
         EmbeddedStack().up(tmp_path / "state")
     assert not (tmp_path / "state" / "stack.json").exists()
 
@@ -261,12 +274,23 @@ def test_broker_that_never_answers_times_out_and_is_stopped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pid_file = tmp_path / "pid"
-    monkeypatch.setenv(
-        "CALF_TANSU_BIN", _script(tmp_path / "tansu", f"echo $$ > {pid_file}; exec sleep 60")
-    )
-    with pytest.raises(StackError, match=r"tansu did not answer within 1 s"):
+    body = f"echo $$ > {pid_file}; exec sleep 60"
+    monkeypatch.setenv("JAVA_HOME", _fake_java(tmp_path / "jdk", body))
+    with pytest.raises(StackError, match=r"kafka did not answer within 1 s"):
         EmbeddedStack(ready_timeout_s=1.0).up(tmp_path / "state")
     assert not _running(int(pid_file.read_text()))
+    assert not (tmp_path / "state" / "stack.json").exists()
+
+
+def test_missing_kafka_jars_without_maven_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NUDGEFLOW_KAFKA_LIBS", str(tmp_path / "no-libs"))
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "redis-server").symlink_to(shutil.which("redis-server") or "redis-server")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # redis-server, but no mvn
+    with pytest.raises(StackError, match=r"make kafka.*apt-get install -y default-jre-headless"):
+        EmbeddedStack().up(tmp_path / "state")
     assert not (tmp_path / "state" / "stack.json").exists()
 
 

@@ -2,9 +2,9 @@
 
 What runs (every piece real, nothing of ours mocked):
 
-* a tansu broker (memory storage) behind :mod:`tests.chaos.proxy`: the broker advertises the
-  proxy's port, so every client's traffic can be cut for a broker outage without the broker
-  losing its topics;
+* an Apache Kafka broker behind :mod:`tests.chaos.proxy`: the broker advertises the proxy's
+  port, so every client's traffic can be cut (a network partition), and the broker itself can be
+  SIGKILLed and restarted on the same log directory (a crash);
 * redis-server with an append-only file fsynced on every write (``appendfsync always``), the
   production recommendation (docs/chaos.md): a SIGKILL + restart keeps every acknowledged write;
 * ``nudgeflow worker`` and ``nudgeflow dispatcher`` processes (event clock, so the decisions can
@@ -15,7 +15,8 @@ What runs (every piece real, nothing of ours mocked):
   decisions, outcomes and the dead-letter topic, and a sampler of every process's RSS.
 
 :meth:`Chaos.report` turns what happened into a :class:`Report` whose ``line`` is the summary
-``kills=… lost=… duplicates=… redis_restarts=… broker_outages=… gateway_faults=… dlq=…``.
+``kills=… lost=… duplicates=… redis_restarts=… broker_outages=… broker_crashes=…
+broker_freezes=… gateway_faults=… dlq=…``.
 """
 
 from __future__ import annotations
@@ -46,13 +47,14 @@ from processors.control import FlushTracker, is_control
 from processors.core.campaign import load_campaigns
 from processors.core.decision import Decision
 from processors.core.events import ClickEvent
-from processors.devstack import broker_binary, broker_healthy, create_topics, redis_binary
+from processors.devstack import broker_healthy, create_topics, redis_binary
 from processors.dispatcher import DLQ_REASON_HEADER
 from processors.produce import send_flush
 from processors.settings import REPO_ROOT, Settings
 from schemas.codec import Codec
 from streams.clickstream import offsets_group
 from tests.fakes.vonage_fake import Reply, VonageFake
+from tests.kafka_process import KafkaProcess
 
 UNKNOWN_AFTER_CRASH = "unknown_after_crash"
 UNKNOWN_PREFIX = "unknown_after_"  # crash, timeout, connection_lost: the text may have gone out
@@ -61,7 +63,7 @@ UNKNOWN_PREFIX = "unknown_after_"  # crash, timeout, connection_lost: the text m
 CONNECT_REASONS = frozenset({"connect_timeout", "connection_error", "tls_error"})
 GATEWAY_TIMEOUT_S = 1.0  # the dispatchers' Vonage timeout: short, so timeout faults are quick
 RATE_PER_S = 30  # Vonage's default account limit, the dispatcher's default
-FEED_LINGER_MS = 100  # the clickstream feeder's producer batching (Feeder._run)
+FEED_LINGER_MS = 5  # the clickstream feeder's producer batching (librdkafka's default)
 FAIL_CLOSED_GRACE_S = 1.5  # a request that passed its checks before Redis died may still land
 REDIS_BACK_GRACE_S = 10.0  # an exit this soon after Redis is back still counts as the outage's
 LATE_S = GATEWAY_TIMEOUT_S + 0.6  # an answer this late is past the client's timeout
@@ -377,28 +379,31 @@ class RedisServer:
 
 
 class Broker:
-    """tansu on a private port behind the outage proxy; clients only ever see the proxy."""
+    """Apache Kafka on a private port behind the outage proxy; clients only ever see the proxy.
+
+    Two kinds of outage: :meth:`cut` / :meth:`restore` (the network: every connection cut, new
+    ones blackholed) and :meth:`kill` / :meth:`restart` (the JVM SIGKILLed, then started again
+    on the same log directory and ports).
+    """
 
     def __init__(self, workdir: Path) -> None:
-        self.tansu_port, self.proxy_port = free_ports(2)
+        (self.proxy_port,) = free_ports(1)
         self.workdir = workdir
-        self.tansu: subprocess.Popen[bytes] | None = None
+        self.kafka = KafkaProcess(workdir / "broker", advertised_port=self.proxy_port)
         self.proxy: subprocess.Popen[bytes] | None = None
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.proxy_port}"
 
+    @property
+    def kafka_port(self) -> int:
+        return self.kafka.node.port
+
     def start(self) -> None:
-        advertised = f"tcp://127.0.0.1:{self.proxy_port}"
-        argv = [broker_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{self.tansu_port}"]
-        argv += ["--advertised-listener-url", advertised, "--storage-engine", "memory://tansu/"]
-        with (self.workdir / "tansu.log").open("ab") as out:
-            self.tansu = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        self.kafka.start()
         proxy = [sys.executable, "-m", "tests.chaos.proxy", "--listen", str(self.proxy_port)]
-        proxy += ["--upstream", str(self.tansu_port)]
+        proxy += ["--upstream", str(self.kafka_port)]
         self.proxy_log = self.workdir / "proxy.log"
         with self.proxy_log.open("ab") as out:
             self.proxy = subprocess.Popen(
@@ -406,11 +411,8 @@ class Broker:
             )
         deadline = time.monotonic() + 30
         while not broker_healthy(self.bootstrap, timeout=1.0):
-            for p in (self.tansu, self.proxy):
-                if p.poll() is not None:
-                    raise RuntimeError(
-                        f"broker or proxy exited during start-up; see {self.workdir}"
-                    )
+            if self.proxy.poll() is not None:
+                raise RuntimeError(f"proxy exited during start-up; see {self.workdir}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"broker not reachable through the proxy; see {self.workdir}")
             time.sleep(0.1)
@@ -431,15 +433,21 @@ class Broker:
     def restore(self) -> None:
         self._signal_proxy(signal.SIGUSR2, "resumed")
 
+    def kill(self) -> None:
+        self.kafka.kill()
+
+    def restart(self) -> None:
+        self.kafka.start()
+
     def stop(self) -> None:
-        for p in (self.proxy, self.tansu):
-            if p is not None and p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+        if self.proxy is not None and self.proxy.poll() is None:
+            self.proxy.terminate()
+            try:
+                self.proxy.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proxy.kill()
+                self.proxy.wait()
+        self.kafka.stop()
 
 
 # --------------------------------------------------------------------------- feeder, observer
@@ -482,11 +490,6 @@ class Feeder(threading.Thread):
             {
                 **self.settings.kafka_common(),
                 "enable.idempotence": True,
-                # Batches like a busy site's collector. With 5 ms, the ~230 events/s of the
-                # steady feed made a batch of one or two records each: ~17,000 batches per
-                # partition by the end, and tansu 0.6 (memory storage) lists every batch of a
-                # partition on each fetch that has data (docs/chaos.md), so after the broker
-                # outage the workers caught up at 10-25 events/s and the run timed out.
                 "linger.ms": FEED_LINGER_MS,
                 "compression.type": "lz4",
                 "log_level": 2,
@@ -652,6 +655,8 @@ class Report:
     duplicates: int = 0
     redis_restarts: int = 0
     broker_outages: int = 0
+    broker_crashes: int = 0
+    broker_freezes: int = 0
     gateway_faults: int = 0
     dlq: int = 0
     events: int = 0
@@ -687,6 +692,7 @@ class Report:
         return (
             f"kills={self.kills} lost={self.lost} duplicates={self.duplicates} "
             f"redis_restarts={self.redis_restarts} broker_outages={self.broker_outages} "
+            f"broker_crashes={self.broker_crashes} broker_freezes={self.broker_freezes} "
             f"gateway_faults={self.gateway_faults} dlq={self.dlq}"
         )
 
@@ -746,6 +752,8 @@ class Chaos:
         self.kills = 0
         self.redis_restarts = 0
         self.broker_outages = 0
+        self.broker_crashes = 0
+        self.broker_freezes = 0
         self.redis_down: list[tuple[float, float]] = []  # monotonic windows without Redis
         self.fault_windows: list[tuple[int, int]] = []  # [start, end) request indexes
         self.connect_fault_s = 0.0  # seconds of refused / reset gateway connections
@@ -766,7 +774,7 @@ class Chaos:
         self.fake = CountingFake()
         self.fake.start()
         say(
-            f"stack up: tansu :{self.broker.tansu_port} behind proxy :{self.broker.proxy_port}, "
+            f"stack up: kafka :{self.broker.kafka_port} behind proxy :{self.broker.proxy_port}, "
             f"redis :{self.redis.port} (AOF, fsync always), Vonage fake :{self.fake.port}"
         )
         self.settings = Settings.load(
@@ -893,6 +901,29 @@ class Chaos:
         self.broker_outages += 1
         self.timeline.say(f"broker reachable again after {seconds:g}s")
 
+    def broker_freeze(self, seconds: float) -> None:
+        """SIGSTOP the broker's JVM for ``seconds`` (a long GC pause or a stalled VM), SIGCONT."""
+        assert self.broker is not None
+        self.broker.kafka.freeze()
+        self.timeline.say(f"broker JVM frozen (SIGSTOP) for {seconds:g}s")
+        time.sleep(seconds)
+        self.broker.kafka.thaw()
+        self.broker_freezes += 1
+        self.timeline.say("broker JVM thawed (SIGCONT)")
+
+    def broker_crash(self, down_s: float) -> None:
+        """SIGKILL the broker's JVM, keep it down ``down_s``, restart it on the same log dir."""
+        assert self.broker is not None
+        t0 = time.monotonic()
+        self.broker.kill()
+        self.timeline.say(f"broker JVM SIGKILLed; down for {down_s:g}s")
+        time.sleep(down_s)
+        self.broker.restart()
+        self.broker_crashes += 1
+        self.timeline.say(
+            f"broker restarted on its log directory after {time.monotonic() - t0:.1f}s"
+        )
+
     def gateway_faults(self, requests: int, wait_s: float = 0.0, connect_s: float = 0.0) -> None:
         """The next ``requests`` gateway requests get the fault mix (:data:`FAULT_MIX`); with
         ``connect_s``, first connections are refused for that long (open ones cut), then every new
@@ -961,9 +992,7 @@ class Chaos:
             lag = 0
             for tp in committed:
                 low, high = consumer.get_watermark_offsets(tp, timeout=5)
-                # max(0, …): tansu's high watermark can trail the committed offset by a record
-                # or two after compressed idempotent batches.
-                lag += max(0, high - (tp.offset if tp.offset >= 0 else low))
+                lag += high - (tp.offset if tp.offset >= 0 else low)
             return lag
         except KafkaException:
             return None
@@ -1093,6 +1122,8 @@ class Chaos:
             kills=self.kills,
             redis_restarts=self.redis_restarts,
             broker_outages=self.broker_outages,
+            broker_crashes=self.broker_crashes,
+            broker_freezes=self.broker_freezes,
             events=len(self.events),
         )
         r.seconds = time.monotonic() - self.started

@@ -1,11 +1,11 @@
 """A TCP proxy in front of the broker that can cut the network for a while (chaos suite).
 
-Why a proxy: tansu's memory storage loses every topic when the process dies, so a broker outage
-cannot be a broker restart. Instead the broker advertises the proxy's port, every client
-(workers, dispatchers, producers, the observer) connects through it, and an outage is the proxy
-cutting every open connection and *blackholing* new ones: they are accepted but never answered,
-like a partitioned network, so clients hit their timeouts instead of a quick "connection
-refused". When the outage ends the held connections are closed and clients reconnect.
+Why a proxy: a broker crash (the harness SIGKILLs and restarts the JVM too) gives clients a quick
+"connection refused"; a network partition does not. The broker advertises the proxy's port,
+every client (workers, dispatchers, producers, the observer) connects through it, and an outage
+is the proxy cutting every open connection and *blackholing* new ones: they are accepted but
+never answered, so clients hit their timeouts. When the outage ends the held connections are
+closed and clients reconnect.
 
 Runs as its own process (so the test's threads cannot stall it on the GIL):
 ``python -m tests.chaos.proxy --listen PORT --upstream PORT``; SIGUSR1 starts an outage, SIGUSR2
