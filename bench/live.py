@@ -22,10 +22,8 @@ offsets) before the next:
    ``rss_growth``: the worker's RSS at the end over its RSS a third into the soak;
    ``soak_lag_events``: soak events the worker had not checkpointed when the soak ended.
 
-Phase 2 produces with a 20 ms linger and phase 3 with 100 ms (``Events.bulk``): tansu's memory
-storage lists every batch of a partition on each fetch that returns data, so it cannot serve
-partitions of tens of thousands of one-record batches (tests/chaos/repro_tansu_small_batches.py)
-and its CPU grows with a partition's batch count (``SOAK_LINGER_MS``).
+Every phase produces with librdkafka's default 5 ms linger (the event time is stamped before
+it, so the latency figures include that wait).
 """
 
 from __future__ import annotations
@@ -82,18 +80,7 @@ def absence_campaign(after_s: float) -> dict[str, Any]:
 
 
 IMMEDIATE = ("signup-confirm", "loyalty-gold")
-# Producer linger: 5 ms in phase 1 (a real producer batches; the event time is stamped before
-# it, so the latency figures include the wait; `nudgeflow produce` waits up to 50 ms). With 1 ms
-# nearly every event is a batch of its own and tansu's fetches slow down as a partition's batches
-# add up:
-# decisions p99 rose from ~30-80 to ~100-200 ms over the 10 s (the worst at 8-10 s).
-LATENCY_LINGER_MS = 5
-BULK_LINGER_MS = 20  # phase 2 (Events.bulk)
-# Phase 3: tansu's memory storage lists every batch object of a partition on each fetch that has
-# data to return (tansu-storage dynostore.rs ``fetch``), so its CPU grows with a partition's batch
-# count: at 3,000 events/s with a 20 ms linger it went from ~35% to ~97% of a core over the 200 s
-# soak and the worker fell behind for want of fetches. 100 ms is still a usual clickstream batching.
-SOAK_LINGER_MS = 100
+LINGER_MS = 5
 
 
 def now_ms() -> int:
@@ -103,19 +90,11 @@ def now_ms() -> int:
 class Events:
     """Encodes and produces clickstream events stamped with the current time."""
 
-    def __init__(self, settings: Settings, linger_ms: int = LATENCY_LINGER_MS) -> None:
+    def __init__(self, settings: Settings, linger_ms: int = LINGER_MS) -> None:
         self.topic = settings.topic_clickstream
         self.codec = Codec(settings.schema_registry_url)
         self.producer = Producer({**settings.kafka_common(), "linger.ms": linger_ms})
         self.n = 0
-
-    def bulk(self, settings: Settings, linger_ms: int = BULK_LINGER_MS) -> None:
-        """Batch like a real producer from here on (phases 2-3): tansu's memory storage stops
-        serving a partition that holds some 15-25 thousand record batches (measured: 100k
-        events at 2,000/s with ``linger.ms`` 1 could not be read back, with 20 they could),
-        and phase 1's 5 ms linger makes batches of a few events. Flushes first."""
-        self.flush()
-        self.producer = Producer({**settings.kafka_common(), "linger.ms": linger_ms})
 
     def send(self, user: str, event_type: str, props: dict[str, str] | None = None) -> None:
         self.n += 1
@@ -346,7 +325,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
             f"{opening_s:.0f} s (all open when the first fires)"
         )
         produced_at = time.monotonic()
-        events.bulk(settings)
+        events.flush()
         paced(args.episode_rate, opening_s, lambda i: events.send(f"b{i:06d}", "bench_start"))
         events.flush()
 
@@ -381,7 +360,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         )
 
         # ---- phase 3: soak
-        events.bulk(settings, SOAK_LINGER_MS)
+        events.flush()
         say(f"phase 3: {args.soak_rate:.0f} new users/s for {args.soak_s:.0f} s (TTL 10 s)")
         samples: list[tuple[float, int]] = []
         start = time.monotonic()

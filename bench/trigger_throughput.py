@@ -140,12 +140,7 @@ def produce_clickstream(
 
 
 def partitions(consumer: Consumer, topic: str) -> list[int]:
-    """Partition numbers of ``topic``.
-
-    Not its high watermarks: tansu 0.6 (memory storage) answers ListOffsets(latest) with the
-    base offset of the partition's last batch + 1, too low whenever that batch holds more than
-    one record, so counts here come from what was produced and what was consumed.
-    """
+    """Partition numbers of ``topic`` (counts come from what was produced and consumed)."""
     meta = consumer.list_topics(topic, timeout=10)
     info = meta.topics.get(topic)
     if info is None or info.error is not None or not info.partitions:

@@ -1,4 +1,4 @@
-"""The dispatcher end to end: real tansu broker, real redis-server, the real vonage SDK against
+"""The dispatcher end to end: real Apache Kafka, real redis-server, the real vonage SDK against
 the local HTTPS fake (tests/fakes/vonage_fake.py). Dispatchers run in-process (a thread) or as
 ``nudgeflow dispatcher`` child processes where a crash or two instances are the point."""
 

@@ -1,5 +1,5 @@
 """Prometheus metrics: the helpers of processors.metrics, and a real ``nudgeflow worker``'s
-``/metrics`` agreeing with what it produced (embedded tansu broker, worker as a subprocess).
+``/metrics`` agreeing with what it produced (embedded Apache Kafka broker, worker as a subprocess).
 
 The event-clock test also runs the worker on the production store (RocksDB via rocksdict) and
 restarts it on the same data directory: the open-episode gauge is rebuilt from the recovered

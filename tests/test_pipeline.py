@@ -1,4 +1,4 @@
-"""End to end: the real tansu broker, real redis-server, the Faust worker and the dispatcher as
+"""End to end: real Apache Kafka, real redis-server, the Faust worker and the dispatcher as
 separate processes (``nudgeflow demo``), compared with ``nudgeflow backtest`` on the same input."""
 
 from __future__ import annotations

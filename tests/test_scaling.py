@@ -1,6 +1,6 @@
 """Scaling on the embedded stack: three Faust workers and two dispatchers, each a separate
 ``nudgeflow worker`` / ``nudgeflow dispatcher`` process with its own ``/metrics``, on a clickstream
-topic with 6 partitions. One worker leaves mid-stream and a fresh one joins; the decisions still
+topic with 8 partitions. One worker leaves mid-stream and a fresh one joins; the decisions still
 equal ``nudgeflow backtest`` on the same input, no decision reaches the gateway twice, every
 decision has exactly one final outcome, and the processes' counters agree with the topics.
 
@@ -27,9 +27,6 @@ exit the worker sends nothing: the scrape is its final count. It still owns open
   status, campaign, variant and reason, and the deferred gauges add up to 0; each dispatcher
   writes its own outbox file, so "sent twice" would show up as a decision id in two lines of the
   two files together.
-
-No tansu workaround is needed: the workers checkpoint their clickstream positions into the state
-changelog (streams/checkpoint.py), which stays consistent under tansu's short high watermarks.
 """
 
 from __future__ import annotations
@@ -71,7 +68,7 @@ from tests.test_streams_smoke import NUDGEFLOW, worker_env
 
 pytestmark = pytest.mark.integration
 
-PARTITIONS = 6
+PARTITIONS = 8
 USERS, EVENTS, SEED = 1_000, 12_000, 7
 CAMPAIGNS = EXAMPLES / "campaigns.yaml"
 # Quiet hours are 20:00-09:00 local: with these zones some texts are deferred, some sent at once.
@@ -148,7 +145,7 @@ class Proc:
 
 
 def scaling_settings(stack: StackInfo, tmp_path: Path) -> Settings:
-    """Dev settings on the session stack with fresh 6-partition topics and fresh groups."""
+    """Dev settings on the session stack with fresh 8-partition topics and fresh groups."""
     return isolated_settings(
         stack,
         partitions=PARTITIONS,
@@ -185,11 +182,7 @@ def contact_rows(users: Iterable[str]) -> list[dict[str, str]]:
 
 
 def produce(settings: Settings, codec: Codec, events: list[ClickEvent]) -> dict[int, int]:
-    """Send ``events``; returns the log end offset each partition reached.
-
-    From the delivery reports, not the broker's high watermark: tansu 0.6 (memory storage)
-    reports the last *batch's* base offset + 1 as the high watermark, short of the real end.
-    """
+    """Send ``events``; returns the log end offset each partition reached (delivery reports)."""
     producer = Producer({**settings.kafka_common(), "linger.ms": 5})
     ends: dict[int, int] = {}
     failed: list[str] = []
@@ -259,8 +252,7 @@ class Tape:
                 self.outcomes.append(SmsOutcome.from_record(rec))
 
     def at_end(self) -> bool:
-        """Both topics read up to the broker's high watermarks (on tansu a lower bound of the
-        log end, see :func:`produce`: callers drain a little longer)."""
+        """Both topics read up to the broker's high watermarks."""
         for topic in self.topics:
             for p in range(PARTITIONS):
                 _low, high = self.consumer.get_watermark_offsets(
@@ -402,11 +394,12 @@ def test_three_workers_two_dispatchers_rebalance_mid_stream(
         dispatchers = [start_dispatcher(n) for n in range(2)]
 
         def balanced() -> bool:
-            """Each worker reports the lag of its own clickstream partitions, together all 6."""
+            """Each worker reports the lag of its own clickstream partitions, together all."""
             views = [set(lag_partitions(scrape_quietly(w), settings.topic_clickstream))
                      for w in workers]  # fmt: skip
             union = set().union(*views)
-            return all(views) and union == set(range(PARTITIONS)) and sum(map(len, views)) == 6
+            every = set(range(PARTITIONS))
+            return all(views) and union == every and sum(map(len, views)) == PARTITIONS
 
         def joined(d: Proc) -> bool:
             return "assigned partitions [" in d.log.read_text(errors="replace")
@@ -536,7 +529,6 @@ def test_three_workers_two_dispatchers_rebalance_mid_stream(
     # At least once: a record redelivered after a rebalance is consumed (and counted) again.
     assert all(consumed[k] >= n for k, n in produced.items()), (consumed, produced)
     assert not per_label(worker_views, "nudgeflow_events_dead_lettered_total", "reason")
-    # High watermarks are 0 only on an empty topic, tansu included.
     assert sum(log_end_offsets(settings, settings.topic_clickstream_dlq).values()) == 0
     assert not per_label(final_workers, "nudgeflow_open_episodes", "campaign")  # all fired
 

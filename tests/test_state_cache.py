@@ -8,6 +8,7 @@ user at the state of the last checkpoint, never at a half-changed one.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,11 +54,19 @@ def test_cache_is_bounded_and_keeps_the_most_recent_users() -> None:
 
 
 @pytest.fixture
-def checkpointer() -> Iterator[tuple[Checkpointer, dict[bytes, bytes]]]:
+def checkpointer(bootstrap: str) -> Iterator[tuple[Checkpointer, dict[bytes, bytes]]]:
+    """A checkpointer whose producer points at the session broker (it sends nothing here)."""
     store: dict[bytes, bytes] = {}
-    settings = Settings.load(profile="dev", bootstrap_servers="127.0.0.1:1")
+    settings = Settings.load(profile="dev", bootstrap_servers=bootstrap)
     output = Output(settings, client_id="test-state-cache")
     yield Checkpointer(store, output, "changelog"), store
+
+
+@pytest.fixture(autouse=True)
+def _collect_clients() -> Iterator[None]:
+    """Producers of a test's shell go with the test, not at some later collection."""
+    yield
+    gc.collect()
 
 
 def test_a_checkpoint_encodes_each_user_once_as_it_was_when_taken(
@@ -104,14 +113,14 @@ def test_a_state_equal_to_the_stored_one_is_not_written_again(
 
 
 def test_a_failed_step_puts_the_user_back_at_the_last_checkpoint(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, bootstrap: str
 ) -> None:
     from streams.agents import _Where
     from streams.worker import build
 
     settings = Settings.load(
         profile="dev",
-        bootstrap_servers="127.0.0.1:1",
+        bootstrap_servers=bootstrap,
         clock="event",
         worker_id="test-state-cache",
         state_dir=str(tmp_path),
@@ -154,3 +163,4 @@ def test_a_failed_step_puts_the_user_back_at_the_last_checkpoint(
     state = shell._load(b"u1", shell.checkpointer.get(0, b"u1"))
     assert state is not None and set(state.seen) == {"e1", "e3"}
     shell.reader.close()
+    shell._output = shell._checkpointer = None  # the Faust app keeps the shell: drop its producer

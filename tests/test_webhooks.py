@@ -2,8 +2,8 @@
 
 Integration tests drive it with real HTTP requests in Vonage's formats (form, JSON and query;
 signed with the vonage SDK's own signer, and unsigned), against the session's real redis-server
-and tansu broker, with the real dispatcher sending through the real vonage SDK to the local HTTPS
-fake (tests/fakes/vonage_fake.py).
+and Apache Kafka, with the real dispatcher sending through the real vonage SDK to the local
+HTTPS fake (tests/fakes/vonage_fake.py).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ receipts for texts we never sent, malformed and oversized bodies, odd methods an
 
 Whatever arrives, the answer is a 2xx (a genuine retry) or a 4xx, never a 5xx, the consent and
 send state in Redis does not change, and the service keeps answering. Same real stack as
-tests/test_webhooks.py (redis-server, tansu, the vonage SDK against the local HTTPS fake), and
-the same helpers.
+tests/test_webhooks.py (redis-server, Apache Kafka, the vonage SDK against the local HTTPS
+fake), and the same helpers.
 """
 
 from __future__ import annotations

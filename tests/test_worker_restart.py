@@ -1,5 +1,5 @@
 """A worker SIGKILLed mid-replay and restarted loses no episode: its decisions still equal
-``nudgeflow backtest`` on the same input (real tansu broker, Faust changelog recovery)."""
+``nudgeflow backtest`` on the same input (real Apache Kafka broker, Faust changelog recovery)."""
 
 from __future__ import annotations
 
