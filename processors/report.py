@@ -826,6 +826,17 @@ def write_dir_report(
     return out
 
 
+def write_dir_report_with_figures(directory: Path) -> tuple[Path, dict[str, Any]]:
+    """``write_dir_report`` that also returns the figures shown (the demo's summary)."""
+    data, _events = load_dir(directory)
+    if data.conversions is not None:
+        write_conversions(directory / "conversions.jsonl", data.conversions)
+    fig_data = compute(data)
+    out = directory / "report.html"
+    out.write_text(render_html(fig_data, plots(fig_data)), encoding="utf-8")
+    return out, fig_data
+
+
 def write_demo_report(directory: Path, events: Path, campaigns: Path) -> Path:
     """What ``nudgeflow demo`` adds to its directory: the input (events as canonical JSON Lines,
     whatever their format; the campaign file), so ``nudgeflow report --from DIR`` needs nothing
