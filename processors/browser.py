@@ -114,9 +114,12 @@ class Chromium:
         ]  # fmt: skip
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             argv.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
-        self._proc = subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
+        try:
+            self._proc = subprocess.Popen(
+                argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            )
+        except OSError as exc:
+            raise BrowserError(f"chromium could not be started: {exc.strerror}") from None
         port_file = Path(self._profile) / "DevToolsActivePort"
         deadline = time.monotonic() + self.timeout_s
         while not (port_file.exists() and port_file.read_text().strip()):
