@@ -3,6 +3,7 @@
 #   make chaos [PYTEST_ARGS=...]  the fault-injection suite (~8 min; docs/chaos.md)
 #   make demo [DEMO_ARGS=...]     the whole pipeline on the embedded stack
 #   make lint | bench | clean | distclean
+#   make chromium | docs-images   headless browser for the report test; README pictures
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := test
@@ -85,7 +86,7 @@ $(KAFKA_LIBS)/kafka_2.13-$(KAFKA_VERSION).jar: deploy/kafka/pom.xml | java
 	  -DoutputDirectory="$(KAFKA_LIBS).tmp"
 	@rm -rf "$(KAFKA_LIBS)" && mv "$(KAFKA_LIBS).tmp" "$(KAFKA_LIBS)" && touch "$@"
 
-test: .venv redis kafka
+test: .venv redis kafka chromium
 	$(VENV)/bin/pytest -q -m "not chaos" $(PYTEST_ARGS)
 
 # The summary line (kills=… lost=… duplicates=…) is printed again as the very last line.
@@ -100,6 +101,25 @@ demo: .venv redis kafka
 lint: .venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# --- report in a browser: headless Chromium (Debian's package) and the README's pictures ---
+.PHONY: chromium docs-images
+CHROMIUM := $(firstword $(foreach b,chromium chromium-browser google-chrome,$(shell command -v $(b) 2>/dev/null)))
+
+chromium:
+	@if [ -z "$(CHROMIUM)" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "chromium not found; install it with: sudo apt-get install -y chromium" >&2; exit 1; \
+	  fi; \
+	fi
+
+# The report of the default demo, photographed by headless Chromium (docs/images/report.png).
+docs-images: .venv redis kafka chromium
+	$(VENV)/bin/nudgeflow demo --out build/docs-demo $(DEMO_ARGS)
+	$(VENV)/bin/python -m processors.browser build/docs-demo/report.html docs/images/report.png
+# --- end of the browser block ---
 
 bench: .venv redis kafka
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)

@@ -61,6 +61,7 @@ def produce_file(
     flush: bool = False,
     progress: bool = True,
     linger_ms: int = DEFAULT_LINGER_MS,
+    desc: str = "produce",
 ) -> tuple[int, LineErrors]:
     """Send every good event of ``path``; returns (events sent, bad lines)."""
     topic = topic or settings.topic_clickstream
@@ -75,7 +76,7 @@ def produce_file(
 
     sent = 0
     started = time.monotonic()
-    bar = tqdm(desc="produce", unit="ev", disable=not progress, file=sys.stderr)
+    bar = tqdm(desc=desc, unit="ev", disable=not progress, file=sys.stderr)
     for event in read_events(path, errors):
         value = codec.encode("ClickEvent", event.to_record())
         while True:

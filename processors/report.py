@@ -29,10 +29,12 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from decimal import Decimal
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from processors.core.attribution import (
     AttributionError,
@@ -114,6 +116,9 @@ class ReportInput:
     source: str
     campaigns: CampaignSet | None = None
     notes: list[str] = field(default_factory=list)
+    zones: dict[str, str] | None = None  # user id -> IANA zone of the recipient; None: unknown
+    texts: dict[str, str] | None = None  # decision id -> text as sent; None: no outbox
+    opt_outs: list[tuple[str, int]] | None = None  # (user id, at) of STOP replies; None: unknown
 
 
 def _str(obj: dict[str, Any], key: str) -> str:
@@ -261,7 +266,28 @@ def load_dir(
     data = ReportInput(
         decisions, outcomes, conversions, clicks, deliveries, str(directory), cs, notes
     )
+    _load_extras(directory, data)
     return data, event_list
+
+
+def _load_extras(directory: Path, data: ReportInput) -> None:
+    """Optional files of a demo directory: recipients' zones, the texts as sent, STOP replies."""
+
+    def zone_line(obj: dict[str, Any]) -> tuple[str, str]:
+        return _str(obj, "user_id"), _str(obj, "timezone")
+
+    def text_line(obj: dict[str, Any]) -> tuple[str, str]:
+        return _str(obj, "decision_id"), _str(obj, "text")
+
+    def stop_line(obj: dict[str, Any]) -> tuple[str, int]:
+        return _str(obj, "user_id"), parse_ts(obj.get("at"))
+
+    if (directory / "zones.jsonl").is_file():
+        data.zones = dict(_lines(directory / "zones.jsonl", zone_line, data.notes))
+    if (directory / "outbox.jsonl").is_file():
+        data.texts = dict(_lines(directory / "outbox.jsonl", text_line, data.notes))
+    if (directory / "opt_outs.jsonl").is_file():
+        data.opt_outs = _lines(directory / "opt_outs.jsonl", stop_line, data.notes)
 
 
 def _fill_trigger_ts(decisions: dict[str, DecisionRow], events: list[ClickEvent]) -> None:
@@ -410,6 +436,8 @@ class Group:
     holdout_revenue: Decimal = Decimal(0)
     lags_ms: list[int] = field(default_factory=list)
     by_hour: list[int] = field(default_factory=lambda: [0] * 24)
+    by_local_hour: list[int] = field(default_factory=lambda: [0] * 24)
+    stops: int = 0
 
     def figures(self, known: dict[str, bool]) -> dict[str, Any]:
         rate = self.converted / self.sent if self.sent else None
@@ -417,7 +445,7 @@ class Group:
         lift = None
         if self.sent and self.holdout and known["conversions"]:
             d, low, high = newcombe(self.converted, self.sent, self.holdout_converted, self.holdout)
-            lift = {"diff": d, "low": low, "high": high}
+            lift = {"diff": d, "low": low, "high": high, "significant": low > 0 or high < 0}
         suppressed = {
             k.split(":", 1)[1]: n for k, n in self.not_sent.items() if k.startswith("suppressed:")
         }
@@ -442,8 +470,48 @@ class Group:
             "median_trigger_to_send_s": (
                 statistics.median(self.lags_ms) / 1000 if self.lags_ms else None
             ),
+            "trigger_to_send_s": _quantiles(self.lags_ms),
+            "trigger_to_send_bins": _bins(self.lags_ms),
             "sends_by_hour": list(self.by_hour),
+            "sends_by_local_hour": list(self.by_local_hour) if known["zones"] else None,
+            "click_rate": self.clicked / self.sent if self.sent and known["clicks"] else None,
+            "stops": self.stops if known["opt_outs"] else None,
         }
+
+
+# Trigger->send buckets: upper bounds in seconds (the last one is open).
+LAG_BINS: tuple[tuple[str, float], ...] = (
+    ("< 1 min", 60), ("1-5 min", 300), ("5-15 min", 900), ("15-30 min", 1800),
+    ("30-60 min", 3600), ("1-2 h", 7200), ("2-4 h", 14400), ("4-12 h", 43200),
+    ("12-24 h", 86400), ("> 1 day", math.inf),
+)  # fmt: skip
+
+
+def _quantiles(lags_ms: list[int]) -> dict[str, float] | None:
+    """p10/p25/p50/p75/p90 of trigger->send in seconds (nearest rank)."""
+    if not lags_ms:
+        return None
+    xs = sorted(lags_ms)
+    pick = {f"p{q}": xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))] / 1000
+            for q in (10, 25, 50, 75, 90)}  # fmt: skip
+    pick["max"] = xs[-1] / 1000
+    return pick
+
+
+def _bins(lags_ms: list[int]) -> list[int]:
+    out = [0] * len(LAG_BINS)
+    for lag in lags_ms:
+        seconds = lag / 1000
+        out[next(i for i, (_n, top) in enumerate(LAG_BINS) if seconds < top)] += 1
+    return out
+
+
+@lru_cache(maxsize=512)
+def _zone(name: str) -> tzinfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return UTC
 
 
 def _week(ms: int) -> str:
@@ -457,6 +525,8 @@ def compute(data: ReportInput) -> dict[str, Any]:
         "conversions": data.conversions is not None,
         "clicks": data.clicks is not None,
         "deliveries": data.deliveries is not None,
+        "zones": data.zones is not None,
+        "opt_outs": data.opt_outs is not None,
     }
     groups: dict[tuple[str, str | None], Group] = {}
     totals: dict[str, Group] = {}
@@ -476,6 +546,11 @@ def compute(data: ReportInput) -> dict[str, Any]:
             week = weekly[d.campaign_id][_week(o.at)]
             week[0] += 1
             week[1] += bool(won.get(d.decision_id))
+    for user, at in data.opt_outs or ():
+        last = _last_text_before(data, user, at)
+        if last is not None:
+            for g in (groups[(last.campaign_id, last.variant)], totals[last.campaign_id]):
+                g.stops += 1
     orphans = sum(1 for k in data.outcomes if k not in data.decisions)
     notes = list(data.notes)
     if orphans:
@@ -488,6 +563,9 @@ def compute(data: ReportInput) -> dict[str, Any]:
     campaigns = [totals[cid].figures(known) for cid in sorted(totals)]
     for total in campaigns:
         total["has_variants"] = total["campaign_id"] in multi
+    for r in rows + campaigns:
+        r["lift_why"] = None if r["lift"] is not None else _lift_why(r, data, known)
+    quiet = data.campaigns.quiet_hours if data.campaigns else None
     return {
         "source": data.source,
         "generated_at": iso_ms(int(datetime.now(UTC).timestamp() * 1000)),
@@ -495,11 +573,127 @@ def compute(data: ReportInput) -> dict[str, Any]:
         "interval": "Newcombe hybrid score (method 10), 95%",
         "rows": rows,
         "campaigns": campaigns,
+        "experiments": _experiments(rows, data, known),
+        "samples": _samples(data),
+        "lag_bins": [name for name, _top in LAG_BINS],
+        "quiet_hours": None if quiet is None else [quiet.start.hour, quiet.end.hour],
         "trends": [_trend(cid, weeks) for cid, weeks in sorted(weekly.items())]
         if known["conversions"]
         else [],
         "notes": notes,
     }
+
+
+def _last_text_before(data: ReportInput, user: str, at: int) -> DecisionRow | None:
+    """The decision of the user's last text sent at or before ``at`` (what a STOP answers)."""
+    best: tuple[int, str] | None = None
+    for o in data.outcomes.values():
+        if (
+            o.user_id == user
+            and o.status == "sent"
+            and o.at <= at
+            and o.decision_id in data.decisions
+        ):
+            if best is None or (o.at, o.decision_id) > best:
+                best = (o.at, o.decision_id)
+    return None if best is None else data.decisions[best[1]]
+
+
+def _lift_why(r: dict[str, Any], data: ReportInput, known: dict[str, bool]) -> str:
+    """Why a row has no lift, in words."""
+    if not known["conversions"]:
+        return "conversions unknown: no events to attribute them with"
+    campaign = data.campaigns.get(r["campaign_id"]) if data.campaigns else None
+    if campaign is not None and campaign.holdout <= 0:
+        return "no holdout configured for this campaign"
+    if not r["sent"]:
+        return "no texts sent"
+    if not r["holdout"]:
+        return "no holdout decisions yet"
+    return "not computable"
+
+
+def _variant_kind(data: ReportInput, campaign_id: str) -> str:
+    """``copy``, ``timing`` or ``copy and timing``: what the variants of a campaign change."""
+    campaign = data.campaigns.get(campaign_id) if data.campaigns else None
+    if campaign is None or len(campaign.variants) < 2:
+        return "variants"
+    first = campaign.variants[0]
+    copy = any(v.message != first.message for v in campaign.variants)
+    timing = any(v.trigger != first.trigger for v in campaign.variants)
+    return (
+        "copy and timing"
+        if copy and timing
+        else "copy"
+        if copy
+        else "timing"
+        if timing
+        else "variants"
+    )
+
+
+def _experiments(
+    rows: list[dict[str, Any]], data: ReportInput, known: dict[str, bool]
+) -> list[dict[str, Any]]:
+    """Each A/B test: its variants side by side, the difference of the best two in conversion
+    (and click) rate with its interval, and a verdict in words."""
+    out = []
+    by_campaign: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["variant"] not in (None, "*"):
+            by_campaign[r["campaign_id"]].append(r)
+    for cid, variants in sorted(by_campaign.items()):
+        if len(variants) < 2:
+            continue
+        exp: dict[str, Any] = {"campaign_id": cid, "kind": _variant_kind(data, cid),
+                               "variants": [v["variant"] for v in variants]}  # fmt: skip
+        ranked = sorted(variants, key=lambda v: -(v["conversion_rate"] or 0.0))
+        a, b = ranked[0], ranked[1]
+        exp["conversion"] = exp["clicks"] = None
+        if not known["conversions"]:
+            exp["verdict"] = "conversions unknown: no events to attribute them with"
+        elif not a["sent"] or not b["sent"]:
+            exp["verdict"] = "a variant has no texts sent yet"
+        else:
+            d, low, high = newcombe(a["converted"], a["sent"], b["converted"], b["sent"])
+            exp["conversion"] = {"leader": a["variant"], "other": b["variant"], "diff": d,
+                                 "low": low, "high": high, "significant": low > 0}  # fmt: skip
+            if known["clicks"]:
+                ka, kb = a["clicked"] or 0, b["clicked"] or 0
+                cd, cl, ch = newcombe(ka, a["sent"], kb, b["sent"])
+                exp["clicks"] = {"diff": cd, "low": cl, "high": ch,
+                                 "significant": cl > 0 or ch < 0}  # fmt: skip
+            if low > 0:
+                exp["verdict"] = f"{a['variant']} wins: converts {100 * d:.1f} pp better"
+            else:
+                exp["verdict"] = (
+                    f"no clear winner yet: {a['variant']} leads by {100 * d:.1f} pp but the "
+                    "interval includes 0 (more sends needed)"
+                )
+        out.append(exp)
+    return out
+
+
+SAMPLES_PER_VARIANT = 2
+
+
+def _samples(data: ReportInput) -> list[dict[str, Any]]:
+    """The first texts of each campaign and variant, exactly as they were sent."""
+    if data.texts is None:
+        return []
+    taken: Counter[tuple[str, str | None]] = Counter()
+    out = []
+    sent = sorted(
+        (o for o in data.outcomes.values() if o.status == "sent" and o.decision_id in data.texts),
+        key=lambda o: (o.campaign_id, o.variant or "", o.at, o.decision_id),
+    )
+    for o in sent:
+        key = (o.campaign_id, o.variant)
+        if taken[key] < SAMPLES_PER_VARIANT:
+            taken[key] += 1
+            out.append({"campaign_id": o.campaign_id, "variant": o.variant,
+                        "sent_at": iso_ms(o.at), "text": data.texts[o.decision_id]})  # fmt: skip
+    return out
 
 
 def _sort_key(key: tuple[str, str | None]) -> tuple[str, str]:
@@ -525,6 +719,9 @@ def _count(g: Group, d: DecisionRow, data: ReportInput, won: list[Conversion]) -
         if d.trigger_ts is not None:
             g.lags_ms.append(o.at - d.trigger_ts)
         g.by_hour[datetime.fromtimestamp(o.at / 1000, UTC).hour] += 1
+        zone = data.zones.get(d.user_id) if data.zones else None
+        if zone is not None:
+            g.by_local_hour[datetime.fromtimestamp(o.at / 1000, _zone(zone)).hour] += 1
         return
     g.not_sent[f"{o.status}:{o.reason or ''}"] += 1
     if o.status == "suppressed" and o.reason == "holdout":
@@ -573,6 +770,14 @@ def _png(fig: Any) -> str:
 def _label(row: dict[str, Any]) -> str:
     v = row["variant"]
     return row["campaign_id"] if v in (None, "*") else f"{row['campaign_id']} / {v}"
+
+
+def _cmap(n: int) -> list[Any]:
+    """``n`` colours from fast (green) to slow (red)."""
+    from matplotlib import colormaps
+
+    ramp = colormaps["RdYlGn_r"]
+    return [ramp(i / max(1, n - 1)) for i in range(n)]
 
 
 def plots(fig_data: dict[str, Any]) -> dict[str, str]:
@@ -636,6 +841,51 @@ def plots(fig_data: dict[str, Any]) -> dict[str, str]:
         ax.legend(fontsize=7, ncol=2)
     out["hours"] = _png(fig)
 
+    sent = [c for c in fig_data["campaigns"] if c["sent"]]
+    if sent:
+        fig = Figure(figsize=(9, max(2.5, 0.45 * len(sent) + 1.2)))
+        ax = fig.add_subplot()
+        names = fig_data["lag_bins"]
+        left = [0.0] * len(sent)
+        cmap = _cmap(len(names))
+        for i, name in enumerate(names):
+            shares = [100 * c["trigger_to_send_bins"][i] / c["sent"] for c in sent]
+            ax.barh(range(len(sent)), shares, left=left, label=name, color=cmap[i])
+            left = [a + b for a, b in zip(left, shares, strict=True)]
+        ax.set_yticks(range(len(sent)), [c["campaign_id"] for c in sent])
+        ax.invert_yaxis()
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("share of the campaign's texts, %")
+        ax.set_title("Time from the action to the text")
+        ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.25))
+        out["lags"] = _png(fig)
+
+    local = [c for c in fig_data["campaigns"] if c.get("sends_by_local_hour")]
+    if local and any(any(c["sends_by_local_hour"]) for c in local):
+        fig = Figure(figsize=(9, 3.2))
+        ax = fig.add_subplot()
+        quiet = fig_data.get("quiet_hours")
+        if quiet:
+            start, end = quiet
+            spans = [(start, end)] if start < end else [(start, 24), (0, end)]
+            for i, (a, b) in enumerate(spans):
+                ax.axvspan(a - 0.5, b - 0.5, color="#999999", alpha=0.15,
+                           label="quiet hours" if i == 0 else None)  # fmt: skip
+        bottom = [0] * 24
+        for c in local:
+            hours = c["sends_by_local_hour"]
+            if any(hours):
+                ax.bar(range(24), hours, bottom=bottom, label=c["campaign_id"])
+                bottom = [b + h for b, h in zip(bottom, hours, strict=True)]
+        ax.set_xticks(range(0, 24, 2))
+        ax.set_xlim(-0.5, 23.5)
+        ax.set_xlabel("hour of day in the recipient's time zone")
+        ax.set_ylabel("texts sent")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title("Sends by the recipient's local hour")
+        ax.legend(fontsize=7, ncol=2)
+        out["local_hours"] = _png(fig)
+
     trends = [t for t in fig_data["trends"] if t["weeks"]]
     if trends:
         fig = Figure(figsize=(9, 3.2))
@@ -664,6 +914,7 @@ table{border-collapse:collapse;margin:1em 0;font-size:13px}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:right;vertical-align:top}
 th{background:#f3f3f3}td.l,th.l{text-align:left}tr.total td{font-weight:bold;background:#fafafa}
 tr.falling td{background:#fde8e8}.muted{color:#888}img{max-width:100%;margin:.5em 0}
+td.text{max-width:40em;white-space:pre-wrap;font-family:ui-monospace,monospace}
 """
 
 
@@ -695,35 +946,83 @@ def _cell(name: str, value: object, text: str, cls: str = "") -> str:
     return f'<td{klass} data-figure="{_e(name)}" data-value="{_e(raw)}">{_e(text)}</td>'
 
 
-def _row_html(r: dict[str, Any], total: bool) -> str:
+# Columns that exist only when their source does; when it is missing the page says why.
+UNKNOWN_WHY = {
+    "deliveries": "delivered: no delivery receipts in this input (the demo's outbox gateway "
+    "sends none; with Vonage they come from the delivery webhook)",
+    "clicks": "clicked: no events to find the link clicks in",
+    "conversions": "converted, conversion rates, lift and revenue: no events to attribute "
+    "conversions with",
+    "opt_outs": "STOP replies: no opt_outs.jsonl in this input",
+}
+REASON_WORDS = {
+    "holdout": "holdout (control group: decided, kept unsent on purpose)",
+    "frequency_cap": "frequency cap (too many texts to this person recently)",
+    "opted_out": "opted out (said STOP)",
+    "no_consent": "no consent on file (unknown)",
+    "no_contact": "no contact profile or phone number",
+    "stale": "quiet hours would hold it past the campaign's max_defer",
+    "quiet_hours": "quiet hours (dropped)",
+    "converted": "converted before the text was due (exit)",
+}
+
+
+def _why(reason: str) -> str:
+    status, _sep, why = reason.partition(":")
+    return REASON_WORDS.get(why, f"{status}: {why}" if why else status)
+
+
+def _lag_text(r: dict[str, Any]) -> str:
+    if not r["sent"]:
+        return "no texts sent"
+    if r["median_trigger_to_send_s"] is None:
+        return "unknown: no trigger event times"
+    return _duration(r["median_trigger_to_send_s"])
+
+
+def _rate(rate: float | None, n: int, empty: str) -> str:
+    """A rate, or why there is none: ``empty`` when its denominator is 0, else "unknown"."""
+    if not n:
+        return empty
+    return "unknown" if rate is None else _pct(rate)
+
+
+def _lift_text(r: dict[str, Any]) -> str:
     lift = r["lift"]
-    lift_text = (
-        "n/a"
-        if lift is None
-        else f"{100 * lift['diff']:+.1f} pp [{100 * lift['low']:+.1f}, {100 * lift['high']:+.1f}]"
-    )
+    if lift is None:
+        return str(r.get("lift_why") or "not computable")
+    return f"{100 * lift['diff']:+.1f} pp [{100 * lift['low']:+.1f}, {100 * lift['high']:+.1f}]"
+
+
+def _columns(known: dict[str, bool]) -> list[tuple[str, str, str]]:
+    """(figure, header, source) of the campaign table; source "" = always known."""
+    cols = [
+        ("decisions", "decisions", ""), ("not_sent", "not sent (status: reason)", ""),
+        ("sent", "sent", ""), ("delivered", "delivered", "deliveries"),
+        ("clicked", "clicked", "clicks"), ("converted", "converted", "conversions"),
+        ("conversion_rate", "conv. rate", "conversions"), ("holdout", "holdout", ""),
+        ("holdout_rate", "holdout rate", "conversions"),
+        ("lift", "lift over holdout [95% CI]", "conversions"),
+        ("revenue", "revenue", "conversions"), ("stops", "STOP replies", "opt_outs"),
+        ("median_trigger_to_send_s", "median trigger&rarr;send", ""),
+    ]  # fmt: skip
+    return [c for c in cols if not c[2] or known[c[2]]]
+
+
+def _row_html(r: dict[str, Any], total: bool, known: dict[str, bool]) -> str:
     not_sent = ", ".join(f"{k.rstrip(':')}: {n}" for k, n in r["not_sent"].items()) or "-"
     variant = "all" if total else (r["variant"] or "-")
-    cells = [
-        f'<td class="l">{_e(r["campaign_id"])}</td>',
-        f'<td class="l">{_e(variant)}</td>',
-        _cell("decisions", r["decisions"], str(r["decisions"])),
-        _cell("not_sent", r["not_sent"], not_sent, "l"),
-        _cell("sent", r["sent"], str(r["sent"])),
-        _cell("delivered", r["delivered"], _num(r["delivered"])),
-        _cell("clicked", r["clicked"], _num(r["clicked"])),
-        _cell("converted", r["converted"], _num(r["converted"])),
-        _cell("conversion_rate", r["conversion_rate"], _pct(r["conversion_rate"])),
-        _cell("holdout", r["holdout"], str(r["holdout"])),
-        _cell("holdout_rate", r["holdout_rate"], _pct(r["holdout_rate"])),
-        _cell("lift", lift, lift_text),
-        _cell("revenue", r["revenue"], _num(r["revenue"])),
-        _cell(
-            "median_trigger_to_send_s",
-            r["median_trigger_to_send_s"],
-            _duration(r["median_trigger_to_send_s"]),
-        ),
-    ]
+    texts = {
+        "not_sent": not_sent,
+        "conversion_rate": _rate(r["conversion_rate"], r["sent"], "no texts sent"),
+        "holdout_rate": _rate(r["holdout_rate"], r["holdout"], "no holdout"),
+        "lift": _lift_text(r),
+        "median_trigger_to_send_s": _lag_text(r),
+    }
+    cells = [f'<td class="l">{_e(r["campaign_id"])}</td>', f'<td class="l">{_e(variant)}</td>']
+    for name, _head, _src in _columns(known):
+        cls = "l" if name in ("not_sent", "lift") else ""
+        cells.append(_cell(name, r[name], texts.get(name, _num(r[name])), cls))
     attrs = (
         f'data-campaign="{_e(r["campaign_id"])}" '
         f'data-variant="{_e("*" if total else (r["variant"] or ""))}"'
@@ -731,63 +1030,245 @@ def _row_html(r: dict[str, Any], total: bool) -> str:
     return f'<tr class="{"total" if total else ""}" {attrs}>{"".join(cells)}</tr>'
 
 
-def render_html(fig_data: dict[str, Any], images: dict[str, str]) -> str:
-    """The page. Every number shown is also in the embedded JSON block (id ``DATA_ID``)."""
-    head = (
-        "<tr><th class=l>campaign</th><th class=l>variant</th><th>decisions</th>"
-        "<th class=l>not sent (status: reason)</th><th>sent</th><th>delivered</th>"
-        "<th>clicked</th><th>converted</th><th>conv. rate</th><th>holdout</th>"
-        "<th>holdout rate</th><th>lift over holdout [95% CI]</th><th>revenue</th>"
-        "<th>median trigger&rarr;send</th></tr>"
+def _img(images: dict[str, str], name: str, alt: str) -> str:
+    data = images.get(name)
+    return (
+        f'<img id="chart-{name}" alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+        if data
+        else ""
     )
-    body = []
+
+
+def _lift_table(fig_data: dict[str, Any]) -> str:
+    rows = []
     for c in fig_data["campaigns"]:
-        cid = c["campaign_id"]
-        body += [_row_html(r, False) for r in fig_data["rows"] if r["campaign_id"] == cid]
-        if c["has_variants"]:
-            body.append(_row_html(c, True))
+        lift = c["lift"]
+        if lift is None:
+            verdict = str(c.get("lift_why") or "not computable")
+        elif lift["significant"]:
+            verdict = "significant: the interval excludes 0" + (
+                "" if lift["diff"] > 0 else " (the text does worse than no text)"
+            )
+        else:
+            verdict = "not significant: the interval includes 0"
+        rows.append(
+            f'<tr data-campaign="{_e(c["campaign_id"])}" '
+            f'data-has-lift="{str(lift is not None).lower()}">'
+            f"<td class=l>{_e(c['campaign_id'])}</td><td>{c['sent']}</td>"
+            f"<td>{_e(_rate(c['conversion_rate'], c['sent'], 'no texts sent'))}</td>"
+            f"<td>{c['holdout']}</td>"
+            f"<td>{_e(_rate(c['holdout_rate'], c['holdout'], 'no holdout'))}</td>"
+            f'<td class=l data-figure="lift">{_e(_lift_text(c))}</td>'
+            f"<td class=l>{_e(verdict)}</td></tr>"
+        )
+    return (
+        '<table id="lift"><thead><tr><th class=l>campaign</th><th>sent</th><th>conv. rate '
+        "with text</th><th>holdout</th><th>conv. rate without text (holdout)</th>"
+        "<th class=l>lift [95% CI]</th><th class=l>verdict</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def _lag_table(fig_data: dict[str, Any]) -> str:
+    rows = []
+    for c in fig_data["campaigns"]:
+        q = c["trigger_to_send_s"]
+        if q is None:
+            cells = '<td class=l colspan="6">no texts sent</td>'
+        else:
+            cells = "".join(
+                f"<td>{_duration(q[k])}</td>" for k in ("p10", "p25", "p50", "p75", "p90", "max")
+            )
+        rows.append(
+            f'<tr data-campaign="{_e(c["campaign_id"])}">'
+            f"<td class=l>{_e(c['campaign_id'])}</td>{cells}</tr>"
+        )
+    return (
+        '<table id="lags"><thead><tr><th class=l>campaign</th><th>10%</th><th>25%</th>'
+        "<th>median</th><th>75%</th><th>90%</th><th>slowest</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def _experiments_html(fig_data: dict[str, Any]) -> str:
+    exps = fig_data["experiments"]
+    if not exps:
+        return "<p>No campaign in this input has variants: there is no A/B test to compare.</p>"
+    rows_by = {(r["campaign_id"], r["variant"]): r for r in fig_data["rows"]}
+    out = []
+    for x in exps:
+        cells = []
+        for v in x["variants"]:
+            r = rows_by[(x["campaign_id"], v)]
+            click = _rate(r["click_rate"], r["sent"], "-")
+            conv = _rate(r["conversion_rate"], r["sent"], "-")
+            cells.append(
+                f"<b>{_e(v)}</b>: {r['sent']} sent, clicked {_e(click)}, converted {_e(conv)}, "
+                f"median trigger&rarr;send {_e(_lag_text(r))}"
+            )
+        conv = x["conversion"]
+        diff = (
+            f"{_e(conv['leader'])} &minus; {_e(conv['other'])}: {100 * conv['diff']:+.1f} pp "
+            f"[{100 * conv['low']:+.1f}, {100 * conv['high']:+.1f}]"
+            if conv
+            else "-"
+        )
+        out.append(
+            f'<tr data-campaign="{_e(x["campaign_id"])}" data-kind="{_e(x["kind"])}">'
+            f"<td class=l>{_e(x['campaign_id'])}</td><td class=l>{_e(x['kind'])}</td>"
+            f"<td class=l>{'<br>'.join(cells)}</td><td class=l>{diff}</td>"
+            f"<td class=l>{_e(x['verdict'])}</td></tr>"
+        )
+    return (
+        '<table id="experiments"><thead><tr><th class=l>campaign</th><th class=l>tests</th>'
+        "<th class=l>variants</th><th class=l>conversion difference [95% CI]</th>"
+        f"<th class=l>verdict</th></tr></thead><tbody>{''.join(out)}</tbody></table>"
+    )
+
+
+def _suppressed_html(fig_data: dict[str, Any]) -> str:
+    rows = []
+    for c in fig_data["campaigns"]:
+        reasons = sorted(c["not_sent"].items(), key=lambda kv: -kv[1])
+        if not c["decisions"]:
+            continue
+        text = (
+            "; ".join(f"{_why(k)}: {n}" for k, n in reasons) or "nothing: every decision was sent"
+        )
+        share = 1 - c["sent"] / c["decisions"]
+        rows.append(
+            f'<tr data-campaign="{_e(c["campaign_id"])}"><td class=l>{_e(c["campaign_id"])}</td>'
+            f"<td>{c['decisions']}</td><td>{_pct(share)}</td><td class=l>{_e(text)}</td></tr>"
+        )
+    return (
+        '<table id="suppressed"><thead><tr><th class=l>campaign</th><th>decisions</th>'
+        "<th>not sent</th><th class=l>why</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def _samples_html(fig_data: dict[str, Any]) -> str:
+    if not fig_data["samples"]:
+        return "<p>No texts to show: this input has no outbox (the texts as they were sent).</p>"
+    rows = "".join(
+        f'<tr data-campaign="{_e(x["campaign_id"])}"><td class=l>{_e(x["campaign_id"])}</td>'
+        f"<td class=l>{_e(x['variant'] or '-')}</td><td class=l>{_e(x['sent_at'])}</td>"
+        f'<td class="l text">{_e(x["text"])}</td></tr>'
+        for x in fig_data["samples"]
+    )
+    return (
+        '<table id="samples"><thead><tr><th class=l>campaign</th><th class=l>variant</th>'
+        "<th class=l>sent (UTC)</th><th class=l>text</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
+    )
+
+
+def _trends_html(fig_data: dict[str, Any]) -> str:
+    if not fig_data["known"]["conversions"]:
+        return "<p>Cannot tell: no events to attribute conversions with.</p>"
     trend_rows = []
     for t in fig_data["trends"]:
         weeks = ", ".join(
             f"{w['week']}: {w['converted']}/{w['sent']} ({_pct(w['rate'])})" for w in t["weeks"]
         )
-        flag = "FALLING" if t["falling"] else ("ok" if t["enough_data"] else "too few weeks")
+        if t["falling"]:
+            flag = "FALLING"
+        elif t["enough_data"]:
+            flag = "ok"
+        else:
+            flag = (
+                "too early to tell: sends in one week only; the flag compares the latest week "
+                "with earlier ones"
+            )
+        earlier = _pct(t["earlier_rate"]) if t["earlier_rate"] is not None else "no earlier week"
         klass = "falling" if t["falling"] else ""
         trend_rows.append(
             f'<tr class="{klass}" data-campaign="{_e(t["campaign_id"])}"'
             f' data-falling="{str(t["falling"]).lower()}"><td class=l>{_e(t["campaign_id"])}</td>'
-            f"<td class=l>{_e(weeks)}</td><td>{_pct(t['earlier_rate'])}</td>"
-            f"<td class=l>{flag}</td></tr>"
+            f"<td class=l>{_e(weeks)}</td><td>{_e(earlier)}</td>"
+            f"<td class=l>{_e(flag)}</td></tr>"
         )
-    imgs = "".join(
-        f'<img alt="{_e(name)}" src="data:image/png;base64,{data}">'
-        for name, data in images.items()
+    return (
+        f'<table id="trends"><thead><tr><th class=l>campaign</th><th class=l>last {TREND_WEEKS} '
+        "weeks (converted/sent)</th><th>earlier weeks' rate</th><th class=l>flag</th></tr></thead>"
+        f"<tbody>{''.join(trend_rows)}</tbody></table>"
+        f'<p class="muted">Flagged FALLING when the latest week\'s conversion rate is at least '
+        f"{int(TREND_DROP * 100)}% below the pooled rate of the earlier weeks shown.</p>"
+    )
+
+
+def render_html(fig_data: dict[str, Any], images: dict[str, str]) -> str:
+    """The page. Every number shown is also in the embedded JSON block (id ``DATA_ID``)."""
+    known = fig_data["known"]
+    cols = _columns(known)
+    head = (
+        "<tr><th class=l>campaign</th><th class=l>variant</th>"
+        + "".join(
+            f"<th{' class=l' if n in ('not_sent', 'lift') else ''}>{h}</th>" for n, h, _s in cols
+        )
+        + "</tr>"
+    )
+    body = []
+    for c in fig_data["campaigns"]:
+        cid = c["campaign_id"]
+        body += [_row_html(r, False, known) for r in fig_data["rows"] if r["campaign_id"] == cid]
+        if c["has_variants"]:
+            body.append(_row_html(c, True, known))
+    missing = [
+        UNKNOWN_WHY[k] for k in ("deliveries", "clicks", "conversions", "opt_outs") if not known[k]
+    ]
+    missing_html = (
+        "<p>Not in this table, and why: " + "; ".join(_e(m) for m in missing) + ".</p>"
+        if missing
+        else ""
+    )
+    quiet = fig_data["quiet_hours"]
+    quiet_text = f"{quiet[0]:02d}:00&ndash;{quiet[1]:02d}:00" if quiet else "none configured"
+    local = (
+        _img(images, "local_hours", "sends by recipient's local hour")
+        if known["zones"]
+        else "<p>The recipients' time zones are not in this input (zones.jsonl), so sends are "
+        "shown by UTC hour only.</p>"
     )
     notes = "".join(f"<li>{_e(n)}</li>" for n in fig_data["notes"])
     blob = json.dumps(fig_data, sort_keys=True).replace("</", "<\\/")
-    known = fig_data["known"]
-    missing = [k for k, v in known.items() if not v]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>NudgeFlow report</title>
 <style>{_CSS}</style></head><body>
 <h1>NudgeFlow report</h1>
-<p class="muted">Source: {_e(fig_data["source"])} &middot; generated {_e(fig_data["generated_at"])}
-{"&middot; unknown here: " + _e(", ".join(missing)) if missing else ""}</p>
-<h2>Campaigns and variants</h2>
-<table id="campaigns"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>
+<p class="muted">Source: {_e(fig_data["source"])} &middot;
+generated {_e(fig_data["generated_at"])}</p>
+<h2>Does a text convert better than no text?</h2>
+{_lift_table(fig_data)}
 <p class="muted">Conversion rate = sent texts with at least one conversion attributed (last touch:
 within the campaign's after_send window of the text, or after_click of a click on its link) /
 sent texts. The holdout (never sent, decided before consent and caps are checked) is attributed
 the same way against its suppressed decision. Lift = conversion rate &minus; holdout rate, in
-percentage points, with a 95% {_e(fig_data["interval"].split(",")[0])} interval.
-Trigger&rarr;send is the time from the event that made the decision to the send; hours are UTC.</p>
-{imgs}
+percentage points, with a 95% {_e(fig_data["interval"].split(",")[0])} interval; significant
+when the interval excludes 0.</p>
+{_img(images, "lift", "lift over holdout")}
+<h2>Campaigns and variants</h2>
+<table id="campaigns"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>
+{missing_html}
+{_img(images, "funnel", "funnel")}
+<h2>How fast the text followed the action</h2>
+<p class="muted">Time from the event that made the decision to the send (quiet hours and caps
+included), as a distribution per campaign.</p>
+{_lag_table(fig_data)}
+{_img(images, "lags", "trigger to send distribution")}
+<h2>Which copy and which timing won</h2>
+{_experiments_html(fig_data)}
+<h2>When texts arrive: sends by the recipient's local hour</h2>
+<p class="muted">Quiet hours (recipient's local time): {quiet_text}, shaded.</p>
+{local}
+{_img(images, "hours", "sends by UTC hour")}
+<h2>What was not sent, and why</h2>
+{_suppressed_html(fig_data)}
+<h2>Texts as they were sent</h2>
+{_samples_html(fig_data)}
 <h2>Triggers losing value</h2>
-<table id="trends"><thead><tr><th class=l>campaign</th><th class=l>last {TREND_WEEKS} weeks
-(converted/sent)</th><th>earlier weeks' rate</th><th class=l>flag</th></tr></thead>
-<tbody>{"".join(trend_rows)}</tbody></table>
-<p class="muted">Flagged FALLING when the latest week's conversion rate is at least
-{int(TREND_DROP * 100)}% below the pooled rate of the earlier weeks shown.</p>
+{_trends_html(fig_data)}
+{_img(images, "trends", "weekly conversion rate")}
 {f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}
 <script type="application/json" id="{DATA_ID}">{blob}</script>
 </body></html>
@@ -824,6 +1305,17 @@ def write_dir_report(
     out = directory / "report.html"
     out.write_text(build(data), encoding="utf-8")
     return out
+
+
+def write_dir_report_with_figures(directory: Path) -> tuple[Path, dict[str, Any]]:
+    """``write_dir_report`` that also returns the figures shown (the demo's summary)."""
+    data, _events = load_dir(directory)
+    if data.conversions is not None:
+        write_conversions(directory / "conversions.jsonl", data.conversions)
+    fig_data = compute(data)
+    out = directory / "report.html"
+    out.write_text(render_html(fig_data, plots(fig_data)), encoding="utf-8")
+    return out, fig_data
 
 
 def write_demo_report(directory: Path, events: Path, campaigns: Path) -> Path:

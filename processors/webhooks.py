@@ -776,8 +776,12 @@ class WebhookService:
         key_prefix: str = DEFAULT_PREFIX,
         rate_per_s: float = 30.0,
         retry: RetryPolicy | None = None,
+        clock: Callable[[], int] = _now_ms,
     ) -> None:
+        """``clock``: epoch ms stamped on clicks and inbound texts (wall time; a replay of
+        ``nudgeflow demo`` passes its event-time clock)."""
         self.settings = settings
+        self.clock = clock
         self.gateway = gateway
         self.redis = redis_client or redis.Redis.from_url(settings.redis_url)
         self.store = RedisStore(self.redis, key_prefix)
@@ -905,7 +909,7 @@ class WebhookService:
         previous = await self._run(self.state.raise_rank, group, folded.rank)
         if previous < 0:
             return  # this state (or a later one) is already published
-        record = receipt_record(receipt, ref, group, parts, folded, _now_ms())
+        record = receipt_record(receipt, ref, group, parts, folded, self.clock())
         try:
             await self._publish(
                 self.settings.topic_delivery,
@@ -939,7 +943,7 @@ class WebhookService:
         return _ok()
 
     async def _apply_inbound(self, message: Inbound) -> None:
-        now = _now_ms()
+        now = self.clock()
         # The gateway's time orders keywords (a retried old STOP must not undo a newer START);
         # never later than now, or a bogus future time would pin the consent forever.
         stamp = message.message_timestamp
@@ -1050,7 +1054,7 @@ class WebhookService:
                     event_id=f"click-{uuid.uuid4().hex}",
                     user_id=target.user_id,
                     event_type=CLICK_EVENT_TYPE,
-                    ts=_now_ms(),
+                    ts=self.clock(),
                     properties=props,
                 )
             )

@@ -27,7 +27,8 @@ from processors.settings import REPO_ROOT, SecretFileError, Settings, redact_url
 
 EXAMPLES = REPO_ROOT / "examples"
 CAMPAIGNS = EXAMPLES / "campaigns.yaml"
-DATA_FILES = {"outbox.jsonl", "outcomes.jsonl", "decisions.jsonl"}
+# The product's output to its operator: the texts as sent (the report shows samples of them).
+DATA_FILES = {"outbox.jsonl", "outcomes.jsonl", "decisions.jsonl", "report.html"}
 SECRETS = {
     "NUDGEFLOW_VONAGE_API_KEY": "fakekey7f3a9c",
     "NUDGEFLOW_VONAGE_API_SECRET": "fake-vonage-secret-9b1c",

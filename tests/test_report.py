@@ -18,7 +18,7 @@ from processors.cli import main
 from processors.core.campaign import load_campaigns
 from processors.core.events import iso_ms, parse_ts
 from processors.demo import EXAMPLES, run_demo
-from processors.report import newcombe, read_report_data, wilson, write_dir_report
+from processors.report import DATA_ID, newcombe, read_report_data, wilson, write_dir_report
 
 H = 3_600_000
 D = 24 * H
@@ -284,19 +284,25 @@ def test_report_of_a_hand_made_directory(tmp_path: Path) -> None:
     assert any("deliveries.jsonl:" in n for n in data["notes"])
 
 
-def test_report_without_events_or_receipts_says_n_a(tmp_path: Path) -> None:
+def test_report_without_events_or_receipts_says_why_in_words(tmp_path: Path) -> None:
     directory = tmp_path / "run"
     build_dir(directory)
     (directory / "events.jsonl").unlink()
     (directory / "deliveries.jsonl").unlink()
     out = tmp_path / "r.html"
     assert main(["report", "--from", str(directory), "--out", str(out)]) == 0
-    data = read_report_data(out.read_text())
-    assert data["known"] == {"conversions": False, "clicks": False, "deliveries": False}
+    page = out.read_text()
+    data = read_report_data(page)
+    assert data["known"] == {"conversions": False, "clicks": False, "deliveries": False,
+                             "zones": False, "opt_outs": False}  # fmt: skip
     row = data["rows"][0]
     assert row["converted"] is None and row["delivered"] is None and row["lift"] is None
     assert row["sent"] > 0
-    assert 'data-figure="delivered" data-value="">n/a</td>' in out.read_text()
+    assert row["lift_why"] == "conversions unknown: no events to attribute them with"
+    # unknown columns are left out of the table and the page says why, in words
+    assert 'data-figure="delivered"' not in page and 'data-figure="converted"' not in page
+    assert "Not in this table, and why: delivered: no delivery receipts" in page
+    assert "n/a" not in page.split(f'id="{DATA_ID}"')[0]
 
 
 def test_report_of_a_missing_directory_is_a_clear_error(
