@@ -6,13 +6,13 @@ several time zones with a consent mix, and how they answer the texts (clicks on 
 purchases, STOP replies). ``--events FILE`` replays a file of your own instead (e.g. the
 hand-written ``examples/events.jsonl``).
 
-Starts a fresh embedded stack (Apache Kafka + redis-server), imports the contacts, starts the Faust worker and the dispatcher as
-separate processes (as in production), replays the events in event time, marks end of input
-(which flushes pending timers), waits until the dispatcher has recorded an outcome for
-everything, writes ``decisions.jsonl``, ``outcomes.jsonl`` and ``outbox.jsonl``. On the
-realistic day the shoppers then respond through the webhook service (clicks, STOP replies) and
-the shop's backend (purchases, check-ins), in event time. The demo ends with ``report.html`` and
-a summary per campaign, and shuts everything down.
+Starts a fresh embedded stack (Apache Kafka + redis-server), imports the contacts, starts the Faust
+worker and the dispatcher as separate processes (as in production), replays the events in event
+time, marks end of input (which flushes pending timers), waits until the dispatcher has recorded an
+outcome for everything, writes ``decisions.jsonl``, ``outcomes.jsonl`` and ``outbox.jsonl``. On the
+realistic day the shoppers then respond through the webhook service (clicks, STOP replies) and the
+shop's backend (purchases, check-ins), in event time. The demo ends with ``report.html`` and a
+summary per campaign, and shuts everything down.
 """
 
 from __future__ import annotations

@@ -262,6 +262,18 @@ def broker_healthy(
     return bool(md.brokers)
 
 
+def _warm_up(bootstrap: str) -> None:
+    """Load the transaction coordinator now (~1 s): the first idempotent producer would otherwise
+    find it loading and print a retry warning."""
+    from confluent_kafka import KafkaException, Producer
+
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "transactional.id": "nudgeflow-warm-up", "log_level": 0}
+    )
+    with contextlib.suppress(KafkaException):
+        producer.init_transactions(30)
+
+
 def redis_healthy(url: str, timeout: float = 1.0) -> bool:
     """True if Redis answers PING."""
     import redis
@@ -418,6 +430,7 @@ class EmbeddedStack:
                     redis_start=_proc_start_time(redis_child.proc.pid),
                     broker_version=f"Apache Kafka {kafka_broker.kafka_version()}",
                 )
+                _warm_up(node.bootstrap)
                 _write_state(info)
                 log.info("%s ready in %.1f s", info.broker_version, time.time() - started_at)
                 return info
