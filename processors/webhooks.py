@@ -831,6 +831,7 @@ class WebhookService:
         self.follower.stop()
         if self.producer is not None:
             await asyncio.get_running_loop().run_in_executor(self._pool, self.producer.close)
+            self.producer = None  # the client goes now, not with the last reference to us
         self._pool.shutdown(wait=True)
         self.gateway.close()
 

@@ -1,26 +1,23 @@
-"""``make chaos``: a 100k-event replay through 2 workers and a dispatcher under every fault of
-issue 8, one after the other on the same run (docs/chaos.md says what each proves; it also says
-why one dispatcher: tansu's group coordinator can wedge a librdkafka group whose members all
-leave at once):
-
+"""``make chaos``: a 100k-event replay through 2 workers and 2 dispatchers on Apache Kafka under
+every fault below, one after the other on the same run (docs/chaos.md says what each proves):
 1. ten SIGKILLs, every 4-8 s, of a random worker or dispatcher, each restarted at once;
-2. redis-server SIGKILLed and restarted 5 s later (AOF, fsync always): the dispatcher waits
+2. redis-server SIGKILLed and restarted 5 s later (AOF, fsync always): the dispatchers wait
    without a gateway call and without exiting;
 3. the broker unreachable for 20 s (every connection cut, new ones blackholed);
-4. a gateway fault window of 600 requests: throttling, 429, 5xx, a few permanent errors,
+4. the broker's JVM frozen for 10 s (SIGSTOP, then SIGCONT);
+5. the broker's JVM SIGKILLed and restarted 10 s later on the same log directory;
+6. a gateway fault window of 600 requests: throttling, 429, 5xx, a few permanent errors,
    answers lost after the request arrived (dropped, too late; half of them after the gateway
    took the text), and 2 s of refused connections then 2 s of reset TLS handshakes;
-5. a 10x burst of the remaining events (slow consumer: the backlog waits in Kafka), with the
+7. a 10x burst of the remaining events (slow consumer: the backlog waits in Kafka), with the
    RSS of every process sampled.
-
 Then end of input, and the verdict: decisions equal ``run_backtest`` on the same events, every
 decision has a final outcome (``failed: unknown_after_*`` is one), the gateway took each
 decision's ``client-ref`` at most once and was never asked again after a lost answer, never
 more than 30 requests in any second, no request while Redis was down, every gateway failure
 on sms-dlq with its reason (the ambiguous ones not), and memory bounded through the burst. The
 last line printed is ``kills=… lost=0 duplicates=0 redis_restarts=… broker_outages=…
-gateway_faults=… dlq=…``.
-
+broker_crashes=… broker_freezes=… gateway_faults=… dlq=…``.
 Scale with ``NUDGEFLOW_CHAOS_EVENTS`` (default 100000) and ``NUDGEFLOW_CHAOS_KILLS`` (10).
 """
 
@@ -59,7 +56,7 @@ def test_chaos_replay_loses_nothing_and_sends_nothing_twice(tmp_path: Path) -> N
         users=max(200, EVENTS // 20),
         seed=SEED,
         workers=2,
-        dispatchers=1,
+        dispatchers=2,
     )
     steady = int(STEADY_SHARE * EVENTS)
     rate = max(50.0, steady / FAULT_PHASE_S)
@@ -74,13 +71,16 @@ def test_chaos_replay_loses_nothing_and_sends_nothing_twice(tmp_path: Path) -> N
         for _ in range(KILLS):
             time.sleep(rng.uniform(4.0, 8.0))
             chaos.kill()
-        # Each next fault starts on a settled pipeline, so its effects can be told apart (and
-        # see docs/chaos.md: tansu's group coordinator can wedge when a cut hits a join).
+        # Each next fault starts on a settled pipeline, so its effects can be told apart.
         backlog = int(20 * rate)  # "settled": at most ~20 s of input not yet processed
         chaos.wait_stable(timeout_s=240, max_lag=backlog)
         chaos.restart_redis(down_s=5.0)
         chaos.wait_stable(timeout_s=240, max_lag=backlog)
         chaos.broker_outage(20.0)
+        chaos.wait_stable(timeout_s=240, max_lag=backlog)
+        chaos.broker_freeze(10.0)
+        chaos.wait_stable(timeout_s=240, max_lag=backlog)
+        chaos.broker_crash(down_s=10.0)
         chaos.wait_stable(timeout_s=240, max_lag=backlog)
         chaos.gateway_faults(600, wait_s=120, connect_s=2.0)
         while chaos.feeder.sent < steady:
@@ -117,5 +117,6 @@ def test_chaos_replay_loses_nothing_and_sends_nothing_twice(tmp_path: Path) -> N
     assert not report.problems, report.problems
     assert report.kills == KILLS
     assert (report.redis_restarts, report.broker_outages) == (1, 1)
+    assert (report.broker_freezes, report.broker_crashes) == (1, 1)
     assert report.gateway_faults > 100 and report.dlq > 0
     assert report.statuses["sent"] > 0
