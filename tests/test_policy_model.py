@@ -179,6 +179,7 @@ class System:
     finals: dict[str, list[tuple[str, str | None]]] = field(default_factory=dict)
     seq: int = 0  # the machine's operation number
     last: dict[str, str] = field(default_factory=dict)  # decision id -> last outcome status
+    dues: dict[str, int] = field(default_factory=dict)  # held: decision id -> due_at
 
     def __post_init__(self) -> None:
         self.restart()
@@ -228,6 +229,10 @@ class System:
         for o in outcomes:
             self.store.mark_emitted(_decision_of(o), o.status)
             self.last[o.decision_id] = o.status
+            if o.status == "deferred" and o.due_at is not None:
+                self.dues[o.decision_id] = o.due_at
+            else:
+                self.dues.pop(o.decision_id, None)
             if o.final:
                 self.finals.setdefault(o.decision_id, []).append((o.status, o.reason))
         return [(o.status, o.reason, o.due_at) for o in outcomes]
@@ -349,7 +354,9 @@ class PolicyMachine(RuleBasedStateMachine):
         self._next()
         target = self.now + minutes * M
         while True:
-            due = min((t for _d, t in self.model.held.values() if t <= target), default=None)
+            dues = [t for _d, t in self.model.held.values()]
+            dues += [t for system in self.systems for t in system.dues.values()]
+            due = min((t for t in dues if t <= target), default=None)
             if due is None:
                 break
             self._release(max(self.now, due))
