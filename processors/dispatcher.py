@@ -29,10 +29,12 @@ done, sets ``nudgeflow_dispatcher_redis_up`` to 0, and probes Redis with backoff
 answers, the partitions resume where they were.
 
 Clocks: live, "now" is the wall clock. With ``NUDGEFLOW_CLOCK=event`` (replays) "now" is each
-decision's ``fire_at``; deferred sends are released when the replay's time passes their due time,
-and when a ``nudgeflow-control: flush`` record has been seen on every assigned partition (end of
-input) all remaining deferred sends are released and a flush marker is written to every partition
-of the outcomes topic.
+decision's ``fire_at``; deferred sends are released when the replay's time passes their due time
+(the time every assigned partition has reached: a partition read ahead of the others must not
+release a text whose exit is still on its way on a partition behind), and when a
+``nudgeflow-control: flush`` record has been seen on every assigned partition (end of input) all
+remaining deferred sends are released and a flush marker is written to every partition of the
+outcomes topic.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from redis.retry import Retry
 from processors import arguments, metrics
 from processors.control import CONTROL_HEADER, FLUSH, FlushTracker, flush_headers, header
 from processors.core.campaign import CampaignError, CampaignSet, load_campaigns
+from processors.core.clock import SourceTimes
 from processors.core.decision import Decision, DecisionCancelled
 from processors.core.links import LinkShortener
 from processors.core.outcome import SmsOutcome
@@ -278,7 +281,7 @@ class Dispatcher:
         self._assigned: set[TP] = set()
         self._flushes = FlushTracker()
         self._ended = False
-        self._vnow = 0  # event clock: the replay's time, never backwards
+        self._times = SourceTimes()  # event clock: the replay's time per partition
         self._last_commit = 0.0
         self._last_release = 0.0
         self.producer = Producer(
@@ -443,10 +446,15 @@ class Dispatcher:
         if self._later:
             self._retry_busy()
         if time.monotonic() - self._last_release > 0.2:
-            # Deferred sends now due (event clock: due by the replay's time, which other
+            # Deferred sends now due (event clock: due by the replay's time, which the other
             # partitions may have moved past a send deferred just now).
             self._last_release = time.monotonic()
-            self._release_due(self._vnow if self.event_clock else _wall_ms())
+            if not self.event_clock:
+                self._release_due(_wall_ms())
+            else:
+                replay_time = self._replay_time()
+                if replay_time is not None:
+                    self._release_due(replay_time)
         if not self._inbox:
             for msg in self.consumer.consume(BATCH_MAX, timeout=0.05):
                 self._on_message(msg)
@@ -596,12 +604,12 @@ class Dispatcher:
             self._done(item.ref)
         elif item.kind == "decision":
             decision: Decision = item.payload
-            step = self.policy.on_decision(decision, self._now(decision.fire_at))
+            step = self.policy.on_decision(decision, self._now(decision.fire_at, partition))
             self.stats.decisions += 1
             self._handle(step, item.ref, decision)
         else:
             cancel: DecisionCancelled = item.payload
-            step = self.policy.on_cancel(cancel, self._now(cancel.at))
+            step = self.policy.on_cancel(cancel, self._now(cancel.at, partition))
             self.stats.cancels += 1
             self._handle(step, item.ref)
 
@@ -693,11 +701,11 @@ class Dispatcher:
         now = time.monotonic()
         for entry in [item for item in self._later if item[0] <= now]:
             _at, decision, ref = entry
-            step = self.policy.on_decision(decision, self._now(decision.fire_at))
+            step = self.policy.on_decision(decision, self._now(decision.fire_at, ref[0][1]))
             self._later.remove(entry)  # only once handled (Redis may be gone meanwhile)
             self._handle(step, ref, decision)
 
-    def _release_due(self, now_ms: int | None, *, track_vnow: bool = False) -> int:
+    def _release_due(self, now_ms: int | None) -> int:
         """Deferred sends now due, claimed from the backlog every instance shares, each handled
         as soon as it is evaluated; returns how many were. Their ids are kept so that this
         instance counts the deferred gauge down, also for a send another instance deferred (the
@@ -709,23 +717,28 @@ class Dispatcher:
                 continue
             if step.send is not None:
                 self._released_ids.add(step.send.decision.decision_id)
-                if track_vnow:
-                    self._vnow = max(self._vnow, step.send.now_ms)
             self._released_ids.update(o.decision_id for o in step.outcomes)
-            if track_vnow:
-                for outcome in step.outcomes:
-                    self._vnow = max(self._vnow, outcome.at)
             self._handle(step, None)
             handled += 1
         return handled
 
-    def _now(self, item_time: int) -> int:
-        """Evaluation time of an item; with the event clock also releases due deferred sends."""
+    def _now(self, item_time: int, partition: int) -> int:
+        """Evaluation time of an item read from ``partition``; with the event clock also
+        releases the deferred sends due by the replay's time (:meth:`_replay_time`)."""
         if not self.event_clock:
             return _wall_ms()
-        self._vnow = max(self._vnow, item_time)
-        self._release_due(self._vnow)
+        self._times.observe(partition, item_time)
+        replay_time = self._replay_time()
+        if replay_time is not None:
+            self._release_due(replay_time)
         return item_time
+
+    def _replay_time(self) -> int | None:
+        """Event clock: the time every assigned partition not at its end of input has reached
+        (None: one has delivered nothing yet). A held send is released only then, so an exit
+        for it, which comes on its user's partition before anything later on that partition,
+        is never read after the replay's time released the send (``core.clock.SourceTimes``)."""
+        return self._times.common((p for _t, p in self._assigned), self._flushes.complete)
 
     def _handle(
         self, step: Step, ref: tuple[TP, int] | None, decision: Decision | None = None
@@ -1013,6 +1026,7 @@ class Dispatcher:
             self._assigned.discard(key)
             self._flushes.seen.pop(tp.partition, None)
             self._flushes.expected.pop(tp.partition, None)
+            self._times.forget(tp.partition)
             self._pending.pop(key, None)
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._later = [item for item in self._later if item[2][0] not in gone]
@@ -1024,7 +1038,7 @@ class Dispatcher:
     def _end_of_input(self) -> None:
         """Event clock: every partition is flushed. Release all deferred sends, mark the end."""
         self._drain_all()
-        while self._release_due(None, track_vnow=True):
+        while self._release_due(None):
             self._drain_all()
         self._commit(force=True)
         # Like the worker: for each decisions partition we own (a source), a marker on every

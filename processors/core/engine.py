@@ -13,6 +13,14 @@ than it is *late* (rejected, dead-lettered by the shell). Everything before the 
   therefore equals the time-sorted stream's, whatever the arrival order within the lateness.
 * ``on_time`` moves the watermark without an event: the live clock's ticks (wall clock minus
   lateness) and the end-of-input flush of replays (``FLUSH_MS``).
+* Exits (``DecisionCancelled(reason="converted")``) come at once from the head state, when the
+  cancel event arrives, not one allowed lateness later: a conversion can only ever suppress a
+  text, and the dispatcher may be holding that text (quiet hours) and release it meanwhile, or,
+  in a replay, see the replay's time pass its release first. The commit that later derives the
+  same exit does not emit it again (``spec`` remembers it under ``"x:" + decision_id``). The
+  exit may therefore reach the send topic before its decision (the dispatcher keeps it for the
+  decision); an exit the time-sorted stream would not make (only after reordering) cancels a
+  decision that is never made or that the sorted stream also cancels.
 
 Lazy commits (live clock, docs/performance.md): a tail whose commit cannot emit anything (no
 speculative decision to confirm, no cancel event, no immediate trigger, and no timer it starts
@@ -41,12 +49,13 @@ from processors.core.campaign import AbsenceTrigger, Campaign, CampaignSet, Repe
 from processors.core.clock import Clock
 from processors.core.decision import Decision, DecisionCancelled, make_decision_id
 from processors.core.events import ClickEvent, make_event
-from processors.core.trigger import Fire, Machine, machine_for
+from processors.core.trigger import Fire, Machine, last_fire_at, machine_for
 
 FLUSH_MS = 2**62  # watermark meaning "end of input": commit everything, fire every timer
 DEDUP_WINDOW_MS = 24 * 3_600_000
 DEFAULT_STATE_TTL_MS = 30 * 86_400_000
 _REUSE_MIN = 2  # tail events a commit must save to take the head when a clone follows
+_EXIT = "x:"  # spec key prefix: an exit emitted from the head, not yet committed
 
 Core = dict[str, Any]  # {"f": facts, "c": {campaign_id: machine state}}
 
@@ -101,7 +110,9 @@ class UserState:
     head: Core | None = None  # None when the tail is empty (head == committed)
     tail: list[list[Any]] = field(default_factory=list)  # [ts, seq, event record], sorted
     seen: dict[str, int] = field(default_factory=dict)  # event_id -> ts (de-duplication)
-    spec: dict[str, list[Any]] = field(default_factory=dict)  # emitted, not yet committed
+    # emitted, not yet committed: decision id -> [campaign, trigger ts] of an immediate
+    # decision; "x:" + decision id -> [campaign, at] of an exit
+    spec: dict[str, list[Any]] = field(default_factory=dict)
     # Not stored (a decoded state starts False): the head is the committed core with the tail
     # applied in order and applying it dropped nothing the commit would emit (a timer decision,
     # a cancellation, an audience filter), so committing the whole tail can take the head
@@ -212,6 +223,7 @@ class Engine:
         # UserState.quiet; tests/test_engine_reuse.py)
         self.reuse_head = reuse_head
         self._dropped = False  # set by _apply on the head when it drops what a commit emits
+        self._exits: list[DecisionCancelled] | None = None  # collects the head's exits
         # Event types some campaign reads whose commit is quiet -> the shortest timer they start
         # (see _deferrable); types no campaign reads are quiet and start none.
         self.quiet_delay: dict[str, int] = {}
@@ -290,9 +302,14 @@ class Engine:
                 head = st.head = _new_core() if committed == _EMPTY_CORE else _clone(committed)
                 st.quiet = True
             self._dropped = False
+            exits: list[DecisionCancelled] = []
+            self._exits = exits
             made = self._apply(head, event, None)
+            self._exits = None
             if self._dropped:
                 st.quiet = False
+            if exits:
+                self._emit_exits(st, exits, step)
             if made:
                 spec = st.spec
                 for decision in made:
@@ -423,6 +440,18 @@ class Engine:
                     immediate.append(d)
             if cancelled and emit is None:
                 self._dropped = True
+                exits = self._exits
+                if exits is not None:  # the head: emitted at once (see the module doc)
+                    for key in cancelled:
+                        exits.append(
+                            DecisionCancelled(
+                                make_decision_id(cid, ev.user_id, key),
+                                cid,
+                                ev.user_id,
+                                "converted",
+                                ts,
+                            )
+                        )
             elif emit is not None:
                 for key in cancelled:
                     emit.cancellations.append(
@@ -510,10 +539,18 @@ class Engine:
                 st.spec.clear()
             else:
                 spec = st.spec
+                first_exit = len(step.cancellations)
                 for _ts, _seq, rec in tail[:n]:
                     for d in self._apply(core, _event_from(rec), step):
                         if spec.pop(d.decision_id, None) is None:
                             step.decisions.append(d)  # not seen by the head: emit now
+                if spec and len(step.cancellations) > first_exit:
+                    # exits the head emitted already are not emitted again
+                    step.cancellations[first_exit:] = [
+                        c
+                        for c in step.cancellations[first_exit:]
+                        if spec.pop(_EXIT + c.decision_id, None) is None
+                    ]
             del tail[:n]
         deadlines = core.get("d")
         if deadlines and min(deadlines.values()) < watermark:
@@ -521,13 +558,16 @@ class Engine:
         st.wm = watermark
         # Speculative decisions whose event is now committed but that the committed state did
         # not confirm are withdrawn (only possible after reordering).
+        # An exit of the head that the committed state did not make is forgotten (it cannot be
+        # taken back: a conversion only ever suppresses).
         if st.spec:
             for did, (cid, ts) in list(st.spec.items()):
                 if ts < watermark:
                     del st.spec[did]
-                    step.cancellations.append(
-                        DecisionCancelled(did, cid, st.user_id, "reordered", ts)
-                    )
+                    if not did.startswith(_EXIT):
+                        step.cancellations.append(
+                            DecisionCancelled(did, cid, st.user_id, "reordered", ts)
+                        )
         if not tail:
             st.head = None
             st.quiet = False
@@ -536,19 +576,35 @@ class Engine:
         """An out-of-order event: replay the tail in order and reconcile immediate decisions."""
         head = _clone(st.committed)
         made: dict[str, Decision] = {}
-        for _ts, _seq, rec in st.tail:
-            for d in self._apply(head, _event_from(rec), emit=None):
-                made[d.decision_id] = d
+        exits: list[DecisionCancelled] = []
+        self._exits = exits
+        try:
+            for _ts, _seq, rec in st.tail:
+                for d in self._apply(head, _event_from(rec), emit=None):
+                    made[d.decision_id] = d
+        finally:
+            self._exits = None
         st.head = head
         st.quiet = False
+        if exits:
+            self._emit_exits(st, exits, step)
         for did, (cid, ts) in list(st.spec.items()):
-            if did not in made:
+            if did not in made and not did.startswith(_EXIT):
                 del st.spec[did]
                 step.cancellations.append(DecisionCancelled(did, cid, st.user_id, "reordered", ts))
         for did, d in made.items():
             if did not in st.spec:
                 st.spec[did] = [d.campaign_id, d.trigger_ts]
                 step.decisions.append(d)
+
+    def _emit_exits(self, st: UserState, exits: list[DecisionCancelled], step: Step) -> None:
+        """Emit the head's exits not emitted before, and remember them for the commit."""
+        spec = st.spec
+        for c in exits:
+            key = _EXIT + c.decision_id
+            if key not in spec:
+                spec[key] = [c.campaign_id, c.at]
+                step.cancellations.append(c)
 
     def _prune_seen(self, st: UserState) -> None:
         if len(st.seen) > 32:
@@ -558,9 +614,9 @@ class Engine:
     def _last_fired(self, st: UserState) -> int:
         latest = -(2**62)
         for cs in st.committed["c"].values():
-            last = cs.get("last")
-            if last:
-                latest = max(latest, last[1])
+            last = last_fire_at(cs)
+            if last is not None:
+                latest = max(latest, last)
         return latest
 
     def _expired(self, st: UserState, watermark: int) -> bool:

@@ -29,6 +29,7 @@ from processors.core.events import ClickEvent, EventError, parse_ts
 # How long after a decision a cancel event still produces a DecisionCancelled (the dispatcher may
 # hold the send that long: quiet-hours deferral is capped at max_defer, default 12 h).
 CANCEL_WINDOW_MS = 24 * 3_600_000
+MAX_FIRED = 64  # firings per user and campaign remembered for cancellation (the most recent)
 MAX_TRIGGER_IDS = 10  # trigger_event_ids kept per decision: the first and the most recent
 MAX_GROUPS = 64  # repeat: distinct group_by values tracked per user and campaign
 
@@ -66,19 +67,45 @@ def _keep_ids(ids: list[str], new: str) -> list[str]:
     return ids
 
 
-def _cancel_fired(state: State, event: ClickEvent) -> list[str]:
-    """A cancel event after the decision fired: tell the dispatcher (once, within the window)."""
+def _fired(state: State) -> list[list[Any]]:
+    """The firings a later cancel event may still cancel: ``state["last"]``, a list of
+    ``[key_event_id, fire_at]`` (older states hold one such pair; read as a list of one)."""
     last = state.get("last")
-    if last is None:
+    if not last:
         return []
-    key, fire_at = last
-    if event.ts > fire_at + CANCEL_WINDOW_MS:
-        state["last"] = None
+    if isinstance(last[0], str):  # the single-pair format of older states
+        return [list(last)]
+    return last  # type: ignore[no-any-return]
+
+
+def note_fired(state: State, key: str, fire_at: int) -> None:
+    """Remember a firing for :func:`_cancel_fired`; firings out of the cancel window of this
+    one, and all but the :data:`MAX_FIRED` most recent, are forgotten."""
+    fired = [f for f in _fired(state) if f[1] + CANCEL_WINDOW_MS >= fire_at]
+    fired.append([key, fire_at])
+    if len(fired) > MAX_FIRED:
+        del fired[: len(fired) - MAX_FIRED]
+    state["last"] = fired
+
+
+def last_fire_at(state: State) -> int | None:
+    """``fire_at`` of the latest remembered firing, if any."""
+    fired = _fired(state)
+    return max(f[1] for f in fired) if fired else None
+
+
+def _cancel_fired(state: State, event: ClickEvent) -> list[str]:
+    """A cancel event after decisions fired: the keys of every one it cancels (fired before it,
+    within the cancel window), each once. The dispatcher drops those it still holds."""
+    fired = _fired(state)
+    if not fired:
         return []
-    if event.ts > fire_at:
-        state["last"] = None
-        return [key]
-    return []
+    ts = event.ts
+    cancelled = [f[0] for f in fired if f[1] < ts <= f[1] + CANCEL_WINDOW_MS]
+    if cancelled or any(f[1] + CANCEL_WINDOW_MS < ts for f in fired):
+        keep = [f for f in fired if f[1] >= ts]  # not yet due at this event: cancelled later
+        state["last"] = keep or None
+    return cancelled
 
 
 def _next_pending(st: State) -> int | None:
@@ -101,7 +128,7 @@ class AbsenceMachine:
     """A ``start`` event not followed by a ``cancel`` event within ``after``: the cart timer.
 
     State: ``ep`` = open episode ``[first_id, first_ts, deadline, ids, props, gap]`` or None;
-    ``last`` = ``[key_event_id, fire_at]`` of the last firing (for late cancellations).
+    ``last`` = ``[[key_event_id, fire_at], ...]`` of recent firings (for late cancellations).
     """
 
     def __init__(self, trigger: AbsenceTrigger) -> None:
@@ -117,7 +144,7 @@ class AbsenceMachine:
             return []
         first_id, first_ts, deadline, ids, props, gap = ep
         st["ep"] = None
-        st["last"] = [first_id, deadline]
+        note_fired(st, first_id, deadline)
         return [Fire(first_id, deadline, first_ts, list(ids), dict(props), gap)]
 
     def on_event(
@@ -240,7 +267,7 @@ class EventMachine:
     unless a ``cancel`` event arrives in ``(ts, fire_at]``.
 
     State: ``p`` = pending ``[[fire_at, key, ts, ids, props, gap], ...]``; ``lf`` = ts of the
-    last scheduled firing (cooldown); ``last`` = ``[key, fire_at]`` of the last firing.
+    last scheduled firing (cooldown); ``last`` = ``[[key, fire_at], ...]`` of recent firings.
     """
 
     def __init__(self, trigger: EventTrigger) -> None:
@@ -251,8 +278,8 @@ class EventMachine:
 
     def fire_due(self, st: State, before: int) -> list[Fire]:
         fires = _fire_pending(st, before)
-        if fires:
-            st["last"] = [fires[-1].key_event_id, fires[-1].fire_at]
+        for fire in fires:
+            note_fired(st, fire.key_event_id, fire.fire_at)
         return fires
 
     def fire_at_for(self, ev: ClickEvent) -> int | None:
@@ -291,7 +318,7 @@ class EventMachine:
             return [], cancelled
         st["lf"] = ev.ts
         if fire_at == ev.ts:
-            st["last"] = [ev.event_id, fire_at]
+            note_fired(st, ev.event_id, fire_at)
             fire = Fire(ev.event_id, fire_at, ev.ts, [ev.event_id], dict(ev.properties), gap_ms)
             fire.immediate = True
             return [fire], cancelled

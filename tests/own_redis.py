@@ -1,0 +1,52 @@
+"""A redis-server of a test module's own on a free loopback port (no broker needed)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import redis
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def own_redis() -> Iterator[str]:
+    """Start redis-server without persistence, yield its URL, stop it (SIGTERM) on exit."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed (sudo apt-get install -y redis-server)"
+    port = _free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--daemonize", "no"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        client = redis.Redis.from_url(url)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.RedisError:
+                    assert proc.poll() is None, "redis-server exited at start"
+                    assert time.monotonic() < deadline, "redis-server did not start"
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
