@@ -401,7 +401,7 @@ class Broker:
         return self.kafka.node.port
 
     def start(self) -> None:
-        self.kafka.start()
+        """The proxy first: the broker advertises it, so a client may call it at once."""
         proxy = [sys.executable, "-m", "tests.chaos.proxy", "--listen", str(self.proxy_port)]
         proxy += ["--upstream", str(self.kafka_port)]
         self.proxy_log = self.workdir / "proxy.log"
@@ -409,6 +409,7 @@ class Broker:
             self.proxy = subprocess.Popen(
                 proxy, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True
             )
+        self.kafka.start()
         deadline = time.monotonic() + 30
         while not broker_healthy(self.bootstrap, timeout=1.0):
             if self.proxy.poll() is not None:
