@@ -463,5 +463,6 @@ def test_policy_over_both_stores_equals_the_model(redis_url: str) -> None:
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(1800)  # ~5 min alone on 2 cores, longer beside other suites (default 300 s)
 def test_policy_over_both_stores_equals_the_model_long(redis_url: str) -> None:
     _run(redis_url, examples=2_000, steps=60)
