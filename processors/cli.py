@@ -1,5 +1,8 @@
-"""The ``nudgeflow`` command. Each sub-command lives in its own module and is imported lazily,
-so ``nudgeflow dev status`` does not pay for importing Faust."""
+"""The ``nudgeflow`` command line: one sub-command per module, imported lazily.
+
+Only the module of the sub-command being run is imported (``nudgeflow dev status`` does not pay
+for importing Faust), so ``nudgeflow --help`` lists every command from :data:`COMMANDS` alone.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +12,13 @@ import sys
 
 from processors.settings import SecretFileError
 
+DESCRIPTION = "NudgeFlow: behaviour-triggered SMS from a Kafka clickstream, in real time."
+
 # sub-command -> (module, one-line help). Each module offers add_arguments(parser) and run(args).
 COMMANDS: dict[str, tuple[str, str]] = {
     "dev": ("processors.devstack", "start/stop/inspect the embedded broker and Redis"),
     "produce": ("processors.produce", "send canonical events from a JSON Lines/CSV file"),
-    "worker": ("streams.worker", "run the Faust trigger worker"),
+    "worker": ("streams.worker", "run the trigger worker (campaign decisions from events)"),
     "dispatcher": ("processors.dispatcher", "run the SMS dispatcher"),
     "contacts": ("processors.contacts_import", "import contact profiles into the contacts topic"),
     "demo": ("processors.demo", "run the whole pipeline on the embedded stack"),
@@ -24,14 +29,42 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("processors.report", "write the HTML report of a demo directory or the topics"),
 }
 
+EXAMPLES = """\
+examples:
+  nudgeflow dev up                            start the embedded broker and Redis
+  export NUDGEFLOW_PROFILE=dev                then point the commands below at them
+  nudgeflow produce examples/events.jsonl     send the example events
+  nudgeflow worker                            decide which texts to send
+  nudgeflow dispatcher                        send them (the dev profile writes an outbox file)
+  nudgeflow demo                              the whole pipeline in one go, with a report
+  nudgeflow COMMAND --help                    the options of one command
+"""
+
+
+def _overview() -> str:
+    """The description: one line, then every command on a line of its own."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "\n".join([DESCRIPTION, "", "commands:", *lines])
+
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
-    parser = argparse.ArgumentParser(prog="nudgeflow", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    """The parser, and the imported module of the sub-command named in ``sys.argv`` (if any)."""
+    parser = argparse.ArgumentParser(
+        prog="nudgeflow",
+        description=_overview(),
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    # The commands are listed in the description (argparse would wrap the long names' help).
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS
+    )
+    parser.usage = "%(prog)s [-h] COMMAND [ARGS ...]"  # after add_subparsers: "nudgeflow worker"
     modules: dict[str, object] = {}
     wanted = sys.argv[1] if len(sys.argv) > 1 else None
     for name, (module_name, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text)
         # Import only the module of the command being run (keeps --help and start-up fast).
         if name == wanted:
             module = importlib.import_module(module_name)

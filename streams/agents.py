@@ -74,6 +74,10 @@ from streams.topics import (
 )
 
 log = logging.getLogger(__name__)
+STATUS_LOGGER = "nudgeflow.worker"
+status = logging.getLogger(STATUS_LOGGER)
+"""The worker's few status lines (start, assignment changes): shown at the default log level
+by ``nudgeflow worker``; never a user id, number or text, never one per event."""
 
 TICK_INTERVAL_S = 0.5  # a due timer waits at most this long for its tick (lateness p99 <= 1 s)
 LAG_INTERVAL_S = 5.0  # how often every worker samples the consumer lag of its partitions
@@ -194,6 +198,7 @@ class TriggerShell:
         app.timer(LAG_INTERVAL_S, name="nudgeflow.consumer_lag")(self.sample_lag)
         app.timer(RECONCILE_INTERVAL_S, name="nudgeflow.reconcile")(self._reconcile)
         self._mismatch_since: float | None = None
+        self._announced: frozenset[int] | None = None  # partitions last reported as assigned
         self.tick_watermarks: dict[int, int] = {}  # live clock: partition -> last tick watermark
         app.task(self._read_loop)
         app.on_rebalance_complete.connect(self._on_rebalance_complete)  # type: ignore[arg-type]
@@ -253,6 +258,9 @@ class TriggerShell:
             reader.assign(positions)
             for p, off in positions.items():
                 log.info("clickstream partition %d resumes at %s", p, off or "the beginning")
+            if mine != self._announced:  # one line per change (an eager rebalance gives back)
+                self._announced = frozenset(mine)
+                status.info("assigned partitions %s", sorted(mine))
 
     async def _before_revoke(self, revoked: Any = None) -> None:
         """Faust is about to give partitions away: write everything, then let go of them all

@@ -4,11 +4,15 @@ Configuration comes from ``NUDGEFLOW_*`` (``Settings.load()``); the flags overri
 file and the clock. Prometheus metrics are served on ``NUDGEFLOW_METRICS_PORT`` (``/metrics``,
 0 = off). SIGTERM/SIGINT stop the worker cleanly (Faust's worker leaves the group,
 flushes the producer and commits), and the command exits 0.
+
+On stderr, even at the default log level (warn): one line at start (group, topics, campaigns,
+clock) and one per change of the partitions assigned; ``--loglevel error`` hides them.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,6 +107,21 @@ def build(settings: Settings) -> tuple[faust.App, TriggerShell]:
     return app, shell
 
 
+def show_status(loglevel: str) -> logging.Logger:
+    """Send the status lines (:data:`streams.agents.STATUS_LOGGER`) to stderr at ``loglevel``
+    ``debug``/``info``/``warn``, independently of Faust's logging setup; hide them above."""
+    from streams.agents import STATUS_LOGGER
+
+    logger = logging.getLogger(STATUS_LOGGER)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.propagate = False  # Faust's root handler would print them twice at info
+    logger.setLevel(logging.INFO if loglevel in ("debug", "info", "warn") else logging.ERROR)
+    return logger
+
+
 def run(args: argparse.Namespace) -> int:
     import faust  # noqa: F811  (runtime import; Faust is slow to import)
 
@@ -116,13 +135,27 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         check_topics(settings)
-        app, _shell = build(settings)
+        app, shell = build(settings)
         start_metrics_server(settings.metrics_port)  # a daemon thread: dies with the worker
     except (WorkerSetupError, MetricsServerError) as exc:
         print(f"nudgeflow worker: {exc}", file=sys.stderr)
         return 2
     loglevel = args.loglevel or {"warning": "warn"}.get(str(settings.log_level), settings.log_level)
-    worker = faust.Worker(app, loglevel=loglevel or "warn", quiet=True, redirect_stdouts=False)
+    loglevel = loglevel or "warn"
+    show_status(loglevel).info(
+        "worker %s (consumer group %s): clickstream %s (%d partitions) -> %s, dead letters %s,"
+        " ticks %s; campaigns loaded: %d enabled; clock %s",
+        settings.worker_id,
+        app.conf.id,
+        settings.topic_clickstream,
+        settings.partitions,
+        settings.topic_decisions,
+        settings.topic_clickstream_dlq,
+        settings.topic_ticks,
+        len(shell.campaign_ids),
+        settings.clock,
+    )
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     # Faust's terminal spinner writes escape codes into logs and, while it is on, sets the root
     # logger to DEBUG (every aiokafka debug record gets built): we want neither.
     worker.spinner = None

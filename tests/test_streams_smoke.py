@@ -8,6 +8,7 @@ like in production); the test produces Avro click events with the real codec and
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -315,6 +316,76 @@ def test_live_clock_tick_fires_abandoned_cart(
         print(f"\nlive worker: tick fired the decision {fired_s:.1f}s after start")
     finally:
         out.close()
+
+
+ASSIGNED = re.compile(r"nudgeflow\.worker: assigned partitions \[([\d, ]*)\]$", re.M)
+
+
+def assignments(w: WorkerProcess) -> list[set[int]]:
+    """The partition sets a worker reported, in order."""
+    text = w.log.read_text(errors="replace")
+    return [{int(p) for p in m.split(",") if p.strip()} for m in ASSIGNED.findall(text)]
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float, *alive: WorkerProcess) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        for w in alive:
+            w.assert_alive()
+        if time.monotonic() > deadline:
+            logs = "\n".join(w.log.read_text(errors="replace") for w in alive)
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}:\n{logs}")
+        time.sleep(0.2)
+
+
+def test_worker_reports_its_start_and_each_assignment_change_at_the_default_level(
+    settings: Settings, workers: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    """``nudgeflow worker`` at the default log level: one start line (group, topics, campaigns,
+    clock), one line per change of its partitions (a second worker joining splits them), and
+    nothing per event: no user id, event id or text of the events it processed."""
+    codec = Codec(settings.schema_registry_url)
+    env = worker_env(settings)
+    assert "NUDGEFLOW_LOG_LEVEL" not in env
+    every = set(range(settings.partitions))
+    changelog = TopicReader(settings, f"{settings.worker_id}-user_state-changelog")
+    try:
+        w1 = workers({**env, "FAUST_DATADIR": str(tmp_path / "w1-data")}, "event")
+        wait_for(lambda: assignments(w1) == [every], "the first assignment", 60, w1)
+        produce_clicks(
+            settings,
+            codec,
+            [click(f"ev-{n}", f"user-{n}", "add_to_cart", T0 + n) for n in range(8)],
+        )
+        wanted = {f"user-{n}".encode() for n in range(8)}
+        changelog.read_until(lambda ms: wanted <= {m.key() for m in ms}, 60, w1.assert_alive)
+
+        w2 = workers({**env, "FAUST_DATADIR": str(tmp_path / "w2-data")}, "event")
+
+        def split() -> bool:
+            a, b = assignments(w1), assignments(w2)
+            return len(a) == 2 and len(b) == 1 and a[1] | b[0] == every and not a[1] & b[0]
+
+        wait_for(split, "the partitions to be split between the workers", 90, w1, w2)
+        assert all(assignments(w1)[1]) and assignments(w2)[0]  # each kept some partitions
+        for w in (w2, w1):
+            code, _ = w.stop()
+            assert code == 0, w.log.read_text()
+    finally:
+        changelog.close()
+
+    for w in (w1, w2):
+        text = w.log.read_text(errors="replace")
+        starts = re.findall(r"nudgeflow\.worker: worker (.*)$", text, re.M)
+        assert starts == [
+            f"{settings.worker_id} (consumer group {settings.worker_id}): clickstream "
+            f"{settings.topic_clickstream} ({settings.partitions} partitions) -> "
+            f"{settings.topic_decisions}, dead letters {settings.topic_clickstream_dlq}, ticks "
+            f"{settings.topic_ticks}; campaigns loaded: 1 enabled; clock event"
+        ]
+        assert len(text.splitlines()) < 10, text  # a few lines, not one per event
+        for needle in ("user-", "ev-", "Your cart is waiting"):
+            assert needle not in text
 
 
 # ---------------------------------------------------------------- pure helpers (no broker)

@@ -213,8 +213,14 @@ class _Handler(BaseHTTPRequestHandler):
         except (OSError, ssl.SSLError):
             self.close_connection = True  # the client went away (e.g. it timed out)
 
-    def _send_json(self, code: int, body: dict[str, Any], lose: str | None = None) -> None:
-        """Answer; ``lose`` ("close" / "reset" / "truncate") loses the answer instead."""
+    def _send_json(
+        self, code: int, body: dict[str, Any], lose: str | None = None, *, last: bool = False
+    ) -> None:
+        """Answer; ``lose`` ("close" / "reset" / "truncate") loses the answer instead.
+
+        ``last`` ends the connection after a complete answer and says so (``Connection: close``),
+        as HTTP/1.1 requires: a client that was not told would send its next request on a socket
+        being closed under it, and could only report that as a possibly sent text."""
         if lose in ("close", "reset"):
             self.close_connection = True
             if lose == "reset":
@@ -224,6 +230,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if last:
+            self.send_header("Connection", "close")  # also sets close_connection
         self.end_headers()
         if lose == "truncate":
             self.close_connection = True
@@ -451,9 +459,9 @@ class VonageFake:
             h._send_json(0, {}, lose="reset" if lose == "reset" else "close")
             return
         if reply.kind == "http":
-            h._send_json(reply.http_status, _http_error_body(reply.http_status), lose)
-            if reply.http_status >= 500:
-                h.close_connection = True
+            # A 5xx ends the connection, announced, so the client opens a new one for its retry.
+            last = reply.http_status >= 500
+            h._send_json(reply.http_status, _http_error_body(reply.http_status), lose, last=last)
             return
         if api_key != self.api_key or secret != self.api_secret:
             h._send_json(200, _error(4), lose)
