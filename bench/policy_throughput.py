@@ -60,7 +60,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         producer = Producer({**settings.kafka_common(), "linger.ms": 20})
         for i in range(total):
             user = users[i % args.users]
-            d = Decision(f"pd-{i}", "loyalty-gold", user, now, (f"pe-{i}",), now)
+            d = Decision(f"pd-{i}", "signup-confirm", user, now, (f"pe-{i}",), now)
             value = codec.encode("TriggerDecision", d.to_record())
             while True:
                 try:
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
             settings, load_campaigns(EXAMPLE_CAMPAIGNS), FakeGateway(), rate_per_s=30.0
         )
         for user in users:  # use up each user's global cap (max 1 per 4 h)
-            seed = Decision(f"seed-{user}", "loyalty-gold", user, now, ("seed",), now)
+            seed = Decision(f"seed-{user}", "signup-confirm", user, now, ("seed",), now)
             dispatcher.store.check_caps(seed, dispatcher.policy.global_rules, now, True)
         say(f"{total} decisions for {args.users} capped users; dispatching")
         errors: list[BaseException] = []
