@@ -146,46 +146,42 @@ class Chromium:
 
     async def send(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """One DevTools command; events that arrive meanwhile are kept in ``events``."""
-        import aiohttp
-
         ident = next(self._ids)
         await self._ws.send_str(json.dumps({"id": ident, "method": method, "params": params or {}}))
         deadline = time.monotonic() + self.timeout_s
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BrowserError(f"{method}: no answer in {self.timeout_s:g}s")
-            msg = await self._ws.receive(timeout=left)
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                raise BrowserError(f"{method}: the DevTools connection closed")
-            data = json.loads(msg.data)
+            data = await self._receive(deadline, f"{method}: no answer", f"{method}: the")
             if data.get("id") == ident:
                 if "error" in data:
                     raise BrowserError(f"{method}: {data['error'].get('message')}")
                 result: dict[str, Any] = data.get("result", {})
                 return result
-            if "method" in data:
-                self.events.append(data)
 
     async def wait_event(self, method: str) -> dict[str, Any]:
-        import aiohttp
-
         for e in self.events:
             if e["method"] == method:
                 return e
         deadline = time.monotonic() + self.timeout_s
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BrowserError(f"no {method} in {self.timeout_s:g}s")
-            msg = await self._ws.receive(timeout=left)
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                raise BrowserError("the DevTools connection closed")
-            data = json.loads(msg.data)
-            if "method" in data:
-                self.events.append(data)
-                if data["method"] == method:
-                    return data
+            data = await self._receive(deadline, f"no {method}", "the")
+            if data.get("method") == method:
+                return data
+
+    async def _receive(self, deadline: float, late: str, closed: str) -> dict[str, Any]:
+        """The next message before ``deadline``; an event is also kept in ``events``. Errors
+        start with ``late`` (timed out) or ``closed`` (the connection went away)."""
+        import aiohttp
+
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BrowserError(f"{late} in {self.timeout_s:g}s")
+        msg = await self._ws.receive(timeout=left)
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            raise BrowserError(f"{closed} DevTools connection closed")
+        data: dict[str, Any] = json.loads(msg.data)
+        if "method" in data:
+            self.events.append(data)
+        return data
 
     async def evaluate(self, expression: str) -> Any:
         result = await self.send(
