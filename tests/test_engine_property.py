@@ -53,24 +53,33 @@ def reference(arrivals: list[ClickEvent]) -> set[tuple[str, int]]:
     return out
 
 
-def _ref_user(user: str, evs: list[ClickEvent]) -> set[tuple[str, int]]:
-    out: set[tuple[str, int]] = set()
-
-    def add(cid: str, key: str, at: int) -> None:
-        out.add((make_decision_id(cid, user, key), at))
-
-    # absence: a not followed by b within 10m; restarts; cancel at ts <= deadline
+def _absence_fired(evs: list[ClickEvent]) -> list[tuple[str, int]]:
+    """The ``cart`` absence firings of one user's sorted events as (first event id, deadline):
+    an ``a`` not followed by ``b`` within 10m; a later ``a`` restarts; ``b`` at ts <= deadline
+    cancels."""
+    fired: list[tuple[str, int]] = []
     episode: tuple[str, int] | None = None
     for e in evs:
         if episode and episode[1] < e.ts:
-            add("cart", episode[0], episode[1])
+            fired.append(episode)
             episode = None
         if e.event_type == "b" and episode and e.ts <= episode[1]:
             episode = None
         elif e.event_type == "a":
             episode = (episode[0] if episode else e.event_id, e.ts + 10 * M)
     if episode:
-        add("cart", episode[0], episode[1])
+        fired.append(episode)
+    return fired
+
+
+def _ref_user(user: str, evs: list[ClickEvent]) -> set[tuple[str, int]]:
+    out: set[tuple[str, int]] = set()
+
+    def add(cid: str, key: str, at: int) -> None:
+        out.add((make_decision_id(cid, user, key), at))
+
+    for first_id, deadline in _absence_fired(evs):
+        add("cart", first_id, deadline)
     # repeat: 3 views of the same p within [t-20m, t], 30m cooldown per p
     last_fire: dict[str, int] = {}
     for i, e in enumerate(evs):
@@ -171,19 +180,7 @@ def exits_reference(arrivals: list[ClickEvent]) -> set[str]:
     the cancel window: a scan of each user's sorted events."""
     out: set[str] = set()
     for user, evs in _accepted(arrivals).items():
-        fired: list[tuple[str, int]] = []
-        episode: tuple[str, int] | None = None
-        for e in evs:
-            if episode and episode[1] < e.ts:
-                fired.append(episode)
-                episode = None
-            if e.event_type == "b" and episode and e.ts <= episode[1]:
-                episode = None
-            elif e.event_type == "a":
-                episode = (episode[0] if episode else e.event_id, e.ts + 10 * M)
-        if episode:
-            fired.append(episode)
-        for key, fire_at in fired:
+        for key, fire_at in _absence_fired(evs):
             if any(
                 e.event_type == "b" and fire_at < e.ts <= fire_at + CANCEL_WINDOW_MS for e in evs
             ):
