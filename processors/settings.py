@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     # Decoded states the worker keeps of its most recently active users (streams.state_cache):
     # ~6 KB each, so 20,000 is ~120 MB; 0 turns the cache off (every event decodes its state).
     state_cache_users: int = Field(default=20_000, ge=0)
+    # Longest a state change stays only in the worker's memory before its checkpoint: a longer
+    # interval writes fewer changelog records, a killed worker replays more on restart.
+    worker_checkpoint_interval_ms: int = Field(default=500, ge=10, le=600_000)
     worker_id: str = "nudgeflow-worker"
     worker_web_port: int = 6066
     # Faust table store: RocksDB (rocksdict) keeps state on local disk across restarts, so a

@@ -61,6 +61,7 @@ from processors.intake import (  # header, reason_tag: re-exported for callers o
 )
 from processors.settings import Settings
 from schemas.codec import Codec
+from streams.app import membership_lost
 from streams.checkpoint import Checkpointer, is_position_key
 from streams.clickstream import ClickstreamReader, offsets_group
 from streams.output import Output
@@ -84,7 +85,6 @@ LAG_INTERVAL_S = 5.0  # how often every worker samples the consumer lag of its p
 RECONCILE_INTERVAL_S = 2.0  # how often the read partitions are checked against Faust's
 RECONCILE_AFTER_S = 6.0  # a mismatch this long outside a rebalance is not a rebalance in flight
 YIELD_EVERY = 1000  # records/users between turns given to the event loop (heartbeats)
-CHECKPOINT_S = 0.5  # longest time a state change stays only in memory
 REVOKE_CHECKPOINT_S = 30.0  # longest a rebalance waits for the worker's last checkpoint
 EXIT_CHECKPOINT_FAILED = 75  # EX_TEMPFAIL: a supervisor restarts the worker
 CHECKPOINT_MAX_PENDING = 20_000  # live states (~6 KB each) buffered before a forced checkpoint
@@ -184,6 +184,7 @@ class TriggerShell:
         self._output: Output | None = None
         self._reader: ClickstreamReader | None = None
         self._checkpointer: Checkpointer | None = None
+        self.checkpoint_s = settings.worker_checkpoint_interval_ms / 1000
         self._last_checkpoint = time.monotonic()
         self._writer: asyncio.Future[None] | None = None
         self._running = False
@@ -265,25 +266,53 @@ class TriggerShell:
     async def _before_revoke(self, revoked: Any = None) -> None:
         """Faust is about to give partitions away: write everything, then let go of them all
         (Faust's eager rebalance revokes every partition; the complete handler takes back what
-        stays ours, at the position just written)."""
+        stays ours, at the position just written).
+
+        Partitions *lost* (the group expired this worker, e.g. after a stall or an outage
+        longer than the session timeout) may already belong to another worker, which restored
+        them from the last checkpoint: nothing more is written for them (a late state would
+        land after that worker's position records and put its position ahead of the state);
+        the unwritten changes are dropped and the new owner replays their input."""
         async with self.busy:
             if self._checkpointer is not None:
-                try:
-                    await asyncio.wait_for(self._checkpoint_now(), REVOKE_CHECKPOINT_S)
-                except Exception as exc:
-                    # Letting the partitions go with a checkpoint that may still land later
-                    # could put stale states after the next owner's: stop instead (the
-                    # restart resumes from the last position written).
-                    log.critical(
-                        "last checkpoint before a rebalance failed (%s); the worker exits",
-                        type(exc).__name__,
-                    )
-                    os._exit(EXIT_CHECKPOINT_FAILED)
+                if membership_lost(self.app):
+                    await self._drop_unwritten("its group membership expired")
+                else:
+                    try:
+                        await asyncio.wait_for(self._checkpoint_now(), REVOKE_CHECKPOINT_S)
+                    except Exception as exc:
+                        # Letting the partitions go with a checkpoint that may still land
+                        # later could put stale states after the next owner's: stop instead
+                        # (the restart resumes from the last position written).
+                        log.critical(
+                            "last checkpoint before a rebalance failed (%s); the worker exits",
+                            type(exc).__name__,
+                        )
+                        os._exit(EXIT_CHECKPOINT_FAILED)
+                self.checkpointer.forget()
             if self._reader is not None:
                 self.reader.release_all()
             self.timers.clear()
             self.states.clear()
             self.episodes.clear()
+
+    async def _drop_unwritten(self, why: str) -> None:
+        """Forget the changes no checkpoint has written yet (see :meth:`_before_revoke`)."""
+        writer, self._writer = self._writer, None
+        if writer is not None and not writer.done():
+            writer.cancel()
+            try:
+                await writer
+            except BaseException:
+                pass
+        dropped = self.checkpointer.pending()
+        self.checkpointer.forget()
+        log.warning(
+            "partitions lost (%s): %d unwritten state change(s) dropped; their input is"
+            " replayed by the partitions' next owner",
+            why,
+            dropped,
+        )
 
     async def _reconcile(self) -> None:
         """Safety net: the clickstream partitions read must be the ticks partitions Faust gave
@@ -339,7 +368,8 @@ class TriggerShell:
     # ------------------------------------------------------------------ the read loop
 
     async def _read_loop(self) -> None:
-        """Batches from the reader into the engine; a checkpoint every :data:`CHECKPOINT_S`,
+        """Batches from the reader into the engine; a checkpoint every
+        ``settings.worker_checkpoint_interval_ms``,
         written while the next batches are processed."""
         self._running = True
         self._reading = asyncio.current_task()
@@ -356,7 +386,7 @@ class TriggerShell:
                 async with self.busy:
                     if msgs:
                         await self._process(msgs)
-                    due = time.monotonic() - self._last_checkpoint >= CHECKPOINT_S
+                    due = time.monotonic() - self._last_checkpoint >= self.checkpoint_s
                     if due or self.checkpointer.pending() >= CHECKPOINT_MAX_PENDING:
                         self._start_checkpoint()
             except asyncio.CancelledError:
@@ -383,6 +413,10 @@ class TriggerShell:
 
     async def _write(self, taken: Any) -> None:
         started = time.monotonic()
+        if membership_lost(self.app):
+            # The partitions may belong to another worker already (see _before_revoke).
+            self.checkpointer.forget()
+            return
         try:
             positions = await self.checkpointer.write(taken)
         except asyncio.CancelledError:

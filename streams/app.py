@@ -97,6 +97,19 @@ class WorkerApp(faust.App):
         await super().on_stop()
 
 
+def membership_lost(app: faust.App) -> bool:
+    """True when the group coordinator no longer knows this worker: its generation was reset
+    after a heartbeat or commit was refused, so its partitions may already be another
+    worker's (Kafka's "partitions lost", which aiokafka reports as an ordinary revoke)."""
+    try:
+        consumer = app.consumer._thread._consumer  # type: ignore[attr-defined]
+        if consumer is None:
+            return False
+        return bool(consumer._coordinator.generation < 0)
+    except AttributeError:  # not the aiokafka driver, or not started
+        return False
+
+
 def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
     """Faust's view of the cluster security that ``Settings.kafka_common`` gives librdkafka."""
     protocol = settings.kafka_security_protocol

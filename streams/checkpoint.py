@@ -183,6 +183,14 @@ class Checkpointer:
             self._positions.pop(p, None)
             self._last.pop(p, None)
 
+    def forget(self) -> None:
+        """Forget every buffered change and every position written (the worker let go of, or
+        lost, all its partitions): what comes next starts from the store's positions."""
+        self._dirty.clear()
+        self._writing = {}
+        self._positions.clear()
+        self._last.clear()
+
     # -------------------------------------------------------------- the checkpoint
 
     def take(self) -> tuple[dict[int, dict[bytes, bytes | None]], dict[int, int], int] | None:
