@@ -1,0 +1,67 @@
+"""The local Redis Cluster the embedded stack and the tests use: 3 masters + 3 replicas from
+the ``redis-server`` binary; a SIGKILLed master's replica takes over and a cluster client
+rides through with the data that was replicated."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.cluster import RedisCluster
+
+from processors.redis_cluster import LocalRedisCluster
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalRedisCluster]:
+    c = LocalRedisCluster(tmp_path / "cluster").start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def test_three_masters_serve_every_slot_and_a_replica_takes_over(
+    cluster: LocalRedisCluster,
+) -> None:
+    client = RedisCluster.from_url(cluster.url, socket_timeout=2)
+    try:
+        nodes = client.cluster_nodes()  # "host:port" -> fields
+        masters = {
+            int(a.rsplit(":", 1)[1]) for a, n in nodes.items() if "master" in str(n["flags"])
+        }
+        assert len(masters) == 3
+        # One user's keys share a slot (hash tag); users spread over every master.
+        for i in range(300):
+            client.set(f"nf:{{u:{i}}}:contact", f"c{i}")
+            client.set(f"nf:{{u:{i}}}:texted", "1")
+        holders = {cluster.master_of(f"nf:{{u:{i}}}:contact").port for i in range(300)}
+        assert holders == masters
+        assert client.keyslot("nf:{u:7}:contact") == client.keyslot("nf:{u:7}:texted")
+
+        victim = cluster.master_of("nf:{u:7}:contact")
+        with victim.client() as direct:
+            assert direct.execute_command("WAIT", 1, 2000) >= 1  # replicated before the kill
+        cluster.kill(victim)
+        deadline = time.monotonic() + 30
+        while cluster.master_of("nf:{u:7}:contact").port == victim.port:
+            assert time.monotonic() < deadline, "no replica took over the killed master's slots"
+            time.sleep(0.2)
+        cluster.wait_healthy(timeout=30)
+        while True:
+            try:
+                assert client.get("nf:{u:7}:contact") == b"c7"
+                break
+            except redis.RedisError:
+                assert time.monotonic() < deadline, "the cluster client never reached the replica"
+                time.sleep(0.2)
+        assert [client.get(f"nf:{{u:{i}}}:contact") for i in range(300)] == [
+            f"c{i}".encode() for i in range(300)
+        ]
+    finally:
+        client.close()
