@@ -237,15 +237,41 @@ class TriggerShell:
     # ------------------------------------------------------------------ rebalances
 
     async def _on_rebalance_complete(self, sender: Any, /, *args: Any, **kwargs: Any) -> None:
-        """Tables recovered: read the clickstream partitions that go with our ticks partitions,
+        """Tables recovered: take the clickstream partitions that go with our ticks partitions,
         each from the position stored in the table."""
+        await self._take_assignment()
+
+    def _restored(self) -> set[int] | None:
+        """Partitions whose table Faust's last recovery restored (None while a newer recovery
+        is pending). Faust signals a completed recovery before it checks that no newer
+        generation has started, and then drops the keys of every other partition from a
+        memory store: only these partitions can be read from the table now."""
+        recovery = self.app.tables.recovery  # type: ignore[attr-defined]
+        if recovery.signal_recovery_start.is_set():
+            return None
+        topic = self.table.changelog_topic.get_topic_name()
+        return {tp.partition for tp in recovery.active_tps if tp.topic == topic}
+
+    def _assigned(self) -> set[int] | None:
+        """The ticks partitions Faust gave this worker whose tables are restored (None: the
+        assignment cannot be read now)."""
+        try:
+            assigned = self.app.consumer.assignment()
+        except Exception:
+            return None
+        restored = self._restored()
+        if restored is None:
+            return None
+        ticks = self.settings.topic_ticks
+        return {tp.partition for tp in assigned if tp.topic == ticks} & restored
+
+    async def _take_assignment(self) -> None:
+        """Read the clickstream partitions of :meth:`_assigned`, each from the position stored
+        in the table."""
         async with self.busy:
-            try:
-                assigned = self.app.consumer.assignment()
-            except Exception:
+            mine = self._assigned()
+            if mine is None:
                 return
-            ticks = self.settings.topic_ticks
-            mine = {tp.partition for tp in assigned if tp.topic == ticks}
             reader = self.reader
             gone = reader.owned - mine
             if gone:  # missed a revoke (should not happen): nothing of theirs is written
@@ -322,13 +348,8 @@ class TriggerShell:
         if self._reader is None or self.app.rebalancing or getattr(self.app, "in_recovery", False):
             self._mismatch_since = None
             return
-        try:
-            assigned = self.app.consumer.assignment()
-        except Exception:
-            return
-        ticks = self.settings.topic_ticks
-        mine = {tp.partition for tp in assigned if tp.topic == ticks}
-        if mine == self.reader.owned:
+        mine = self._assigned()
+        if mine is None or mine == self.reader.owned:
             self._mismatch_since = None
             return
         now = time.monotonic()
@@ -346,7 +367,7 @@ class TriggerShell:
         )
         self._mismatch_since = None
         await self._before_revoke()
-        await self._on_rebalance_complete(None)
+        await self._take_assignment()
 
     async def _on_revoked_signal(self, sender: Any, /, *args: Any, **kwargs: Any) -> None:
         await self._before_revoke()

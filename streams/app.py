@@ -166,13 +166,18 @@ def make_app(settings: Settings) -> faust.App:
     session_s = settings.session_timeout_ms / 1000
     web_port = settings.worker_web_port
     options: dict[str, Any] = {"web_enabled": web_port > 0}
+    store = check_store(settings.worker_store)
+    if store.startswith("memory:"):
+        # Standby replicas only speed up a take-over from a store kept on disk; the memory store
+        # drops what they read at every rebalance.
+        options["table_standby_replicas"] = 0
     if web_port > 0:
         options["web_port"] = web_port
     return WorkerApp(
         settings.worker_id,
         broker=broker_urls(settings.bootstrap_servers),
         broker_credentials=broker_credentials(settings),
-        store=check_store(settings.worker_store),
+        store=store,
         autodiscover=False,
         broker_session_timeout=session_s,
         broker_heartbeat_interval=settings.heartbeat_interval_ms / 1000,
