@@ -23,9 +23,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from processors.core.campaign import CampaignError, load_campaigns
-from processors.demo.collect import collect
+from processors.demo.collect import Collected, collect
 from processors.demo.inbound import load_inbound
-from processors.demo.shoppers import shoppers_respond
+from processors.demo.shoppers import Performed, shoppers_respond
 from processors.demo.summary import summary_table
 from processors.settings import REPO_ROOT, Settings
 
@@ -69,6 +69,25 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
+def _start_processes(
+    logs: Path, env: dict[str, str], rate_per_s: float | None, procs: list[subprocess.Popen[bytes]]
+) -> dict[str, int]:
+    """``nudgeflow worker`` and ``nudgeflow dispatcher`` as processes (appended to ``procs`` as
+    they start, so the caller stops whatever started); returns their metrics ports."""
+    exe = [sys.executable, "-m", "processors.commands.cli"]
+    logs.mkdir(exist_ok=True)
+    metrics_ports = {}
+    for name in ("worker", "dispatcher"):
+        argv = [*exe, name]
+        if name == "dispatcher" and rate_per_s is not None:
+            argv += ["--rate", str(rate_per_s)]
+        log = (logs / f"{name}.log").open("wb")
+        metrics_ports[name] = _free_port()
+        proc_env = {**env, "NUDGEFLOW_METRICS_PORT": str(metrics_ports[name])}
+        procs.append(subprocess.Popen(argv, env=proc_env, stdout=log, stderr=subprocess.STDOUT))
+    return metrics_ports
+
+
 def run_demo(
     events: Path,
     campaigns: Path,
@@ -85,8 +104,8 @@ def run_demo(
     """``rate_per_s``: the dispatcher's gateway rate (None: its default, Vonage's 30/s).
 
     ``shoppers``: after the pipeline has decided and sent, the recipients respond to the texts
-    (:mod:`processors.demo_day`, deterministic for ``seed``) through the webhook service and the
-    clickstream; the report then attributes what the clickstream holds."""
+    (:mod:`processors.demo.shoppers`, deterministic for ``seed``) through the webhook service
+    and the clickstream; the report then attributes what the clickstream holds."""
     from processors.commands.contacts import import_contacts
     from processors.commands.produce import produce_file
     from processors.devstack import EmbeddedStack, create_topics
@@ -145,18 +164,7 @@ def run_demo(
             for phone, consent, at in keywords:
                 store.record_keyword(phone, consent, at)
             print(f"inbound: {len(keywords)} STOP/START replies applied in event time", flush=True)
-        exe = [sys.executable, "-m", "processors.commands.cli"]
-        logs = out / "logs"
-        logs.mkdir(exist_ok=True)
-        metrics_ports = {}
-        for name in ("worker", "dispatcher"):
-            argv = [*exe, name]
-            if name == "dispatcher" and rate_per_s is not None:
-                argv += ["--rate", str(rate_per_s)]
-            log = (logs / f"{name}.log").open("wb")
-            metrics_ports[name] = _free_port()
-            proc_env = {**env, "NUDGEFLOW_METRICS_PORT": str(metrics_ports[name])}
-            procs.append(subprocess.Popen(argv, env=proc_env, stdout=log, stderr=subprocess.STDOUT))
+        metrics_ports = _start_processes(out / "logs", env, rate_per_s, procs)
         print("worker and dispatcher started; replaying events in event time…", flush=True)
         sent, errors = produce_file(
             settings, events, flush=True, progress=progress, desc="2/5 replay the clickstream"
@@ -173,6 +181,33 @@ def run_demo(
     finally:
         _stop(procs)
         stack.down(state_dir)
+    _write_results(out, got, outbox, sent, performed)
+    from processors.report import build as report  # same attribution core as the live shell
+    from processors.report.page import read_report_data
+
+    if shoppers:
+        target = out / "campaigns.yaml"
+        if campaigns.resolve() != target.resolve():
+            target.write_bytes(campaigns.read_bytes())
+        page, figures = report.write_dir_report_with_figures(out)
+    else:
+        page = report.write_demo_report(out, events, campaigns)
+        figures = read_report_data(page.read_text(encoding="utf-8"))
+    print()
+    print(summary_table(figures))
+    print(f"report:         {page}")
+    print(f"done in {time.monotonic() - started:.1f}s")
+    return 0
+
+
+MAX_TEXTS_SHOWN = 30  # more texts than this: see outbox.jsonl and the report's samples
+
+
+def _write_results(
+    out: Path, got: Collected, outbox: Path, sent: int, performed: Performed | None
+) -> None:
+    """``decisions.jsonl`` and ``outcomes.jsonl``, then what happened, on stdout (the texts
+    themselves when there are few; never a phone number)."""
     decisions = sorted(got.decisions.values(), key=lambda d: (d.fire_at, d.decision_id))
     with (out / "decisions.jsonl").open("w", encoding="utf-8") as fh:
         for d in decisions:
@@ -207,22 +242,3 @@ def run_demo(
             f"{performed.events} purchases/submits/check-ins (webhooks and clickstream)"
         )
     print(f"files:          {out}/decisions.jsonl, outcomes.jsonl, outbox.jsonl, metrics.prom")
-    from processors.report import build as report  # same attribution core as the live shell
-    from processors.report.page import read_report_data
-
-    if shoppers:
-        target = out / "campaigns.yaml"
-        if campaigns.resolve() != target.resolve():
-            target.write_bytes(campaigns.read_bytes())
-        page, figures = report.write_dir_report_with_figures(out)
-    else:
-        page = report.write_demo_report(out, events, campaigns)
-        figures = read_report_data(page.read_text(encoding="utf-8"))
-    print()
-    print(summary_table(figures))
-    print(f"report:         {page}")
-    print(f"done in {time.monotonic() - started:.1f}s")
-    return 0
-
-
-MAX_TEXTS_SHOWN = 30  # more texts than this: see outbox.jsonl and the report's samples
