@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from processors.report.figures import TREND_DROP, TREND_WEEKS
@@ -144,6 +145,14 @@ def _img(images: dict[str, str], name: str, alt: str) -> str:
     )
 
 
+def _table(table_id: str, head: str, rows: Iterable[str]) -> str:
+    """``<table id=...>`` with one header row of ``head`` cells and the rows as given."""
+    return (
+        f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody>'
+        "</table>"
+    )
+
+
 def _lift_table(fig_data: dict[str, Any]) -> str:
     rows = []
     for c in fig_data["campaigns"]:
@@ -166,11 +175,12 @@ def _lift_table(fig_data: dict[str, Any]) -> str:
             f'<td class=l data-figure="lift">{_e(_lift_text(c))}</td>'
             f"<td class=l>{_e(verdict)}</td></tr>"
         )
-    return (
-        '<table id="lift"><thead><tr><th class=l>campaign</th><th>sent</th><th>conv. rate '
-        "with text</th><th>holdout</th><th>conv. rate without text (holdout)</th>"
-        "<th class=l>lift [95% CI]</th><th class=l>verdict</th></tr></thead>"
-        f"<tbody>{''.join(rows)}</tbody></table>"
+    return _table(
+        "lift",
+        "<th class=l>campaign</th><th>sent</th><th>conv. rate with text</th><th>holdout</th>"
+        "<th>conv. rate without text (holdout)</th><th class=l>lift [95% CI]</th>"
+        "<th class=l>verdict</th>",
+        rows,
     )
 
 
@@ -188,10 +198,11 @@ def _lag_table(fig_data: dict[str, Any]) -> str:
             f'<tr data-campaign="{_e(c["campaign_id"])}">'
             f"<td class=l>{_e(c['campaign_id'])}</td>{cells}</tr>"
         )
-    return (
-        '<table id="lags"><thead><tr><th class=l>campaign</th><th>10%</th><th>25%</th>'
-        "<th>median</th><th>75%</th><th>90%</th><th>slowest</th></tr></thead>"
-        f"<tbody>{''.join(rows)}</tbody></table>"
+    return _table(
+        "lags",
+        "<th class=l>campaign</th><th>10%</th><th>25%</th><th>median</th><th>75%</th>"
+        "<th>90%</th><th>slowest</th>",
+        rows,
     )
 
 
@@ -224,10 +235,11 @@ def _experiments_html(fig_data: dict[str, Any]) -> str:
             f"<td class=l>{'<br>'.join(cells)}</td><td class=l>{diff}</td>"
             f"<td class=l>{_e(x['verdict'])}</td></tr>"
         )
-    return (
-        '<table id="experiments"><thead><tr><th class=l>campaign</th><th class=l>tests</th>'
-        "<th class=l>variants</th><th class=l>conversion difference [95% CI]</th>"
-        f"<th class=l>verdict</th></tr></thead><tbody>{''.join(out)}</tbody></table>"
+    return _table(
+        "experiments",
+        "<th class=l>campaign</th><th class=l>tests</th><th class=l>variants</th>"
+        "<th class=l>conversion difference [95% CI]</th><th class=l>verdict</th>",
+        out,
     )
 
 
@@ -245,10 +257,10 @@ def _suppressed_html(fig_data: dict[str, Any]) -> str:
             f'<tr data-campaign="{_e(c["campaign_id"])}"><td class=l>{_e(c["campaign_id"])}</td>'
             f"<td>{c['decisions']}</td><td>{_pct(share)}</td><td class=l>{_e(text)}</td></tr>"
         )
-    return (
-        '<table id="suppressed"><thead><tr><th class=l>campaign</th><th>decisions</th>'
-        "<th>not sent</th><th class=l>why</th></tr></thead>"
-        f"<tbody>{''.join(rows)}</tbody></table>"
+    return _table(
+        "suppressed",
+        "<th class=l>campaign</th><th>decisions</th><th>not sent</th><th class=l>why</th>",
+        rows,
     )
 
 
@@ -261,10 +273,11 @@ def _samples_html(fig_data: dict[str, Any]) -> str:
         f'<td class="l text">{_e(x["text"])}</td></tr>'
         for x in fig_data["samples"]
     )
-    return (
-        '<table id="samples"><thead><tr><th class=l>campaign</th><th class=l>variant</th>'
-        "<th class=l>sent (UTC)</th><th class=l>text</th></tr></thead>"
-        f"<tbody>{rows}</tbody></table>"
+    return _table(
+        "samples",
+        "<th class=l>campaign</th><th class=l>variant</th><th class=l>sent (UTC)</th>"
+        "<th class=l>text</th>",
+        [rows],
     )
 
 
@@ -293,10 +306,11 @@ def _trends_html(fig_data: dict[str, Any]) -> str:
             f"<td class=l>{_e(weeks)}</td><td>{_e(earlier)}</td>"
             f"<td class=l>{_e(flag)}</td></tr>"
         )
-    return (
-        f'<table id="trends"><thead><tr><th class=l>campaign</th><th class=l>last {TREND_WEEKS} '
-        "weeks (converted/sent)</th><th>earlier weeks' rate</th><th class=l>flag</th></tr></thead>"
-        f"<tbody>{''.join(trend_rows)}</tbody></table>"
+    head = (
+        f"<th class=l>campaign</th><th class=l>last {TREND_WEEKS} weeks (converted/sent)</th>"
+        "<th>earlier weeks' rate</th><th class=l>flag</th>"
+    )
+    return _table("trends", head, trend_rows) + (
         f'<p class="muted">Flagged FALLING when the latest week\'s conversion rate is at least '
         f"{int(TREND_DROP * 100)}% below the pooled rate of the earlier weeks shown.</p>"
     )
