@@ -27,7 +27,7 @@ from _common import bench_settings, write_campaigns, write_contacts
 from confluent_kafka import Producer
 from trigger_throughput import BenchError, Worker, run_main, say
 
-from processors.contacts_import import import_contacts
+from processors.commands.contacts import import_contacts
 from processors.core.decision import Decision
 from processors.devstack import EmbeddedStack, create_topics
 from schemas.codec import Codec

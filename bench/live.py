@@ -55,7 +55,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 from trigger_throughput import BenchError, Worker, run_main, say
 
-from processors.contacts_import import import_contacts
+from processors.commands.contacts import import_contacts
 from processors.core.campaign import load_campaigns
 from processors.core.events import ClickEvent
 from processors.devstack import EmbeddedStack, create_topics

@@ -26,7 +26,7 @@ from _common import EXAMPLE_CAMPAIGNS, FakeGateway, bench_settings, write_contac
 from confluent_kafka import Producer
 from trigger_throughput import BenchError, run_main, say
 
-from processors.contacts_import import import_contacts
+from processors.commands.contacts import import_contacts
 from processors.core.campaign import load_campaigns
 from processors.core.decision import Decision
 from processors.devstack import EmbeddedStack, create_topics

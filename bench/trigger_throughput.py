@@ -104,7 +104,7 @@ def produce_clickstream(
     producer = Producer(
         {
             **settings.kafka_common(),
-            "enable.idempotence": True,  # as processors.produce.make_producer
+            "enable.idempotence": True,  # as processors.commands.produce.make_producer
             "compression.type": compression,
             "linger.ms": 20,
             "batch.num.messages": 10_000,
@@ -223,7 +223,7 @@ class Worker:
         environment (``NUDGEFLOW_*`` of this process never reach the child, only ``settings``)."""
         if argv is None:
             exe = Path(sys.executable).with_name("nudgeflow")
-            argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "processors.cli"]
+            argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "processors.commands.cli"]
             argv = [*argv, "worker"]
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("NUDGEFLOW_")}
         shared = [*SHARED_FIELDS, *(f for f in Settings.model_fields if f.startswith("topic_"))]

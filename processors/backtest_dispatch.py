@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from processors.contacts_import import read_contacts
+from processors.commands.contacts import read_contacts
 from processors.core.campaign import CampaignSet
 from processors.core.decision import Decision, DecisionCancelled
 from processors.files import LineErrors

@@ -1,4 +1,4 @@
-"""``nudgeflow simulate``: a realistic synthetic clickstream for tests, benchmarks and load tests.
+"""A realistic synthetic clickstream (``nudgeflow simulate``) for tests, benchmarks and load tests.
 
 Each user lives through sessions (seconds to minutes between events, hours to days between
 sessions, mostly in daytime UTC). A session opens with some browsing and then, usually, one
@@ -23,30 +23,22 @@ longer one.
 
 from __future__ import annotations
 
-import argparse
 import heapq
-import json
 import random
-import sys
-import time
 from collections.abc import Iterator
 from functools import lru_cache
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING
 
-from processors import arguments
 from processors.core.events import (
     MAX_TS_MS,
     MIN_TS_MS,
     ClickEvent,
-    EventError,
     iso_ms,
     make_event,
-    parse_ts,
 )
 
 if TYPE_CHECKING:
-    from processors.settings import Settings
+    pass
 
 START_MS = 1_709_251_200_000  # 2024-03-01T00:00:00Z
 MAX_EVENTS_PER_USER = 100_000  # beyond this, one user's history would run past year 2100
@@ -360,169 +352,3 @@ def generate(
     if not MIN_TS_MS <= start_ms <= MAX_TS_MS - 40 * 365 * DAY:
         raise ValueError(f"start {start_ms} must be epoch milliseconds between 2000 and 2060")
     return _Simulator(users, seed, start_ms).run(events, f"sim-{seed}-")
-
-
-# -- command line -------------------------------------------------------------------------------
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--users", type=_positive, required=True, help="number of users")
-    parser.add_argument("--events", type=_count, required=True, help="number of events")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument(
-        "--start",
-        default=iso_ms(START_MS),
-        help="first day, ISO-8601 with a zone (default %(default)s)",
-    )
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--out", help="write canonical JSON Lines to this file ('-' = stdout)")
-    target.add_argument("--topic", help="produce Avro to this Kafka topic, keyed by user_id")
-    parser.add_argument(
-        "--rate", type=arguments.positive_rate, help="with --topic: events per second"
-    )
-    parser.add_argument(
-        "--flush",
-        action="store_true",
-        help="with --topic: mark end of input on every partition afterwards (event-clock replays)",
-    )
-    parser.add_argument(
-        "--linger-ms",
-        type=arguments.linger_ms,
-        help="with --topic: producer batching window (default 50 ms, as nudgeflow produce)",
-    )
-
-
-def _progress(total: int) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="simulate", unit="ev", unit_scale=True, file=sys.stderr)
-
-
-def write_jsonl(stream: Iterator[ClickEvent], fh: TextIO, total: int) -> int:
-    """Canonical JSON Lines (ISO ts) with a progress bar; returns the number written."""
-    bar = _progress(total)
-    written = 0
-    dumps = json.dumps
-    for event in stream:
-        fh.write(dumps(event.to_json()) + "\n")
-        written += 1
-        if not written % 1000:
-            bar.update(1000)
-    bar.update(written % 1000)
-    bar.close()
-    return written
-
-
-def produce_stream(
-    settings: Settings,
-    stream: Iterator[ClickEvent],
-    topic: str,
-    total: int,
-    *,
-    rate: float | None = None,
-    flush: bool = False,
-    linger_ms: int | None = None,
-) -> int:
-    """Avro to ``topic`` keyed by user_id (as ``nudgeflow produce``); returns events sent.
-
-    Raises ``RuntimeError`` if the topic is missing or some events were not delivered."""
-    from processors.produce import DEFAULT_LINGER_MS, make_producer, partition_count, send_flush
-    from schemas.codec import Codec
-
-    producer = make_producer(settings, DEFAULT_LINGER_MS if linger_ms is None else linger_ms)
-    partition_count(producer, topic)  # fail before generating anything if the topic is missing
-    codec = Codec(settings.schema_registry_url)
-    failures: list[str] = []
-
-    def on_delivery(err: object, _msg: object) -> None:
-        if err is not None:
-            failures.append(str(err))
-
-    bar = _progress(total)
-    sent = 0
-    started = time.monotonic()
-    for event in stream:
-        value = codec.encode("ClickEvent", event.to_record())
-        key = event.user_id.encode()
-        while True:
-            try:
-                producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
-                break
-            except BufferError:
-                producer.poll(0.1)  # local queue full: let deliveries drain
-        producer.poll(0)
-        sent += 1
-        if not sent % 1000:
-            bar.update(1000)
-        if rate:
-            ahead = sent / rate - (time.monotonic() - started)
-            if ahead > 0:
-                time.sleep(ahead)
-    bar.update(sent % 1000)
-    bar.close()
-    remaining = producer.flush(60)
-    if remaining or failures:
-        raise RuntimeError(f"{remaining + len(failures)} events were not delivered: {failures[:3]}")
-    if flush:
-        send_flush(producer, topic)
-    return sent
-
-
-def run(args: argparse.Namespace) -> int:
-    def fail(message: str, code: int = 2) -> int:
-        print(f"nudgeflow simulate: {message}", file=sys.stderr)
-        return code
-
-    if args.out is not None and (args.rate is not None or args.flush or args.linger_ms is not None):
-        return fail("--rate, --flush and --linger-ms only apply to --topic")
-    try:
-        start_ms = parse_ts(args.start)
-        stream = generate(args.users, args.events, args.seed, start_ms)
-    except (EventError, ValueError) as exc:
-        return fail(str(exc))
-
-    if args.topic is not None:
-        from confluent_kafka import KafkaException
-
-        from processors.settings import Settings
-
-        try:
-            sent = produce_stream(
-                Settings.load(),
-                stream,
-                args.topic,
-                args.events,
-                rate=args.rate,
-                flush=args.flush,
-                linger_ms=args.linger_ms,
-            )
-        except (RuntimeError, KafkaException) as exc:  # missing topic, broker down, undelivered
-            return fail(str(exc), 1)
-        print(f"produced {sent} events for {args.users} users to {args.topic}")
-        return 0
-
-    if args.out == "-":
-        write_jsonl(stream, sys.stdout, args.events)
-        return 0
-    path = Path(args.out)
-    try:
-        with path.open("w", encoding="utf-8") as fh:
-            written = write_jsonl(stream, fh, args.events)
-    except OSError as exc:
-        return fail(f"{path}: {exc.strerror or exc}")
-    print(f"wrote {written} events for {args.users} users to {path}")
-    return 0

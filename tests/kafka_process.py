@@ -14,7 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from processors.devstack import _free_ports, broker_healthy, kafka_node
+from processors.devstack import broker_healthy, kafka_node
+from processors.devstack.processes import free_ports
 
 READY_TIMEOUT_S = 60.0
 
@@ -41,7 +42,7 @@ class KafkaProcess:
         """``advertised_port``: where clients connect instead (a proxy in front of it);
         ``sasl_users``: clients must log in as one of them (SASL PLAIN; the first is the broker's
         own)."""
-        broker_port, controller_port = _free_ports(2)
+        broker_port, controller_port = free_ports(2)
         node = kafka_node(home, broker_port, controller_port)
         self.node = dataclasses.replace(
             node, advertised_port=advertised_port, sasl_users=sasl_users

@@ -14,7 +14,7 @@ import pytest
 import redis
 from confluent_kafka import Consumer, Producer
 
-from processors.attribution import Attributor
+from processors.commands.attribution import Attributor
 from processors.core.attribution import (
     AttributionError,
     Click,
@@ -30,7 +30,8 @@ from processors.core.campaign import CampaignError, parse_campaigns
 from processors.core.decision import Decision
 from processors.core.events import ClickEvent
 from processors.core.outcome import SmsOutcome
-from processors.report import compute, load_kafka
+from processors.report.figures import compute
+from processors.report.sources import load_kafka
 from processors.settings import Settings
 from schemas.codec import Codec
 

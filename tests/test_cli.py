@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 
-from processors.cli import COMMANDS
+from processors.commands.cli import COMMANDS
 
 # What each command's module pulls in; none of it may load for the top-level help.
 _HEAVY = ("faust", "confluent_kafka", "streams.worker", "processors.dispatcher", "aiohttp")
@@ -17,7 +17,7 @@ _HEAVY = ("faust", "confluent_kafka", "streams.worker", "processors.dispatcher",
 def _nudgeflow(*args: str) -> subprocess.CompletedProcess[str]:
     code = (
         "import sys\n"
-        "from processors import cli\n"
+        "from processors.commands import cli\n"
         "try:\n"
         "    cli.main(sys.argv[1:])\n"
         "except SystemExit as exc:\n"

@@ -11,7 +11,7 @@ import redis
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
-from processors.contacts_import import import_contacts
+from processors.commands.contacts import import_contacts
 from processors.settings import Settings
 from tests.test_dispatcher import (
     Bus,

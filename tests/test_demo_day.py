@@ -5,19 +5,13 @@ from __future__ import annotations
 
 from collections import Counter
 
-from processors.backtest import run_backtest
+from processors.commands.backtest import run_backtest
 from processors.core.campaign import load_campaigns
 from processors.core.contact import normalize_phone
-from processors.demo import EXAMPLES
-from processors.demo_day import (
-    MINUTE,
-    Sent,
-    day_contacts,
-    day_events,
-    plan_responses,
-    short_code,
-)
-from processors.simulate import DAY
+from processors.demo.day import day_contacts, day_events
+from processors.demo.responses import Sent, plan_responses, short_code
+from processors.demo.run import EXAMPLES
+from processors.simulate import DAY, MINUTE
 
 CAMPAIGNS = load_campaigns(EXAMPLES / "campaigns.yaml")
 

@@ -27,7 +27,7 @@ import yaml
 from processors import metrics
 from processors.core.campaign import load_campaigns
 from processors.devstack import topic_specs
-from processors.kafka_broker import kafka_version
+from processors.devstack.broker import kafka_version
 from processors.settings import Settings
 from streams.clickstream import offsets_group
 

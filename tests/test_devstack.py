@@ -29,7 +29,7 @@ from processors.devstack import (
     redis_healthy,
     topic_specs,
 )
-from processors.kafka_broker import kafka_version
+from processors.devstack.broker import kafka_version
 from processors.settings import REPO_ROOT, Settings
 
 pytestmark = pytest.mark.integration
@@ -306,7 +306,7 @@ def test_embedded_stack_context_manager(tmp_path: Path) -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "processors.cli", "dev", *args],
+        [sys.executable, "-m", "processors.commands.cli", "dev", *args],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,

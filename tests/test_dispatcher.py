@@ -26,7 +26,7 @@ import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from pydantic import SecretStr
 
-from processors.contacts_import import import_contacts
+from processors.commands.contacts import import_contacts
 from processors.control import CONTROL_HEADER, FlushTracker, flush_headers
 from processors.core.campaign import parse_campaigns
 from processors.core.decision import Decision, DecisionCancelled
@@ -248,8 +248,8 @@ def child_env(settings: Settings, fake: VonageFake) -> dict[str, str]:
 
 
 def spawn(settings: Settings, fake: VonageFake, campaigns: Path, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "processors.cli", "dispatcher", "--campaigns", str(campaigns),
-           "--retry-base", "0.05"]  # fmt: skip
+    cmd = [sys.executable, "-m", "processors.commands.cli", "dispatcher",
+           "--campaigns", str(campaigns), "--retry-base", "0.05"]  # fmt: skip
     return subprocess.Popen(
         cmd,
         env=child_env(settings, fake),

@@ -24,7 +24,7 @@ import pytest
 import redis
 
 from processors import metrics
-from processors.contacts_import import import_contacts
+from processors.commands.contacts import import_contacts
 from processors.core.campaign import parse_campaigns
 from processors.core.cap import CapRule
 from processors.core.contact import Contact

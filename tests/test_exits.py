@@ -21,7 +21,7 @@ import pytest
 import redis
 import yaml
 
-from processors.contacts_import import import_contacts, read_contacts
+from processors.commands.contacts import import_contacts, read_contacts
 from processors.core.campaign import CampaignSet, load_campaigns
 from processors.core.clock import ManualClock
 from processors.core.contact import Contact

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from processors.backtest import run_backtest
+from processors.commands.backtest import run_backtest
 from processors.core import experiment
 from processors.core.campaign import CampaignError, parse_campaigns
 from processors.core.contact import Contact

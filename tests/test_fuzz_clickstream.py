@@ -10,7 +10,7 @@ every good one as the event it encodes; nothing may raise.
 The integration test feeds a few hundred such bad records, interleaved with the sample
 clickstream, to a real ``nudgeflow worker`` on the embedded stack: every bad record lands on
 ``clickstream-dlq`` byte for byte with its reason, the worker stays up, and the decisions equal
-``processors.backtest.run_backtest`` on the good records alone.
+``processors.commands.backtest.run_backtest`` on the good records alone.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from confluent_kafka.schema_registry import Schema
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processors.backtest import run_backtest
+from processors.commands.backtest import run_backtest
 from processors.control import FlushTracker, flush_headers, is_control
 from processors.core.campaign import load_campaigns
 from processors.core.decision import Decision, DecisionCancelled

@@ -22,8 +22,8 @@ from confluent_kafka import Consumer, TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processors import cli
-from processors.backtest import run_backtest
+from processors.commands import cli
+from processors.commands.backtest import run_backtest
 from processors.core.campaign import load_campaigns
 from processors.core.contact import ContactError, parse_contact_row
 from processors.core.events import EventError, parse_event

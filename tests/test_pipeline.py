@@ -11,9 +11,9 @@ from zoneinfo import ZoneInfo
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from processors.backtest import run_backtest
+from processors.commands.backtest import run_backtest
 from processors.core.campaign import load_campaigns
-from processors.demo import EXAMPLES, run_demo
+from processors.demo.run import EXAMPLES, run_demo
 from processors.files import LineErrors, read_events
 
 pytestmark = pytest.mark.integration

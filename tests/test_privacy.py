@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from processors import cli
-from processors.demo import run_demo
+from processors.commands import cli
+from processors.demo.run import run_demo
 from processors.devstack import BROKER_DIR
 from processors.settings import REPO_ROOT, SecretFileError, Settings, redact_url
 

@@ -14,11 +14,13 @@ from typing import Any
 
 import pytest
 
-from processors.cli import main
+from processors.commands.cli import main
 from processors.core.campaign import load_campaigns
 from processors.core.events import iso_ms, parse_ts
-from processors.demo import EXAMPLES, run_demo
-from processors.report import DATA_ID, newcombe, read_report_data, wilson, write_dir_report
+from processors.demo.run import EXAMPLES, run_demo
+from processors.report.build import write_dir_report
+from processors.report.page import DATA_ID, read_report_data
+from processors.report.stats import newcombe, wilson
 
 H = 3_600_000
 D = 24 * H

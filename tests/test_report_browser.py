@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from processors.browser import BrowserError, check_page, find_chromium
-from processors.report import read_report_data, write_dir_report
+from processors.report.build import write_dir_report
+from processors.report.page import read_report_data
 from tests.test_report import build_dir
 
 pytestmark = pytest.mark.skipif(

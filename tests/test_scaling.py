@@ -48,16 +48,16 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from processors import metrics
-from processors.backtest import run_backtest
-from processors.contacts_import import import_contacts
+from processors.commands.backtest import run_backtest
+from processors.commands.contacts import import_contacts
+from processors.commands.produce import send_flush
 from processors.control import FlushTracker, is_control
 from processors.core.campaign import load_campaigns
 from processors.core.decision import Decision
 from processors.core.events import ClickEvent
 from processors.core.outcome import SmsOutcome
-from processors.demo import EXAMPLES
+from processors.demo.run import EXAMPLES
 from processors.devstack import StackInfo
-from processors.produce import send_flush
 from processors.settings import Settings
 from processors.simulate import generate
 from schemas.codec import Codec
@@ -365,7 +365,7 @@ def test_three_workers_two_dispatchers_rebalance_mid_stream(
         outbox = tmp_path / f"outbox{n}.jsonl"
         env = dispatcher_env(settings, metrics_port=port, outbox_path=outbox)
         # Shared Redis rate limit: 30/s (Vonage's) would make ~500 sends take 17 s.
-        argv = [sys.executable, "-m", "processors.cli", "dispatcher", "--rate", "5000",
+        argv = [sys.executable, "-m", "processors.commands.cli", "dispatcher", "--rate", "5000",
                 "--key-prefix", key_prefix]  # fmt: skip
         p = Proc(f"dispatcher{n}", argv, env, tmp_path / f"dispatcher{n}.log", port)
         procs.append(p)

@@ -22,7 +22,7 @@ import requests
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from pydantic import SecretStr
 
-from processors.contacts_import import import_contacts
+from processors.commands.contacts import import_contacts
 from processors.core import receipts
 from processors.core.campaign import parse_campaigns
 from processors.core.contact import Contact
@@ -670,7 +670,7 @@ def test_receipts_fold_to_sms_delivery_and_link_clicks_reach_the_clickstream(
 
 
 def test_the_webhooks_command_is_registered() -> None:
-    from processors.cli import COMMANDS
+    from processors.commands.cli import COMMANDS
 
     assert COMMANDS["webhooks"][0] == "processors.webhooks"
     assert json.loads(json.dumps(list(COMMANDS)))  # stays a plain mapping

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from processors.backtest import run_backtest
+from processors.commands.backtest import run_backtest
+from processors.commands.produce import send_flush
 from processors.control import FlushTracker, is_control
 from processors.core.campaign import load_campaigns
 from processors.core.decision import Decision
-from processors.demo import EXAMPLES
-from processors.produce import send_flush
+from processors.demo.run import EXAMPLES
 from processors.settings import Settings
 from processors.simulate import generate
 from schemas.codec import Codec

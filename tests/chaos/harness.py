@@ -41,15 +41,15 @@ import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 from pydantic import SecretStr
 
-from processors.backtest import run_backtest
-from processors.contacts_import import import_contacts
+from processors.commands.backtest import run_backtest
+from processors.commands.contacts import import_contacts
+from processors.commands.produce import send_flush
 from processors.control import FlushTracker, is_control
 from processors.core.campaign import load_campaigns
 from processors.core.decision import Decision
 from processors.core.events import ClickEvent
 from processors.devstack import broker_healthy, create_topics, redis_binary
 from processors.dispatcher import DLQ_REASON_HEADER
-from processors.produce import send_flush
 from processors.settings import REPO_ROOT, Settings
 from schemas.codec import Codec
 from streams.clickstream import offsets_group
@@ -805,7 +805,7 @@ class Chaos:
         env = self._env()
         run_dir = self.workdir / "run"
         run_dir.mkdir(exist_ok=True)
-        exe = [sys.executable, "-m", "processors.cli"]
+        exe = [sys.executable, "-m", "processors.commands.cli"]
         worker_argv = [*exe, "worker", "--clock", "event"]
         for i in range(self.n_workers):
             self.services.append(

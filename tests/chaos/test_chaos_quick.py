@@ -17,7 +17,7 @@ import pytest
 import redis
 from pydantic import SecretStr
 
-from processors.contacts_import import import_contacts
+from processors.commands.contacts import import_contacts
 from processors.core.campaign import parse_campaigns
 from processors.dispatcher import Dispatcher, make_gateway
 from processors.settings import Settings

@@ -43,6 +43,7 @@ from processors.core.attribution import (
     UserState,
 )
 from processors.core.campaign import CampaignError, CampaignSet, load_campaigns
+from processors.core.clock import SystemClock
 from processors.core.events import ClickEvent, EventError
 from processors.core.outcome import OutcomeError, SmsOutcome
 from processors.redis_store import DEFAULT_PREFIX
@@ -54,10 +55,7 @@ log = logging.getLogger("nudgeflow.attribution")
 DEFAULT_GROUP = "nudgeflow-attribution"
 DEFAULT_SETTLE_S = 30.0
 DEFAULT_LINK_LIFETIME_MS = 30 * 86_400_000  # a click can come this long after the text
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
+_WALL = SystemClock()
 
 
 @dataclass
@@ -93,7 +91,7 @@ class Attributor:
         key_prefix: str = DEFAULT_PREFIX,
         group_id: str = DEFAULT_GROUP,
         settle_s: float = DEFAULT_SETTLE_S,
-        clock: Callable[[], int] = _wall_ms,
+        clock: Callable[[], int] = _WALL.now_ms,
     ) -> None:
         self.settings = settings
         self.rules = Rules(campaigns)

@@ -16,17 +16,23 @@ DESCRIPTION = "NudgeFlow: behaviour-triggered SMS from a Kafka clickstream, in r
 
 # sub-command -> (module, one-line help). Each module offers add_arguments(parser) and run(args).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "dev": ("processors.devstack", "start/stop/inspect the embedded broker and Redis"),
-    "produce": ("processors.produce", "send canonical events from a JSON Lines/CSV file"),
+    "dev": ("processors.commands.dev", "start/stop/inspect the embedded broker and Redis"),
+    "produce": ("processors.commands.produce", "send canonical events from a JSON Lines/CSV file"),
     "worker": ("streams.worker", "run the trigger worker (campaign decisions from events)"),
     "dispatcher": ("processors.dispatcher", "run the SMS dispatcher"),
-    "contacts": ("processors.contacts_import", "import contact profiles into the contacts topic"),
-    "demo": ("processors.demo", "run the whole pipeline on the embedded stack"),
-    "backtest": ("processors.backtest", "replay a file of events through the campaigns"),
-    "simulate": ("processors.simulate", "generate a realistic synthetic clickstream"),
+    "contacts": ("processors.commands.contacts", "import contact profiles into the contacts topic"),
+    "demo": ("processors.commands.demo", "run the whole pipeline on the embedded stack"),
+    "backtest": ("processors.commands.backtest", "replay a file of events through the campaigns"),
+    "simulate": ("processors.commands.simulate", "generate a realistic synthetic clickstream"),
     "webhooks": ("processors.webhooks", "serve delivery receipts, inbound texts and short links"),
-    "attribution": ("processors.attribution", "attribute conversions to texts (last touch)"),
-    "report": ("processors.report", "write the HTML report of a demo directory or the topics"),
+    "attribution": (
+        "processors.commands.attribution",
+        "attribute conversions to texts (last touch)",
+    ),
+    "report": (
+        "processors.commands.report",
+        "write the HTML report of a demo directory or the topics",
+    ),
 }
 
 EXAMPLES = """\

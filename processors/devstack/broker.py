@@ -4,7 +4,7 @@
 with Maven by ``make kafka`` or, failing that, by :func:`ensure_libs`). A :class:`KafkaNode` is one
 combined broker + controller on loopback: it writes its ``server.properties`` and log4j2 config
 into its directory, formats its storage once, and gives the ``java`` command line that runs it.
-Starting, waiting and stopping the process is the caller's job (``processors.devstack``).
+Starting, waiting and stopping the process is the caller's job (:mod:`processors.devstack.stack`).
 """
 
 from __future__ import annotations

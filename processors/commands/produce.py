@@ -7,13 +7,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import Producer
 from tqdm import tqdm
 
 from processors import arguments
 from processors.control import flush_headers
+from processors.core.events import ClickEvent
 from processors.files import LineErrors, read_events
 from processors.settings import Settings
 from schemas.codec import Codec
@@ -52,6 +55,54 @@ def send_flush(producer: Producer, topic: str) -> int:
     return n
 
 
+def send_events(
+    producer: Producer,
+    topic: str,
+    events: Iterable[ClickEvent],
+    *,
+    codec: Codec,
+    rate: float | None = None,
+    bar: Any = None,
+    step: int = 1,
+) -> int:
+    """Avro to ``topic`` keyed by user_id, at most ``rate`` a second; then waits for every
+    delivery and returns the number sent. ``bar`` (tqdm) advances every ``step`` events and is
+    closed. Raises ``RuntimeError`` if some events were not delivered."""
+    failures: list[str] = []
+
+    def on_delivery(err: object, _msg: object) -> None:
+        if err is not None:
+            failures.append(str(err))
+
+    sent = 0
+    started = time.monotonic()
+    for event in events:
+        value = codec.encode("ClickEvent", event.to_record())
+        key = event.user_id.encode()
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.1)  # local queue full: let deliveries drain
+        producer.poll(0)
+        sent += 1
+        if bar is not None and not sent % step:
+            bar.update(step)
+        if rate:
+            ahead = sent / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+    if bar is not None:
+        if sent % step:
+            bar.update(sent % step)
+        bar.close()
+    remaining = producer.flush(60)
+    if remaining or failures:
+        raise RuntimeError(f"{remaining + len(failures)} events were not delivered: {failures[:3]}")
+    return sent
+
+
 def produce_file(
     settings: Settings,
     path: Path,
@@ -65,39 +116,17 @@ def produce_file(
 ) -> tuple[int, LineErrors]:
     """Send every good event of ``path``; returns (events sent, bad lines)."""
     topic = topic or settings.topic_clickstream
-    codec = Codec(settings.schema_registry_url)
     producer = make_producer(settings, linger_ms)
     errors = LineErrors(str(path))
-    failures: list[str] = []
-
-    def on_delivery(err: object, _msg: object) -> None:
-        if err is not None:
-            failures.append(str(err))
-
-    sent = 0
-    started = time.monotonic()
     bar = tqdm(desc=desc, unit="ev", disable=not progress, file=sys.stderr)
-    for event in read_events(path, errors):
-        value = codec.encode("ClickEvent", event.to_record())
-        while True:
-            try:
-                producer.produce(
-                    topic, key=event.user_id.encode(), value=value, on_delivery=on_delivery
-                )
-                break
-            except BufferError:
-                producer.poll(0.1)  # local queue full: let deliveries drain
-        producer.poll(0)
-        sent += 1
-        bar.update(1)
-        if rate:
-            ahead = sent / rate - (time.monotonic() - started)
-            if ahead > 0:
-                time.sleep(ahead)
-    bar.close()
-    remaining = producer.flush(60)
-    if remaining or failures:
-        raise RuntimeError(f"{remaining + len(failures)} events were not delivered: {failures[:3]}")
+    sent = send_events(
+        producer,
+        topic,
+        read_events(path, errors),
+        codec=Codec(settings.schema_registry_url),
+        rate=rate,
+        bar=bar,
+    )
     if flush:
         send_flush(producer, topic)
     return sent, errors
