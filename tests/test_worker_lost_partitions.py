@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from processors.backtest import run_backtest
+from processors.commands.backtest import run_backtest
+from processors.commands.produce import send_flush
 from processors.core.campaign import load_campaigns
 from processors.core.events import ClickEvent
 from processors.devstack import StackInfo
-from processors.produce import send_flush
 from processors.settings import Settings
 from schemas.codec import Codec
 from streams.checkpoint import decode_position, is_position_key
