@@ -12,7 +12,7 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from processors.redis_cluster import LocalRedisCluster
+from processors.devstack.redis_cluster import LocalRedisCluster
 
 pytestmark = pytest.mark.integration
 
