@@ -10,22 +10,15 @@ topic, so ``nudgeflow demo`` knows when everything has an outcome.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from processors.kafka.headers import Headers, header
 
 CONTROL_HEADER = "nudgeflow-control"
 FLUSH = b"flush"
 SOURCE_HEADER = "nudgeflow-flush-source"
 SOURCES_HEADER = "nudgeflow-flush-sources"
-
-Headers = Sequence[tuple[str, bytes | None]] | None
-
-
-def header(headers: Headers, name: str) -> bytes | None:
-    for key, value in headers or ():
-        if key == name:
-            return value if value is not None else b""
-    return None
 
 
 def is_control(headers: Headers) -> bool:
@@ -66,6 +59,11 @@ class FlushTracker:
             partition in self.expected
             and len(self.seen.get(partition, ())) >= self.expected[partition]
         )
+
+    def reopen(self, partition: int) -> None:
+        """New input after an end of input: ``partition`` is open again (also on a revoke)."""
+        self.seen.pop(partition, None)
+        self.expected.pop(partition, None)
 
     def all_complete(self, partitions: Iterable[int] | None = None) -> bool:
         wanted = self.partitions if partitions is None else set(partitions)
