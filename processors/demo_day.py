@@ -450,8 +450,8 @@ def read_clickstream(settings: Settings, timeout_s: float = 60.0) -> list[dict[s
 
     from confluent_kafka import Consumer, TopicPartition
 
-    from processors.control import is_control
     from processors.core.events import ClickEvent
+    from processors.kafka.control import is_control
     from schemas.codec import Codec
 
     codec = Codec(settings.schema_registry_url)

@@ -1,7 +1,7 @@
 """``nudgeflow dispatcher``: decisions in, texts out, one ``SmsOutcome`` per decision.
 
 The shell around :mod:`processors.core.policy`: a confluent-kafka consumer group on the decisions
-topic, the ``contacts`` topic materialized into Redis, a :class:`~processors.redis_store.RedisStore`
+topic, the ``contacts`` topic materialized into Redis, a :class:`~processors.redis.RedisStore`
 shared with every other instance, a Redis rate limit, and gateway calls in a bounded thread pool
 (the Vonage SDK is synchronous; one slow call must not stall the consumer).
 
@@ -67,7 +67,6 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from processors import arguments, metrics
-from processors.control import CONTROL_HEADER, FLUSH, FlushTracker, flush_headers, header
 from processors.core.campaign import CampaignError, CampaignSet, load_campaigns
 from processors.core.clock import SourceTimes
 from processors.core.decision import Decision, DecisionCancelled
@@ -85,8 +84,9 @@ from processors.core.policy import (
     with_send_time,
 )
 from processors.gateways.base import Gateway, GatewayError, SendResult, SmsMessage
-from processors.rate_limit import RateLimiter
-from processors.redis_store import DEFAULT_PREFIX, RedisStore, SentBatch
+from processors.kafka.control import CONTROL_HEADER, FLUSH, FlushTracker, flush_headers, header
+from processors.redis import DEFAULT_PREFIX, RedisStore, SentBatch
+from processors.redis.rate_limit import RateLimiter
 from processors.settings import Settings
 from schemas.codec import Codec, CodecError
 

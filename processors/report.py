@@ -313,8 +313,8 @@ def load_kafka(settings: Any, timeout_s: float = 30.0) -> ReportInput:
     """Read decisions, outcomes, conversions, clicks and receipts to the topics' current end."""
     from confluent_kafka import Consumer, TopicPartition
 
-    from processors.control import is_control
     from processors.core.decision import Decision, DecisionCancelled
+    from processors.kafka.control import is_control
     from schemas.codec import Codec, CodecError
 
     codec = Codec(settings.schema_registry_url)

@@ -72,8 +72,8 @@ from processors.core.links import CLICK_EVENT_TYPE, LinkError, LinkTarget, is_va
 from processors.core.policy import RetryPolicy
 from processors.core.rendering import measure
 from processors.gateways.base import Gateway, GatewayError, RetryableGatewayError, SmsMessage
-from processors.rate_limit import RateLimiter
-from processors.redis_store import DEFAULT_PREFIX, RedisStore
+from processors.redis import DEFAULT_PREFIX, RedisStore
+from processors.redis.rate_limit import RateLimiter
 from processors.settings import Settings
 from schemas.codec import Codec, CodecError
 

@@ -50,13 +50,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from processors import metrics
 from processors.backtest import run_backtest
 from processors.contacts_import import import_contacts
-from processors.control import FlushTracker, is_control
 from processors.core.campaign import load_campaigns
 from processors.core.decision import Decision
 from processors.core.events import ClickEvent
 from processors.core.outcome import SmsOutcome
 from processors.demo import EXAMPLES
 from processors.devstack import StackInfo
+from processors.kafka.control import FlushTracker, is_control
 from processors.produce import send_flush
 from processors.settings import Settings
 from processors.simulate import generate

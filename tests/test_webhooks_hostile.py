@@ -17,7 +17,7 @@ import pytest
 import redis
 import requests
 
-from processors.redis_store import RedisStore
+from processors.redis import RedisStore
 from processors.settings import Settings
 from processors.webhooks import (
     DELIVERY_PATH,

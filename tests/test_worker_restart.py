@@ -13,10 +13,10 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from processors.backtest import run_backtest
-from processors.control import FlushTracker, is_control
 from processors.core.campaign import load_campaigns
 from processors.core.decision import Decision
 from processors.demo import EXAMPLES
+from processors.kafka.control import FlushTracker, is_control
 from processors.produce import send_flush
 from processors.settings import Settings
 from processors.simulate import generate

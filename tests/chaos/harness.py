@@ -43,12 +43,12 @@ from pydantic import SecretStr
 
 from processors.backtest import run_backtest
 from processors.contacts_import import import_contacts
-from processors.control import FlushTracker, is_control
 from processors.core.campaign import load_campaigns
 from processors.core.decision import Decision
 from processors.core.events import ClickEvent
 from processors.devstack import broker_healthy, create_topics, redis_binary
 from processors.dispatcher import DLQ_REASON_HEADER
+from processors.kafka.control import FlushTracker, is_control
 from processors.produce import send_flush
 from processors.settings import REPO_ROOT, Settings
 from schemas.codec import Codec
