@@ -214,7 +214,7 @@ def dispatching(
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
-    while not d._assigned:
+    while not d.assigned:
         assert not errors, errors
         assert time.monotonic() < deadline, "dispatcher did not join the group"
         time.sleep(0.05)

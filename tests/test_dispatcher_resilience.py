@@ -280,7 +280,8 @@ def test_the_policys_quiet_hours_memo_answers_like_quiet_until() -> None:
         zone = ZoneInfo(name)
         instants = range(start - 43_200_000, start + 129_600_000, 41_000)
         for at in [*instants, *reversed(instants)]:
-            assert policy.steps._quiet_until(quiet, at, zone) == quiet_until(quiet, at, zone), (name, at)
+            memo = policy.steps._quiet_until(quiet, at, zone)
+            assert memo == quiet_until(quiet, at, zone), (name, at)
     assert policy.steps._open_minutes  # the memo was used
 
 
@@ -398,7 +399,7 @@ def test_redis_outage_pauses_dispatching_and_resumes_without_loss_or_double_send
             bus.send(*before)
             reader.wait_final({x.decision_id for x in before})
             own.stop()
-            _wait(lambda: d._redis_down_since is not None, 10, "outage not noticed")
+            _wait(lambda: d.redis_down, 10, "outage not noticed")
             assert metrics.sample_value("nudgeflow_dispatcher_redis_up") == 0
             calls_before = len(fake.requests)
             bus.send(*during)

@@ -1,11 +1,11 @@
 """Contact and event data inside templates is text, never code.
 
 The texts come out of the real send policy (``processors.core.policy.memory.simulate``: the
-dispatcher's ordered policy over an in-memory store). Decision (documented in ``processors.core.rendering`` and
-``docs/guarantees.md``): template syntax in a value is sent literally; tabs and line breaks in a
-value become one space and other control characters (C0, DEL, C1) are removed, so a name can
-neither add lines to a text nor carry terminal escapes; right-to-left marks, bidi controls and
-emoji joiners are kept.
+dispatcher's ordered policy over an in-memory store). Decision (documented in
+``processors.core.rendering`` and ``docs/guarantees.md``): template syntax in a value is sent
+literally; tabs and line breaks in a value become one space and other control characters (C0,
+DEL, C1) are removed, so a name can neither add lines to a text nor carry terminal escapes;
+right-to-left marks, bidi controls and emoji joiners are kept.
 """
 
 from __future__ import annotations

@@ -134,13 +134,16 @@ class Batches(DecisionRecords, ContactRecords):
             Any, tuple[Contact | None, Any, dict[str | None, Prefetched]]
         ] = {}
 
-    def prepare_many(self, items: Sequence[tuple[Decision, str]]) -> list[tuple[Prior, Prefetched]]:
-        """``begin`` (not resuming deferred sends) for each ``(decision, token)``, with the live
-        policy's reads (``contact()``, ``cancellation()``), in order, in one script call."""
+    def prepare_many(
+        self, items: Sequence[tuple[Decision, str]], as_of: int | None = None
+    ) -> list[tuple[Prior, Prefetched]]:
+        """``begin`` (not resuming deferred sends) for each ``(decision, token)``, with the
+        policy's reads (``contact(as_of)``, ``cancellation(as_of)``), in order, in one script
+        call (with ``as_of``, event-clock replays: one more read for the keyword timeline)."""
         if not items:
             return []
         keys, args = self._prepare_call(items)
-        return self.prepared(self._script("prepare_many")(keys=keys, args=args))
+        return self.prepared(self._script("prepare_many")(keys=keys, args=args), as_of)
 
     def _prepare_call(self, items: Sequence[tuple[Decision, str]]) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
@@ -152,7 +155,10 @@ class Batches(DecisionRecords, ContactRecords):
             args.append(token)
         return keys, args
 
-    def prepared(self, raws: Sequence[Any]) -> list[tuple[Prior, Prefetched]]:
+    def prepared(
+        self, raws: Sequence[Any], as_of: int | None = None
+    ) -> list[tuple[Prior, Prefetched]]:
+        """The replies of the ``prepare_many`` script, as ``prepare_many`` returns them."""
         out = []
         parsed = self._parsed_contacts
         if len(parsed) > 4096:
@@ -163,6 +169,8 @@ class Batches(DecisionRecords, ContactRecords):
             if known is None:
                 known = parsed[raw[5]] = (*parse_contact_record(raw[5]), {})
             contact, record, reads = known
+            if contact is not None and as_of is not None:
+                contact = self.with_keyword_timeline(contact, as_of)
             if contact is not None and contact.consent != "opted_out":
                 if isinstance(record, dict) and record.get("phone") == contact.phone:
                     state = parse_phone_consent(raw[6:9]) if raw[6] is not None else None
@@ -170,6 +178,8 @@ class Batches(DecisionRecords, ContactRecords):
                     state = self.phone_consent(contact.phone)
                 contact = apply_phone_consent(contact, state)
             cancellation = text(raw[9])
+            if as_of is not None and raw[10] is not None and int(raw[10]) > as_of:
+                cancellation = None  # that conversion happens later than this check
             if contact is known[0]:
                 # the same reads recur (the stored profile, no cancellation): one immutable value
                 prefetched = reads.get(cancellation)
@@ -248,6 +258,8 @@ class Batches(DecisionRecords, ContactRecords):
             user = f"{prefix}{{{d.user_id}}}"
             dkey = f"{user}:d:{d.decision_id}"
             if isinstance(item, Final):
+                if item.release:
+                    raise ValueError("settle_many records outcomes only (no cap release)")
                 keys.append(dkey)
                 args += (
                     "f",

@@ -78,7 +78,7 @@ class ContactRecords(RedisBase):
         if contact is None:
             return None
         if as_of is not None:
-            contact = self._with_keyword_timeline(contact, as_of)
+            contact = self.with_keyword_timeline(contact, as_of)
         return self.with_phone_consent(contact)
 
     def record_keyword(self, phone: str, status: str, at_ms: int) -> None:
@@ -88,7 +88,7 @@ class ContactRecords(RedisBase):
             raise ValueError(f"keyword consent must be opted_out or opted_in, got {status!r}")
         self.r.zadd(f"{self.phone_prefix}{phone}:timeline", {f"{at_ms}:{status}": at_ms})
 
-    def _with_keyword_timeline(self, contact: Contact, as_of: int) -> Contact:
+    def with_keyword_timeline(self, contact: Contact, as_of: int) -> Contact:
         """The contact with the latest STOP/START at or before ``as_of`` applied. An entry that
         :meth:`record_keyword` cannot have written is skipped (an earlier STOP still holds)."""
         key = f"{self.phone_prefix}{contact.phone}:timeline"
