@@ -9,6 +9,7 @@ reads the topic to its end first (:meth:`ContactsFollower.load`), then as it gro
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections import deque
@@ -127,3 +128,38 @@ class ContactsFollower:
         if self.consumer is not None:
             self.consumer.close()
             self.consumer = None
+
+
+class ContactsThread:
+    """A :class:`ContactsFollower` in a daemon thread: ``ready`` once the topic is read to its
+    end, ``error`` if it stopped (both for a health check)."""
+
+    def __init__(self, follower: ContactsFollower, name: str) -> None:
+        self.follower = follower
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        follower = self.follower
+        try:
+            follower.start()
+            while not self._stop.is_set():
+                if follower.at_end and not self.ready.is_set():
+                    self.ready.set()
+                    log.info("contacts read to the end: %d profiles", follower.applied)
+                follower.poll(0.2)
+        except BaseException as exc:  # noqa: BLE001 - reported through the health check
+            self.error = exc
+            log.error("contacts follower stopped: %s", type(exc).__name__)
+        finally:
+            follower.close()
