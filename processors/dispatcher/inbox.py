@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -101,3 +102,28 @@ class Inbox:
             item = Item(ref, "undecodable", (key_b, msg.value()))
         self.items.append(item)
         return ref
+
+
+class Later:
+    """Decisions another instance was busy with, to be asked about again when their time comes
+    (the other attempt's lease has run out by then)."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[float, Item]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def add(self, item: Item, after_ms: int) -> None:
+        self._items.append((time.monotonic() + after_ms / 1000, item))
+
+    def due(self) -> list[Item]:
+        now = time.monotonic()
+        return [item for at, item in self._items if at <= now]
+
+    def remove(self, item: Item) -> None:
+        self._items = [entry for entry in self._items if entry[1] is not item]
+
+    def drop(self, gone: set[TP]) -> None:
+        """Forget the items of revoked partitions."""
+        self._items = [entry for entry in self._items if entry[1].ref[0] not in gone]

@@ -12,8 +12,10 @@ import time
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from processors import metrics
 from processors.dispatcher.output import Output
 from processors.redis import RedisStore
+from processors.settings import Settings
 
 log = logging.getLogger("nudgeflow.dispatcher")
 
@@ -41,6 +43,7 @@ class Offsets:
         self.interval_s = interval_s
         self.pending: dict[TP, dict[int, int | bool]] = {}
         self._last_commit = 0.0
+        self._last_lag = 0.0
 
     def consumed(self, ref: Ref) -> None:
         tp, offset = ref
@@ -111,3 +114,17 @@ class Offsets:
             pending = self.pending.get((tp.topic, tp.partition), {})
             for offset in [o for o in pending if o < tp.offset]:
                 del pending[offset]
+
+    def sample_lag(self, settings: Settings) -> None:
+        """Every 5 s, the consumer lag per partition, for the metrics (when they are served)."""
+        if not settings.metrics_port or not self.consumer.assignment():
+            return  # nobody scrapes: skip the broker round trips
+        if time.monotonic() - self._last_lag < 5.0:
+            return
+        self._last_lag = time.monotonic()
+        try:
+            lags = metrics.confluent_consumer_lag(self.consumer, timeout=2.0)
+        except Exception:  # noqa: BLE001 - a metrics sample must never stop sending
+            log.debug("consumer lag sample failed", exc_info=True)
+            return
+        metrics.set_consumer_lag(settings.dispatcher_group, lags)

@@ -16,8 +16,12 @@ from typing import Any
 
 import redis
 from confluent_kafka import Consumer, KafkaException
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from processors import metrics
+from processors.redis import RedisStore
+from processors.settings import Settings
 
 log = logging.getLogger("nudgeflow.dispatcher")
 
@@ -28,6 +32,23 @@ REDIS_DOWN: tuple[type[Exception], ...] = (
     redis.exceptions.TimeoutError,
 )
 """Redis errors that mean "unreachable for now" (an outage), not a bug."""
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """The dispatcher's Redis client: few, short retries (an outage is handled by pausing, not
+    by stalling every call for seconds)."""
+    return redis.Redis.from_url(
+        settings.redis_url, retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 2)
+    )
+
+
+def store_for(settings: Settings, client: redis.Redis, key_prefix: str) -> RedisStore:
+    """The store, with a call lease of the longest one attempt can take (requests applies the
+    timeout to connect and to read) plus slack: a duplicate of a decision on another instance
+    waits this long before it takes a "calling" state for a crash."""
+    return RedisStore(
+        client, key_prefix, call_lease_ms=int((2 * settings.vonage_timeout_s + 5) * 1000)
+    )
 
 
 class RedisWatch:

@@ -17,6 +17,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from processors import metrics
 from processors.core.outcome import SmsOutcome
 from processors.core.policy import Step
+from processors.kafka.control import flush_headers
 from processors.kafka.headers import DLQ_REASON_HEADER
 from processors.settings import Settings
 from schemas.codec import Codec
@@ -127,6 +128,20 @@ class Output:
         self.produce(
             self.settings.topic_sms_dlq, key, value, headers=[(DLQ_REASON_HEADER, reason.encode())]
         )
+
+    def end_markers(self, sources: list[int]) -> None:
+        """Like the worker: for each decisions partition we own (a source), a marker on every
+        outcomes partition, so a reader knows when every source is complete; delivered before
+        this returns."""
+        topic, decisions = self.settings.topic_outcomes, self.settings.topic_decisions
+        meta = self.producer.list_topics(topic, timeout=10).topics[topic]
+        count = len(self.producer.list_topics(decisions, timeout=10).topics[decisions].partitions)
+        for source in sources:
+            for partition in sorted(meta.partitions):
+                headers = flush_headers(source, count)
+                self.produce(topic, None, b"", headers=headers, partition=partition)
+        if self.producer.flush(30):
+            raise RuntimeError("could not deliver the end-of-input markers")
 
     def produce(
         self,

@@ -18,6 +18,7 @@ from processors.dispatcher.outage import REDIS_DOWN, RedisWatch
 from processors.gateways.base import Gateway
 from processors.redis import RedisStore
 from processors.redis.rate_limit import RateLimiter
+from processors.settings import Settings
 
 log = logging.getLogger("nudgeflow.dispatcher")
 
@@ -27,25 +28,28 @@ class Sender:
 
     def __init__(
         self,
+        settings: Settings,
         *,
         gateway: Gateway,
         policy: Policy,
-        store: RedisStore,
         limiter: RateLimiter,
-        links: LinkShortener | None,
         retry: RetryPolicy,
         watch: RedisWatch,
         threads: int,
-        event_clock: bool,
     ) -> None:
+        """``policy``'s store is the ``RedisStore`` (send records, links, call leases)."""
         self.gateway = gateway
         self.policy = policy
-        self.store = store
+        assert isinstance(policy.store, RedisStore)
+        self.store = policy.store
         self.limiter = limiter
-        self.links = links
+        secret = settings.link_secret.get_secret_value() if settings.link_secret else None
+        self.links = LinkShortener.maybe(
+            self.store, settings.link_base_url, settings.link_ttl_s, secret
+        )
         self.retry = retry
         self.watch = watch
-        self.event_clock = event_clock
+        self.event_clock = policy.event_clock
         self.error: BaseException | None = None  # a send job's bug: the dispatcher stops
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gateway")
         self._futures: dict[Future[Step], Ref | None] = {}

@@ -16,25 +16,22 @@ from collections.abc import Callable
 
 import redis
 from confluent_kafka import Consumer, KafkaException, TopicPartition
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.retry import Retry
 
 from processors import metrics
 from processors.core.campaign import CampaignSet
-from processors.core.clock import SourceTimes, wall_ms
+from processors.core.clock import wall_ms
 from processors.core.decision import Decision, DecisionCancelled
-from processors.core.links import LinkShortener
 from processors.core.policy import Policy, RetryPolicy, Step
 from processors.dispatcher.deciding import Decider
-from processors.dispatcher.inbox import Inbox, Item
+from processors.dispatcher.inbox import Inbox, Item, Later
 from processors.dispatcher.offsets import TP, Offsets, Ref
-from processors.dispatcher.outage import REDIS_DOWN, RedisWatch
+from processors.dispatcher.outage import REDIS_DOWN, RedisWatch, connect, store_for
 from processors.dispatcher.output import Output, Stats
+from processors.dispatcher.partitions import Partitions
 from processors.dispatcher.sending import Sender
 from processors.gateways.base import Gateway
 from processors.kafka.contacts import ContactsFollower
-from processors.kafka.control import FlushTracker, flush_headers
-from processors.redis import DEFAULT_PREFIX, RedisStore
+from processors.redis import DEFAULT_PREFIX
 from processors.redis.rate_limit import RateLimiter
 from processors.settings import Settings
 from schemas.codec import Codec
@@ -73,20 +70,8 @@ class Dispatcher:
         self.error: BaseException | None = None  # why run() stopped early, if it did
         self._stop = threading.Event()
         self.codec = Codec(settings.schema_registry_url)
-        self.redis = redis_client or redis.Redis.from_url(
-            settings.redis_url,
-            # Few, short retries: a Redis outage is handled by pausing (see .outage), not by
-            # stalling every call for seconds.
-            retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 2),
-        )
-        self.store = RedisStore(
-            self.redis,
-            key_prefix,
-            # The longest one attempt can take (requests applies the timeout to connect and to
-            # read), plus slack: a duplicate of this decision on another instance waits this
-            # long before it takes a "calling" state for a crash.
-            call_lease_ms=int((2 * settings.vonage_timeout_s + 5) * 1000),
-        )
+        self.redis = redis_client or connect(settings)
+        self.store = store_for(settings, self.redis, key_prefix)
         self.policy = Policy(
             campaigns,
             self.store,
@@ -104,27 +89,18 @@ class Dispatcher:
         )
         self.inbox = Inbox(self.codec)
         self.decider = Decider(self.policy, self.store, event_clock=self.event_clock)
-        link_secret = settings.link_secret.get_secret_value() if settings.link_secret else None
         self.sender = Sender(
+            settings,
             gateway=gateway,
             policy=self.policy,
-            store=self.store,
             limiter=RateLimiter(self.redis, rate_per_s, key=f"{key_prefix}ratelimit:gateway"),
-            links=LinkShortener.maybe(
-                self.store, settings.link_base_url, settings.link_ttl_s, link_secret
-            ),
             retry=retry or RetryPolicy(),
             watch=self.watch,
             threads=threads,
-            event_clock=self.event_clock,
         )
-        self.assigned: set[TP] = set()
-        self._later: list[tuple[float, Decision, Ref]] = []  # busy elsewhere: ask again then
-        self._flushes = FlushTracker()
-        self._ended = False
-        self._times = SourceTimes()  # event clock: the replay's time per partition
+        self.partitions = Partitions()
+        self.later = Later()  # decisions busy elsewhere
         self._last_release = 0.0
-        self._last_lag = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -134,6 +110,10 @@ class Dispatcher:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def assigned(self) -> set[TP]:
+        return self.partitions.assigned
 
     @property
     def redis_down(self) -> bool:
@@ -198,13 +178,13 @@ class Dispatcher:
     def _work(self) -> None:
         self.contacts.poll()
         self._reap(timeout=0)
-        if self._later:
+        if self.later:
             self._retry_busy()
         if time.monotonic() - self._last_release > 0.2:
             # Deferred sends now due (event clock: due by the replay's time, which the other
             # partitions may have moved past a send deferred just now).
             self._last_release = time.monotonic()
-            due_by = self._replay_time() if self.event_clock else wall_ms()
+            due_by = self.partitions.replay_time() if self.event_clock else wall_ms()
             if due_by is not None:
                 self._release_due(due_by)
         if not self.inbox:
@@ -213,15 +193,10 @@ class Dispatcher:
         if len(self.sender) >= self.max_in_flight:
             self._reap(timeout=0.05)
         self._process_inbox()
-        if (
-            self.event_clock
-            and not self._ended
-            and self.assigned
-            and self._flushes.all_complete(p for _t, p in self.assigned)
-        ):
+        if self.event_clock and self.partitions.end_of_input():
             self._end_of_input()
         self.offsets.commit()
-        self._sample_lag()
+        self.offsets.sample_lag(self.settings)
 
     def _await_redis(self) -> None:
         """During an outage: keep polling (paused), publish finished jobs, probe with backoff."""
@@ -253,26 +228,19 @@ class Dispatcher:
                 # As many decisions as there are, not just the room: most never reach the
                 # gateway, and a batch stops at its room-th send.
                 run = inbox.decisions_at_head(RUN_MAX)
-                self._input(run)
+                self.partitions.input(item.partition for item in run)
                 self.decider.decide(inbox.items, run, self._room, self._now_of, self._decided)
                 continue
             self._handle_item(item)
             inbox.pop()
 
-    def _input(self, items: list[Item]) -> None:
-        """New input: a partition at its end of input is open again."""
-        for item in items:
-            if self._flushes.complete(item.partition):
-                self._flushes.reopen(item.partition)
-        self._ended = False
-
     def _handle_item(self, item: Item) -> None:
         """A flush marker, a cancellation or an undecodable record."""
         if item.kind == "flush":
-            self._flushes.observe(item.partition, item.headers)
+            self.partitions.flush(item.partition, item.headers)
             self.offsets.done(item.ref)
             return
-        self._input([item])
+        self.partitions.input([item.partition])
         if item.kind == "undecodable":
             self.stats.undecodable += 1
             key, value = item.payload
@@ -290,20 +258,11 @@ class Dispatcher:
 
     def _retry_busy(self) -> None:
         """Ask again about decisions another instance was busy with (their lease ran out)."""
-        now = time.monotonic()
-        for entry in [entry for entry in self._later if entry[0] <= now]:
-            _at, decision, ref = entry
-            item = Item(ref, "decision", decision)
+        for item in self.later.due():
             queue = deque([item])
-            self.decider.decide(
-                queue,
-                [item],
-                lambda: 1,
-                self._now_of,
-                self._retried,
-            )
+            self.decider.decide(queue, [item], lambda: 1, self._now_of, self._retried)
             if not queue:
-                self._later.remove(entry)  # only once handled (Redis may be gone meanwhile)
+                self.later.remove(item)  # only once handled (Redis may be gone meanwhile)
 
     def _retried(self, step: Step, item: Item) -> None:
         self._handle(step, item.ref, item.payload)
@@ -315,7 +274,7 @@ class Dispatcher:
                 decision.decision_id,
                 step.retry_after_ms,
             )
-            self._later.append((time.monotonic() + step.retry_after_ms / 1000, decision, ref))
+            self.later.add(Item(ref, "decision", decision), step.retry_after_ms)
             return
         self.output.publish(step)
         if step.send is None:
@@ -357,26 +316,19 @@ class Dispatcher:
 
     def _now(self, item_time: int, partition: int) -> int:
         """Evaluation time of an item read from ``partition``; with the event clock also
-        releases the deferred sends due by the replay's time (:meth:`_replay_time`)."""
+        releases the deferred sends due by the replay's time (``Partitions.replay_time``)."""
         if not self.event_clock:
             return wall_ms()
-        self._times.observe(partition, item_time)
-        replay_time = self._replay_time()
+        self.partitions.observe(partition, item_time)
+        replay_time = self.partitions.replay_time()
         if replay_time is not None:
             self._release_due(replay_time)
         return item_time
 
-    def _replay_time(self) -> int | None:
-        """Event clock: the time every assigned partition not at its end of input has reached
-        (None: one has delivered nothing yet). A held send is released only then, so an exit
-        for it, which comes on its user's partition before anything later on that partition,
-        is never read after the replay's time released the send (``core.clock.SourceTimes``)."""
-        return self._times.common((p for _t, p in self.assigned), self._flushes.complete)
-
     # ------------------------------------------------------------------ partitions
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.assigned |= {(tp.topic, tp.partition) for tp in partitions}
+        self.partitions.assign((tp.topic, tp.partition) for tp in partitions)
         log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -387,27 +339,12 @@ class Dispatcher:
         except RuntimeError as exc:
             log.error("%s", exc)
         gone = {(tp.topic, tp.partition) for tp in partitions}
-        for key in gone:
-            self.assigned.discard(key)
-            self._flushes.reopen(key[1])
-            self._times.forget(key[1])
-            self.offsets.forget(key)
-        self._later = [entry for entry in self._later if entry[2][0] not in gone]
+        self.partitions.revoke(gone)
+        for tp in gone:
+            self.offsets.forget(tp)
+        self.later.drop(gone)
         self.inbox.drop(gone)
         log.info("revoked partitions %s", sorted(tp.partition for tp in partitions))
-
-    def _sample_lag(self) -> None:
-        if not self.settings.metrics_port or not self.assigned:
-            return  # nobody scrapes: skip the broker round trips
-        if time.monotonic() - self._last_lag < 5.0:
-            return
-        self._last_lag = time.monotonic()
-        try:
-            lags = metrics.confluent_consumer_lag(self.consumer, timeout=2.0)
-        except Exception:  # noqa: BLE001 - a metrics sample must never stop sending
-            log.debug("consumer lag sample failed", exc_info=True)
-            return
-        metrics.set_consumer_lag(self.settings.dispatcher_group, lags)
 
     # ------------------------------------------------------------------ end of input
 
@@ -417,20 +354,8 @@ class Dispatcher:
         while self._release_due(None):
             self._drain_all()
         self.offsets.commit(force=True)
-        # Like the worker: for each decisions partition we own (a source), a marker on every
-        # outcomes partition, so a reader knows when every source is complete.
-        topic = self.settings.topic_outcomes
-        meta = self.producer.list_topics(topic, timeout=10).topics[topic]
-        decisions = self.settings.topic_decisions
-        sources = len(self.producer.list_topics(decisions, timeout=10).topics[decisions].partitions)
-        for _t, source in sorted(self.assigned):
-            for partition in sorted(meta.partitions):
-                self.output.produce(
-                    topic, None, b"", headers=flush_headers(source, sources), partition=partition
-                )
-        if self.producer.flush(30):
-            raise RuntimeError("could not deliver the end-of-input markers")
-        self._ended = True
+        self.output.end_markers(sorted(p for _t, p in self.assigned))
+        self.partitions.ended = True
         self.stats.end_of_input += 1
         log.info(
             "end of input: deferred sends released; markers for %d source partition(s) written",
