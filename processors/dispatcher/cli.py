@@ -42,11 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = Settings.load()
-    logging.basicConfig(
-        level=(settings.log_level or "info").upper(),  # NUDGEFLOW_LOG_LEVEL
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    arguments.configure_logging(settings.log_level)
     try:
         campaigns = load_campaigns(args.campaigns or settings.campaigns_file)
     except CampaignError as exc:

@@ -85,13 +85,14 @@ class RedisWatch:
         )
         self.pause()
 
-    def pause(self) -> None:
+    def pause(self, resume: bool = False) -> None:
+        """Pause the assigned partitions (or resume them)."""
         try:
             parts = self.consumer.assignment()
             if parts:
-                self.consumer.pause(parts)
+                (self.consumer.resume if resume else self.consumer.pause)(parts)
         except KafkaException as exc:
-            log.warning("could not pause partitions: %s", exc)
+            log.warning("could not %s partitions: %s", "resume" if resume else "pause", exc)
 
     def probe(self) -> bool:
         """During an outage: ping Redis when the backoff allows; True once it answers (the
@@ -107,12 +108,7 @@ class RedisWatch:
         down_s = time.monotonic() - (self.down_since or time.monotonic())
         self.down_since = None
         metrics.DISPATCHER_REDIS_UP.set(1)
-        try:
-            parts = self.consumer.assignment()
-            if parts:
-                self.consumer.resume(parts)
-        except KafkaException as exc:
-            log.warning("could not resume partitions: %s", exc)
+        self.pause(resume=True)
         log.warning("redis is back after %.1f s; resuming where dispatching stopped", down_s)
         return True
 

@@ -36,11 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = Settings.load()
-    logging.basicConfig(
-        level=(settings.log_level or "info").upper(),  # NUDGEFLOW_LOG_LEVEL
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    arguments.configure_logging(settings.log_level)
     secret = settings.webhook_signature_secret
     if (secret is None or not secret.get_secret_value()) and settings.profile != "dev":
         # Unsigned webhooks in production would let anyone opt numbers in or out.
