@@ -42,6 +42,7 @@ from processors.core.attribution import (
     UserState,
 )
 from processors.core.campaign import CampaignError, CampaignSet, load_campaigns
+from processors.core.clock import wall_ms as _wall_ms
 from processors.core.events import ClickEvent, EventError
 from processors.core.outcome import OutcomeError, SmsOutcome
 from processors.kafka.control import FlushTracker, is_control
@@ -54,10 +55,6 @@ log = logging.getLogger("nudgeflow.attribution")
 DEFAULT_GROUP = "nudgeflow-attribution"
 DEFAULT_SETTLE_S = 30.0
 DEFAULT_LINK_LIFETIME_MS = 30 * 86_400_000  # a click can come this long after the text
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass

@@ -102,13 +102,12 @@ class Policy:
         ``recorded``) or checked its caps in one call that also recorded the capped outcome (a
         ``CapCheck``: ``violated``, ``recorded``); what follows a passed check runs here."""
         if isinstance(pending, Final):
-            return self.run_answered(pending, recorded)
+            return self.steps.recorded(pending, recorded)
         if isinstance(pending, CapCheck):
-            after = self.steps.advance(pending, violated)
             if violated is not None:
-                assert isinstance(after, Final)
-                return self.run_answered(after, recorded)
-            return self.run(after)  # type: ignore[arg-type]
+                # advance(advance(pending, violated), recorded), without the Final in between
+                return Step([pending.capped_by(violated)]) if recorded else Step()
+            return self.run(self.steps.advance(pending, None))  # type: ignore[arg-type]
         return self.run(pending)
 
     # ------------------------------------------------------------------ running requests
@@ -118,10 +117,6 @@ class Policy:
         out = self._drive(pending)
         assert isinstance(out, Step), "only a CallGate advances to a plan"
         return out
-
-    def run_answered(self, request: Request, answer: object) -> Step:
-        """:meth:`run` from a request whose answer the caller already has."""
-        return self.run(self.steps.advance(request, answer))  # type: ignore[arg-type]
 
     def _drive(self, pending: Pending | SendPlan) -> Step | SendPlan:
         while not isinstance(pending, (Step, SendPlan)):

@@ -179,7 +179,7 @@ class PolicySteps:
         """The next step once the store answered ``request`` (see each request's doc); a
         :class:`CallGate` answered ``ok`` advances to its plan (call the gateway)."""
         if isinstance(request, Final):
-            return self._recorded(request, bool(answer))
+            return self.recorded(request, bool(answer))
         if isinstance(request, CapCheck):
             return self._after_caps(request, answer)  # type: ignore[arg-type]
         if isinstance(request, Read):
@@ -320,7 +320,8 @@ class PolicySteps:
         return Final(plan.decision, plan.token, outcome, release=True)
 
     @staticmethod
-    def _recorded(final: Final, recorded: bool) -> Step:
+    def recorded(final: Final, recorded: bool) -> Step:
+        """The step for ``final`` once the store said whether it recorded it."""
         if not recorded:
             return Step()  # another attempt took the decision over and publishes its outcome
         step = Step([final.outcome])
