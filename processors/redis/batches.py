@@ -56,7 +56,7 @@ def _capped_json(capped: SmsOutcome) -> tuple[bytes, bytes]:
 
 
 def _rule_group(rules: Sequence[CapRule], rule_keys: Sequence[str], now_ms: int) -> list[Any]:
-    """A ``_SETTLE_MANY`` rule declaration ('r' item): what ``check_caps`` sends per rule, with
+    """A ``settle_many.lua`` rule declaration ('r' item): what ``check_caps`` sends per rule, with
     each rule's ``rule`` member of the capped outcome's JSON."""
     longest = longest_window_ms(rules)
     out: list[Any] = ["r", now_ms, max(longest * 2, 60_000), now_ms - 2 * longest, len(rules)]

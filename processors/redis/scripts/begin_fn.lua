@@ -1,5 +1,5 @@
--- The reservation (``PolicyStore.begin``) as a Lua function, shared by ``_BEGIN`` and the batch
--- script. An attempt asking again with its own token (a batch cut short, see ``_SETTLE_MANY``) is
+-- The reservation (``PolicyStore.begin``) as a Lua function, shared by ``begin.lua`` and the batch
+-- script. An attempt asking again with its own token (a batch cut short, see ``settle_many.lua``) is
 -- not "busy" with itself.
 local function begin_from(key, s, token, resume, ttl, grace, now)
   if (not s) or s == 'reserved' or (s == 'deferred' and resume == '1') then

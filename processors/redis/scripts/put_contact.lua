@@ -1,5 +1,5 @@
 -- KEYS: contact hash. ARGV: offset, profile JSON ('' = delete), its phone number ('' = none).
--- ``p`` is "<offset>|<number>": ``_PREPARE_MANY`` trusts it only while ``o`` is that offset, so
+-- ``p`` is "<offset>|<number>": ``prepare_many.lua`` trusts it only while ``o`` is that offset, so
 -- a profile written without it (by an older version, which sets ``o`` and ``v`` only) is read
 -- from its JSON.
 local cur = redis.call('HGET', KEYS[1], 'o')

@@ -5,7 +5,7 @@
 -- 'r', now, sends ttl, trim_before, rule count, then per rule: is_global (1/0), exclusive
 -- lower bound (now - per), max, the outcome's ``"rule":<key>`` JSON member
 -- A 'r' item declares the rules of the cap checks after it (``rules``: its ARGV index), once
--- per batch, campaign and time. A cap check is ``_CAPS`` and, when a rule is violated,
+-- per batch, campaign and time. A cap check is ``check_caps.lua`` and, when a rule is violated,
 -- ``finish`` with ``head .. member .. tail``, that rule's outcome (a decision suppressed by caps
 -- in one step). Items run in order, each exactly as on its own; the script stops after the
 -- item whose check is the ``most passes``-th to pass with a reservation (a send: the shell has
@@ -68,7 +68,7 @@ while a <= #ARGV do
       end
       if violated == 0 and reserve == '1' then
         -- sends older than twice the longest window are dropped when one is added (as in
-        -- _CAPS, which trims first: no rule counts that far back, so no count differs)
+        -- check_caps.lua, which trims first: no rule counts that far back, so no count differs)
         redis.call('ZREMRANGEBYSCORE', gkey, '-inf', '(' .. ARGV[r + 3])
         redis.call('ZREMRANGEBYSCORE', ckey, '-inf', '(' .. ARGV[r + 3])
         redis.call('ZADD', gkey, ARGV[r + 1], did)
