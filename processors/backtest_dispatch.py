@@ -1,19 +1,18 @@
-"""The send policy applied to a backtest's decisions, in memory and in virtual time.
+"""``nudgeflow backtest --contacts``: the send policy over a contacts file, in memory.
 
-Same ``processors.core.policy.Policy`` as the live dispatcher (consent, exit conditions, caps,
-quiet hours, rendering), over an in-memory store: what would have been sent, and why not.
+The run itself is :func:`processors.core.policy.memory.simulate`, the same policy as the live
+dispatcher in virtual time; this module reads the contacts file and prints the summary.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 from processors.commands.contacts import read_contacts
 from processors.core.campaign import CampaignSet
 from processors.core.decision import Decision, DecisionCancelled
+from processors.core.policy.memory import Simulation, simulate, summarize
 from processors.files import LineErrors
-from processors.policy_store import Simulation, simulate
 from processors.settings import Settings
 
 
@@ -35,23 +34,6 @@ def dispatch_simulation(
         cooldown_ms=int(settings.cooldown_s * 1000),
     )
     return sim, errors
-
-
-def summarize(sim: Simulation) -> str:
-    """Sends and suppressions by reason, per campaign (final outcome of each decision)."""
-    final = sim.final()
-    by = Counter((o.campaign_id, o.status, o.reason or "") for o in final.values())
-    lines = [f"{'campaign':<22}{'status':<12}{'reason':<22}{'count':>7}"]
-    for (campaign, status, reason), n in sorted(by.items()):
-        lines.append(f"{campaign:<22}{status:<12}{reason:<22}{n:>7}")
-    totals = Counter(o.status for o in final.values())
-    lines.append(
-        "texts="
-        + str(len(sim.messages))
-        + " "
-        + " ".join(f"{k}={v}" for k, v in sorted(totals.items()))
-    )
-    return "\n".join(lines)
 
 
 def dispatch_report(

@@ -24,8 +24,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final
 
-from processors.control import CONTROL_HEADER, FLUSH
 from processors.core.events import ClickEvent, EventError
+from processors.kafka.control import CONTROL_HEADER, FLUSH
+from processors.kafka.headers import header
 from schemas.codec import Codec, CodecError, WrongRecordType
 
 KEY_MISMATCH_DETAIL: Final = (
@@ -57,18 +58,6 @@ class EndOfInput:
 END_OF_INPUT: Final = EndOfInput()
 
 Intake = ClickEvent | Rejected | EndOfInput
-
-
-def header(headers: Any, name: str) -> bytes | None:
-    """Value of header ``name`` (Faust gives a tuple of ``(str, bytes)`` pairs, or a mapping);
-    None when absent or when the header has no value."""
-    if not headers:
-        return None
-    items = headers.items() if hasattr(headers, "items") else headers
-    for key, value in items:
-        if key == name:
-            return bytes(value) if value is not None else None
-    return None
 
 
 def reason_tag(exc: Exception) -> str:

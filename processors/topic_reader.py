@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from processors.control import is_control
+from processors.kafka.control import is_control
 
 
 def record_headers(msg: Any) -> list[tuple[str, bytes | None]]:

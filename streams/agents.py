@@ -45,7 +45,6 @@ import faust
 from confluent_kafka import Message
 
 from processors import metrics
-from processors.control import flush_headers
 from processors.core.campaign import CampaignSet
 from processors.core.clock import Clock, SystemClock
 from processors.core.decision import Decision
@@ -59,6 +58,7 @@ from processors.intake import (  # header, reason_tag: re-exported for callers o
     intake,
     reason_tag,  # noqa: F401
 )
+from processors.kafka.control import flush_headers
 from processors.settings import Settings
 from schemas.codec import Codec
 from streams.app import membership_lost

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 import faust
 from faust.types import TopicT
 
-from processors.control import CONTROL_HEADER, FLUSH  # noqa: F401  (re-exported)
+from processors.kafka.control import CONTROL_HEADER, FLUSH  # noqa: F401  (re-exported)
+from processors.kafka.headers import DLQ_REASON_HEADER  # noqa: F401  (re-exported)
 from processors.settings import Settings
 
-DLQ_REASON_HEADER = "nudgeflow-dlq-reason"
-"""Machine-readable reason on every dead-lettered record (e.g. ``late``, ``not_wire_format``)."""
 DLQ_DETAIL_HEADER = "nudgeflow-dlq-detail"
 """Human-readable explanation (no field values that could be personal data)."""
 

@@ -27,12 +27,12 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from pydantic import SecretStr
 
 from processors.commands.contacts import import_contacts
-from processors.control import CONTROL_HEADER, FlushTracker, flush_headers
 from processors.core.campaign import parse_campaigns
 from processors.core.decision import Decision, DecisionCancelled
 from processors.core.outcome import SmsOutcome
 from processors.core.policy import RetryPolicy
 from processors.dispatcher import DLQ_REASON_HEADER, Dispatcher, make_gateway
+from processors.kafka.control import CONTROL_HEADER, FlushTracker, flush_headers
 from processors.settings import Settings
 from schemas.codec import Codec
 from tests.fakes.vonage_fake import VonageFake
@@ -214,7 +214,7 @@ def dispatching(
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
-    while not d._assigned:
+    while not d.assigned:
         assert not errors, errors
         assert time.monotonic() < deadline, "dispatcher did not join the group"
         time.sleep(0.05)
@@ -545,7 +545,7 @@ def test_redis_cap_check_and_reserve_is_atomic_across_threads(redis_client: redi
     from concurrent.futures import ThreadPoolExecutor
 
     from processors.core.cap import CapRule
-    from processors.redis_store import RedisStore
+    from processors.redis import RedisStore
 
     store = RedisStore(redis_client)
     rules = [CapRule(max=3, per_ms=4 * H, scope="global"), CapRule(2, 24 * H, "cart")]

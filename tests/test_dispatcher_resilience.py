@@ -31,6 +31,7 @@ from processors.core.contact import Contact
 from processors.core.decision import Decision, DecisionCancelled
 from processors.core.outcome import SmsOutcome
 from processors.core.policy import Policy, RetryPolicy, SendPlan, Step, deliver
+from processors.core.policy.memory import InMemoryStore
 from processors.core.quiet_hours import QuietHours, quiet_until
 from processors.dispatcher import make_gateway
 from processors.gateways.base import (
@@ -39,8 +40,7 @@ from processors.gateways.base import (
     SendResult,
     SmsMessage,
 )
-from processors.policy_store import InMemoryStore
-from processors.redis_store import RedisStore
+from processors.redis import RedisStore
 from processors.settings import Settings
 from tests.fakes.vonage_fake import VonageFake
 from tests.test_dispatcher import (
@@ -152,9 +152,9 @@ def test_keyword_timeline_holds_from_its_time_and_skips_unreadable_entries(
         NOW,
         "sms:keyword",
     )
-    key = f"{store._phone_prefix}{ANA.phone}:timeline"
+    key = f"{store.phone_prefix}{ANA.phone}:timeline"
     redis_client.zadd(key, {f"{NOW + 5}:maybe": NOW + 5})
-    with caplog.at_level("WARNING", logger="processors.redis_store"):
+    with caplog.at_level("WARNING", logger="processors.redis"):
         later = store.contact("u-ana", as_of=NOW + 10)
     assert later is not None and later.consent == "opted_out"
     assert "unreadable keyword timeline entry" in caplog.text
@@ -215,7 +215,7 @@ def test_batched_policy_decides_exactly_like_one_at_a_time(
             while queue:
                 batches += 1
                 prepared = zip(queue, store.prepare_many(queue), strict=True)
-                pending = [policy.after_begin(d, NOW, t, prior, reads)
+                pending = [policy.steps.start(d, NOW, t, prior, reads)
                            for (d, t), (prior, reads) in prepared]  # fmt: skip
                 to_settle = [p for p in pending if not isinstance(p, Step)]
                 done = store.settle_many(to_settle, most_passes=most_passes)
@@ -280,8 +280,9 @@ def test_the_policys_quiet_hours_memo_answers_like_quiet_until() -> None:
         zone = ZoneInfo(name)
         instants = range(start - 43_200_000, start + 129_600_000, 41_000)
         for at in [*instants, *reversed(instants)]:
-            assert policy._quiet_until(quiet, at, zone) == quiet_until(quiet, at, zone), (name, at)
-    assert policy._open_minutes  # the memo was used
+            memo = policy.steps._quiet_until(quiet, at, zone)
+            assert memo == quiet_until(quiet, at, zone), (name, at)
+    assert policy.steps._open_minutes  # the memo was used
 
 
 # --------------------------------------------------------------------------- dispatcher helpers
@@ -398,7 +399,7 @@ def test_redis_outage_pauses_dispatching_and_resumes_without_loss_or_double_send
             bus.send(*before)
             reader.wait_final({x.decision_id for x in before})
             own.stop()
-            _wait(lambda: d._redis_down_since is not None, 10, "outage not noticed")
+            _wait(lambda: d.redis_down, 10, "outage not noticed")
             assert metrics.sample_value("nudgeflow_dispatcher_redis_up") == 0
             calls_before = len(fake.requests)
             bus.send(*during)

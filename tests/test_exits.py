@@ -30,10 +30,10 @@ from processors.core.engine import FLUSH_MS, Engine, Step, UserState
 from processors.core.events import ClickEvent
 from processors.core.outcome import SmsOutcome
 from processors.core.policy import Policy, PolicyStore
+from processors.core.policy.memory import InMemoryStore
 from processors.files import LineErrors
 from processors.gateways.base import SendResult
-from processors.policy_store import InMemoryStore
-from processors.redis_store import RedisStore
+from processors.redis import RedisStore
 from processors.settings import REPO_ROOT, Settings
 from tests.own_redis import own_redis
 from tests.test_dispatcher import Bus, Reader, running

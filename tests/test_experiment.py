@@ -9,7 +9,7 @@ from processors.core import experiment
 from processors.core.campaign import CampaignError, parse_campaigns
 from processors.core.contact import Contact
 from processors.core.events import ClickEvent
-from processors.policy_store import simulate
+from processors.core.policy.memory import simulate
 
 T0 = 1_710_342_000_000  # 2024-03-13T15:00:00Z: daytime in New York
 M = 60_000

@@ -30,7 +30,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from processors.commands.backtest import run_backtest
-from processors.control import FlushTracker, flush_headers, is_control
 from processors.core.campaign import load_campaigns
 from processors.core.decision import Decision, DecisionCancelled
 from processors.core.engine import Engine
@@ -46,6 +45,7 @@ from processors.core.events import (
 )
 from processors.files import LineErrors, read_events
 from processors.intake import END_OF_INPUT, Rejected, intake
+from processors.kafka.control import FlushTracker, flush_headers, is_control
 from processors.settings import REPO_ROOT, Settings
 from schemas.codec import PINNED_IDS, Codec
 from streams.topics import CONTROL_HEADER, DLQ_REASON_HEADER

@@ -13,8 +13,8 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from pydantic import SecretStr
 
-from processors.control import is_control
 from processors.devstack import StackError, create_topics
+from processors.kafka.control import is_control
 from processors.settings import Settings
 from schemas.codec import Codec
 from tests.kafka_process import KafkaProcess

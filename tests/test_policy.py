@@ -14,8 +14,8 @@ from processors.core.contact import Contact
 from processors.core.decision import Decision, DecisionCancelled
 from processors.core.outcome import SmsOutcome
 from processors.core.policy import Policy, RetryPolicy, SendPlan, Step, deliver
+from processors.core.policy.memory import InMemoryStore, simulate, simulate_dispatch
 from processors.gateways.base import PermanentGatewayError, RetryableGatewayError, SendResult
-from processors.policy_store import InMemoryStore, simulate, simulate_dispatch
 
 H = 3_600_000
 FOOTER = "Reply STOP to opt out"

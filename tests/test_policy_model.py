@@ -39,9 +39,9 @@ from processors.core.contact import Contact
 from processors.core.decision import Decision, DecisionCancelled
 from processors.core.outcome import SmsOutcome
 from processors.core.policy import Policy, PolicyStore, Step
+from processors.core.policy.memory import InMemoryStore
 from processors.gateways.base import SendResult
-from processors.policy_store import InMemoryStore
-from processors.redis_store import RedisStore
+from processors.redis import RedisStore
 from tests.own_redis import own_redis
 
 S, M, H = 1_000, 60_000, 3_600_000
@@ -220,7 +220,7 @@ class System:
     def holds(self, decision_id: str) -> bool:
         """Whether the store still holds the decision as a deferred send."""
         if isinstance(self.store, RedisStore):
-            deferred, _data, _lease = self.store._deferred
+            deferred, _data, _lease = self.store.deferred_keys
             return self.store.r.zscore(deferred, decision_id) is not None
         assert isinstance(self.store, InMemoryStore)
         return decision_id in self.store.deferred

@@ -10,7 +10,7 @@ from bisect import bisect_left
 
 import redis
 
-from processors.rate_limit import RateLimiter
+from processors.redis.rate_limit import RateLimiter
 
 
 def busiest_window(times: list[float], width: float) -> int:

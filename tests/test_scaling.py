@@ -51,13 +51,13 @@ from processors import metrics
 from processors.commands.backtest import run_backtest
 from processors.commands.contacts import import_contacts
 from processors.commands.produce import send_flush
-from processors.control import FlushTracker, is_control
 from processors.core.campaign import load_campaigns
 from processors.core.decision import Decision
 from processors.core.events import ClickEvent
 from processors.core.outcome import SmsOutcome
 from processors.demo.run import EXAMPLES
 from processors.devstack import StackInfo
+from processors.kafka.control import FlushTracker, is_control
 from processors.settings import Settings
 from processors.simulate import generate
 from schemas.codec import Codec

@@ -17,10 +17,10 @@ from confluent_kafka import Consumer, TopicPartition
 from processors.commands.backtest import run_backtest
 from processors.commands.cli import main
 from processors.commands.simulate import produce_stream
-from processors.control import CONTROL_HEADER, FLUSH
 from processors.core.campaign import load_campaigns
 from processors.core.events import ClickEvent, parse_event, parse_ts, validate
 from processors.files import LineErrors, read_events
+from processors.kafka.control import CONTROL_HEADER, FLUSH
 from processors.settings import REPO_ROOT, Settings
 from processors.simulate import START_MS, generate
 from schemas.codec import Codec

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from processors.control import FlushTracker, is_control
+from processors.kafka.control import FlushTracker, is_control
 from processors.settings import Settings
 from schemas.codec import Codec
 from streams.agents import decode_tick, encode_tick, header

@@ -1,11 +1,11 @@
 """Contact and event data inside templates is text, never code.
 
-The texts come out of the real send policy (``processors.policy_store.simulate``: the dispatcher's
-ordered policy over an in-memory store). Decision (documented in ``processors.core.rendering`` and
-``docs/guarantees.md``): template syntax in a value is sent literally; tabs and line breaks in a
-value become one space and other control characters (C0, DEL, C1) are removed, so a name can
-neither add lines to a text nor carry terminal escapes; right-to-left marks, bidi controls and
-emoji joiners are kept.
+The texts come out of the real send policy (``processors.core.policy.memory.simulate``: the
+dispatcher's ordered policy over an in-memory store). Decision (documented in
+``processors.core.rendering`` and ``docs/guarantees.md``): template syntax in a value is sent
+literally; tabs and line breaks in a value become one space and other control characters (C0,
+DEL, C1) are removed, so a name can neither add lines to a text nor carry terminal escapes;
+right-to-left marks, bidi controls and emoji joiners are kept.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 from processors.core.campaign import CampaignSet, load_campaigns
 from processors.core.contact import Contact
 from processors.core.decision import Decision
+from processors.core.policy.memory import Simulation, simulate
 from processors.core.rendering import plain_text
-from processors.policy_store import Simulation, simulate
 
 FORMAT_CHARS = "\u200e\u200f\u202a\u202e\u2066\u2069\u200d"  # marks, bidi, joiner: kept
 NOON = 1_710_331_200_000  # 2024-03-13T12:00:00Z: outside quiet hours in UTC

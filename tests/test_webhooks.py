@@ -36,7 +36,7 @@ from processors.core.links import (
 )
 from processors.core.policy import Policy, RetryPolicy
 from processors.dispatcher import make_gateway
-from processors.redis_store import RedisStore
+from processors.redis import RedisStore
 from processors.settings import Settings
 from processors.webhooks import (
     DELIVERY_PATH,

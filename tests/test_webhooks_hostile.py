@@ -17,16 +17,16 @@ import pytest
 import redis
 import requests
 
-from processors.redis_store import RedisStore
+from processors.redis import RedisStore
 from processors.settings import Settings
 from processors.webhooks import (
     DELIVERY_PATH,
     INBOUND_PATH,
     BackgroundServer,
     WebhookError,
-    _json_params,
     sign_params,
 )
+from processors.webhooks.params import json_params
 from tests.fakes.vonage_fake import VonageFake
 from tests.test_webhooks import (
     ANA,
@@ -188,7 +188,7 @@ def test_malformed_requests_odd_methods_and_link_codes_are_4xx_and_change_nothin
 
 def test_deeply_nested_json_is_a_400() -> None:
     with pytest.raises(WebhookError) as info:
-        _json_params(b"[" * 3000)
+        json_params(b"[" * 3000)
     assert info.value.status == 400
 
 

@@ -14,10 +14,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from processors.commands.backtest import run_backtest
 from processors.commands.produce import send_flush
-from processors.control import FlushTracker, is_control
 from processors.core.campaign import load_campaigns
 from processors.core.decision import Decision
 from processors.demo.run import EXAMPLES
+from processors.kafka.control import FlushTracker, is_control
 from processors.settings import Settings
 from processors.simulate import generate
 from schemas.codec import Codec

@@ -33,7 +33,6 @@ from pathlib import Path
 import redis
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
-from processors.control import FlushTracker, is_control
 from processors.core.attribution import (
     AttributionError,
     Click,
@@ -46,7 +45,8 @@ from processors.core.campaign import CampaignError, CampaignSet, load_campaigns
 from processors.core.clock import SystemClock
 from processors.core.events import ClickEvent, EventError
 from processors.core.outcome import OutcomeError, SmsOutcome
-from processors.redis_store import DEFAULT_PREFIX
+from processors.kafka.control import FlushTracker, is_control
+from processors.redis import DEFAULT_PREFIX
 from processors.settings import Settings
 from schemas.codec import Codec, CodecError
 

@@ -15,9 +15,9 @@ from confluent_kafka import Producer
 from tqdm import tqdm
 
 from processors import arguments
-from processors.control import flush_headers
 from processors.core.events import ClickEvent
 from processors.files import LineErrors, read_events
+from processors.kafka.control import flush_headers
 from processors.settings import Settings
 from schemas.codec import Codec
 

@@ -8,6 +8,11 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 
+def wall_ms() -> int:
+    """The wall clock in epoch milliseconds: the one reading of the system time for the shells."""
+    return time.time_ns() // 1_000_000
+
+
 class Clock(Protocol):
     def now_ms(self) -> int: ...
 
@@ -16,7 +21,7 @@ class SystemClock:
     """Wall-clock time in epoch milliseconds."""
 
     def now_ms(self) -> int:
-        return time.time_ns() // 1_000_000
+        return wall_ms()
 
 
 class ManualClock:

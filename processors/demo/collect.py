@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import cast
 
-from processors.control import is_control
 from processors.core.decision import Decision, DecisionCancelled
+from processors.kafka.control import is_control
 from processors.settings import Settings
 from processors.topic_reader import record_headers
 

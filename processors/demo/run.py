@@ -157,7 +157,7 @@ def run_demo(
             # Replies at event times: each STOP/START holds from its own time in the replay.
             import redis
 
-            from processors.redis_store import RedisStore
+            from processors.redis import RedisStore
 
             store = RedisStore(redis.Redis.from_url(settings.redis_url))
             keywords = load_inbound(inbound)

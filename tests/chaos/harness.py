@@ -44,12 +44,12 @@ from pydantic import SecretStr
 from processors.commands.backtest import run_backtest
 from processors.commands.contacts import import_contacts
 from processors.commands.produce import send_flush
-from processors.control import FlushTracker, is_control
 from processors.core.campaign import load_campaigns
 from processors.core.decision import Decision
 from processors.core.events import ClickEvent
 from processors.devstack import broker_healthy, create_topics, redis_binary
 from processors.dispatcher import DLQ_REASON_HEADER
+from processors.kafka.control import FlushTracker, is_control
 from processors.settings import REPO_ROOT, Settings
 from schemas.codec import Codec
 from streams.clickstream import offsets_group

@@ -142,7 +142,7 @@ def test_a_dispatcher_started_without_redis_waits_for_it(
         assert thread.is_alive() and not errors, errors
         server.start()
         deadline = time.monotonic() + 30
-        while not d._assigned:  # ...and join its group once Redis answers
+        while not d.assigned:  # ...and join its group once Redis answers
             assert not errors, errors
             assert time.monotonic() < deadline, "dispatcher did not join the group"
             time.sleep(0.05)

@@ -1,14 +1,15 @@
-"""The send policy without Kafka or Redis: an in-memory ``PolicyStore`` and a virtual-time run.
+"""The send policy in memory and in virtual time: an in-memory ``PolicyStore`` and a run.
 
-``nudgeflow backtest --contacts`` uses :func:`simulate_dispatch` so the report shows what the
-dispatcher would have sent, with the same code (``processors.core.policy``) and the same clock
-rules as a replayed demo: every decision is evaluated at its ``fire_at``, deferred sends at their
-due time, cancellations at their ``at``.
+``nudgeflow backtest --contacts`` and the tests use :func:`simulate` to see what the dispatcher
+would have sent, with the same policy and the same clock rules as a replayed demo: every
+decision is evaluated at its ``fire_at``, deferred sends at their due time, cancellations at
+their ``at``.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -17,8 +18,9 @@ from processors.core.cap import CapRule, SendRecord, check_caps
 from processors.core.contact import Contact
 from processors.core.decision import Decision, DecisionCancelled
 from processors.core.outcome import SmsOutcome
-from processors.core.policy import CallPermit, Policy, Prior, contacts_by_id
-from processors.gateways.base import SendResult, SmsMessage
+from processors.core.policy.requests import CallPermit, Prior
+from processors.core.policy.runner import Policy
+from processors.core.sms import SendResult, SmsMessage
 
 
 @dataclass
@@ -156,6 +158,12 @@ class InMemoryStore:
         self._entry(decision.decision_id).emitted = status
 
 
+def contacts_by_id(contacts: Mapping[str, Contact] | Sequence[Contact]) -> dict[str, Contact]:
+    if isinstance(contacts, Mapping):
+        return dict(contacts)
+    return {c.user_id: c for c in contacts}
+
+
 @dataclass
 class Simulation:
     """Result of :func:`simulate`: every outcome in order, and the texts that would go out."""
@@ -243,3 +251,20 @@ def simulate_dispatch(
         default_timezone=default_timezone,
         cooldown_ms=cooldown_ms,
     ).outcomes
+
+
+def summarize(sim: Simulation) -> str:
+    """Sends and suppressions by reason, per campaign (final outcome of each decision)."""
+    final = sim.final()
+    by = Counter((o.campaign_id, o.status, o.reason or "") for o in final.values())
+    lines = [f"{'campaign':<22}{'status':<12}{'reason':<22}{'count':>7}"]
+    for (campaign, status, reason), n in sorted(by.items()):
+        lines.append(f"{campaign:<22}{status:<12}{reason:<22}{n:>7}")
+    totals = Counter(o.status for o in final.values())
+    lines.append(
+        "texts="
+        + str(len(sim.messages))
+        + " "
+        + " ".join(f"{k}={v}" for k, v in sorted(totals.items()))
+    )
+    return "\n".join(lines)

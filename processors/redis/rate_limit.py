@@ -56,56 +56,10 @@ from dataclasses import dataclass
 
 import redis
 
+from processors.redis import scripts
+
 DEFAULT_LEASE_S = 30.0
 MIN_POLL_S = 0.01
-
-# KEYS[1] GCRA key, KEYS[2] the guard's sorted set; ARGV: slot spacing in us, the calling
-# thread's previous request ('' if none). Marks that request answered, books a slot, returns
-# the us to wait for it.
-_BOOK = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-if ARGV[2] ~= '' then
-  redis.call('ZADD', KEYS[2], 'XX', 'LT', string.format('%d', now), ARGV[2])
-end
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-local slot = math.max(now, tat)
-local nxt = slot + tonumber(ARGV[1])
--- keep the key until every booked slot has passed, plus a second
-redis.call('SET', KEYS[1], string.format('%d', nxt), 'PX', math.ceil((nxt - now) / 1000) + 1000)
-return {string.format('%d', slot - now)}
-"""
-
-# KEYS[1] the guard's sorted set (score: the request cannot reach the gateway later; Redis time
-# in us); ARGV: limit, window, lease, poll (all us), a unique member. Returns 0 when admitted,
-# else the us to wait: until the lowest answered request leaves the window, or the poll
-# interval when the lowest is still in flight (its answer may come any time).
-_GUARD = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local limit = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local lease = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now - window))
-if redis.call('ZCARD', KEYS[1]) < limit then
-  redis.call('ZADD', KEYS[1], string.format('%d', now + lease), ARGV[5])
-  redis.call('PEXPIRE', KEYS[1], math.ceil((window + lease) / 1000) + 1000)
-  return {'0'}
-end
-local lowest = tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2])
-if lowest > now then
-  return {ARGV[4]}
-end
-return {string.format('%d', math.max(1, lowest + window - now + 1))}
-"""
-
-# KEYS[1] the guard's sorted set; ARGV[1] a member: its answer is in, score it "now".
-_DONE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-redis.call('ZADD', KEYS[1], 'XX', 'LT', string.format('%d', now), ARGV[1])
-return 0
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,9 +117,9 @@ class RateLimiter:
         self._window_us = max(1, round(1_000_000 * self.budget.window_s))
         self._lease_us = max(1, round(1_000_000 * self.budget.lease_s))
         self._poll_us = max(1, round(1_000_000 * self.budget.poll_s))
-        self._book = client.register_script(_BOOK)
-        self._guard = client.register_script(_GUARD)
-        self._done = client.register_script(_DONE)
+        self._book = scripts.register(client, "rate_book")
+        self._guard = scripts.register(client, "rate_guard")
+        self._done = scripts.register(client, "rate_done")
         self._sleep = sleep
         self._ids = itertools.count()
         self._me = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -219,52 +173,3 @@ class RateLimiter:
         with self._lock:
             self.waited_s += seconds
         return seconds
-
-
-class LocalRateLimiter:
-    """The same pacing and window cap in one process (backtests and tests without Redis)."""
-
-    def __init__(self, rate_per_s: float, *, lease_s: float = DEFAULT_LEASE_S) -> None:
-        self.budget = Budget.for_rate(rate_per_s, lease_s)
-        self.interval_s = self.budget.spacing_s
-        self._tat = 0.0
-        self._scores: dict[int, float] = {}  # request number -> cannot be received later
-        self._ids = itertools.count()
-        self._local = threading.local()
-        self._lock = threading.Lock()
-
-    def _answered(self, now: float) -> None:
-        """Lock held: this thread's previous request is answered."""
-        previous = getattr(self._local, "member", None)
-        self._local.member = None
-        if previous in self._scores:
-            self._scores[previous] = min(self._scores[previous], now)
-
-    def acquire(self) -> float:
-        now = time.monotonic()
-        with self._lock:
-            self._answered(now)
-            slot = max(now, self._tat)
-            self._tat = slot + self.interval_s
-        waited = max(0.0, slot - now)
-        if waited > 0:
-            time.sleep(waited)
-        window = self.budget.window_s
-        while True:
-            with self._lock:
-                now = time.monotonic()
-                live = {k: v for k, v in self._scores.items() if v > now - window}
-                self._scores = live
-                if len(live) < self.budget.limit:
-                    member = next(self._ids)
-                    live[member] = now + self.budget.lease_s
-                    self._local.member = member
-                    return waited
-                lowest = min(live.values())
-                pause = self.budget.poll_s if lowest > now else lowest + window - now
-            time.sleep(pause)
-            waited += pause
-
-    def done(self) -> None:
-        with self._lock:
-            self._answered(time.monotonic())

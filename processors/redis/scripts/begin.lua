@@ -1,0 +1,1 @@
+return begin(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], now)

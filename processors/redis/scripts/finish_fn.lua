@@ -1,0 +1,14 @@
+-- Record a final outcome if ``token`` still owns the decision (``PolicyStore.finish``).
+local function finish(key, did, outcome, status, token, dl, ttl, grace, now, lease, data)
+  if redis.call('HGET', key, 't') ~= token then return 0 end
+  redis.call('HSET', key, 's', 'done', 'o', outcome, 'os', status, 'l', now + grace)
+  if dl == '1' then
+    redis.call('HSET', key, 'dl', '1')
+    redis.call('HDEL', key, 'e')
+  else
+    redis.call('HDEL', key, 'e', 'dl')
+  end
+  redis.call('PEXPIRE', key, ttl)
+  if redis.call('ZREM', lease, did) == 1 then redis.call('HDEL', data, did) end
+  return 1
+end

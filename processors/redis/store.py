@@ -1,0 +1,20 @@
+"""``RedisStore``: the one object the dispatcher, the webhooks and the tools share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from processors.redis.base import DEFAULT_PREFIX
+from processors.redis.batches import Batches
+from processors.redis.sent import SentTexts
+
+
+class RedisStore(Batches, SentTexts):
+    """``PolicyStore`` over one Redis (decision records, batches, contacts), plus the sent texts
+    and short links the webhooks read; thread-safe (redis-py pools connections)."""
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX, **kw: Any) -> RedisStore:
+        return cls(redis.Redis.from_url(url), prefix, **kw)
