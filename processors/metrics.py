@@ -1,9 +1,9 @@
 """Every Prometheus metric of NudgeFlow, in one registry.
 
 Why one module: the dashboard and alert rules in ``deploy/`` name these metrics, and
-tests/test_deploy.py checks every name they use against :data:`REGISTRY`, so a renamed metric
-breaks a test instead of a dashboard. Each process (worker, dispatcher, webhooks) imports the
-metrics it updates and exposes the whole registry on ``/metrics`` with
+tests/unit/processors/test_deploy.py checks every name they use against :data:`REGISTRY`, so a
+renamed metric breaks a test instead of a dashboard. Each process (worker, dispatcher,
+webhooks) imports the metrics it updates and exposes the whole registry on ``/metrics`` with
 :func:`start_metrics_server`; metrics it never touches show up with no samples.
 
 Conventions: ``nudgeflow_`` prefix, ``_total`` counters, ``_seconds`` histograms. Labels carry

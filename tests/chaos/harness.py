@@ -54,7 +54,7 @@ from processors.settings import REPO_ROOT, Settings
 from schemas.codec import Codec
 from streams.clickstream import offsets_group
 from tests.fakes.vonage_fake import Reply, VonageFake
-from tests.kafka_process import KafkaProcess
+from tests.support.kafka_process import KafkaProcess
 
 UNKNOWN_AFTER_CRASH = "unknown_after_crash"
 UNKNOWN_PREFIX = "unknown_after_"  # crash, timeout, connection_lost: the text may have gone out

@@ -30,7 +30,7 @@ from tests.chaos.harness import (
     write_summary,
 )
 from tests.fakes.vonage_fake import VonageFake
-from tests.test_dispatcher import (
+from tests.integration.test_dispatcher import (
     Bus,
     Reader,
     campaign_doc,

@@ -28,7 +28,7 @@ from processors.webhooks import (
 )
 from processors.webhooks.params import json_params
 from tests.fakes.vonage_fake import VonageFake
-from tests.test_webhooks import (
+from tests.integration.test_webhooks import (
     ANA,
     BEN,
     SECRET,
@@ -41,8 +41,8 @@ from tests.test_webhooks import (
     vonage_now,
     wait_until,
 )
-from tests.test_webhooks import fake as fake  # noqa: F401  (fixtures, used by name)
-from tests.test_webhooks import wsettings as wsettings  # noqa: F401
+from tests.integration.test_webhooks import fake as fake  # noqa: F401  (fixtures, used by name)
+from tests.integration.test_webhooks import wsettings as wsettings  # noqa: F401
 
 
 @pytest.fixture

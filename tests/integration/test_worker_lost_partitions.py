@@ -27,7 +27,7 @@ from processors.settings import Settings
 from schemas.codec import Codec
 from streams.checkpoint import decode_position, is_position_key
 from tests.conftest import delete_topics, isolated_settings
-from tests.test_streams_smoke import (
+from tests.integration.test_streams_smoke import (
     MINUTE,
     T0,
     TopicReader,
@@ -36,7 +36,7 @@ from tests.test_streams_smoke import (
     worker_env,
     worker_launcher,
 )
-from tests.test_worker_restart import _collect
+from tests.integration.test_worker_restart import _collect
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ import pytest
 from processors.browser import BrowserError, check_page, find_chromium
 from processors.report.build import write_dir_report
 from processors.report.page import read_report_data
-from tests.test_report import build_dir
+from tests.unit.processors.test_report import build_dir
 
 pytestmark = pytest.mark.skipif(
     find_chromium() is None, reason="chromium is not installed (make chromium)"

@@ -22,7 +22,7 @@ from processors.settings import Settings
 from processors.simulate import generate
 from schemas.codec import Codec
 from streams.checkpoint import is_position_key
-from tests.test_streams_smoke import TopicReader, WorkerProcess, worker_env
+from tests.integration.test_streams_smoke import TopicReader, WorkerProcess, worker_env
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,8 @@ from processors.devstack import StackError, create_topics
 from processors.kafka.control import is_control
 from processors.settings import Settings
 from schemas.codec import Codec
-from tests.kafka_process import KafkaProcess
-from tests.test_streams_smoke import CAMPAIGNS, NUDGEFLOW, T0, click, worker_env
+from tests.integration.test_streams_smoke import CAMPAIGNS, NUDGEFLOW, T0, click, worker_env
+from tests.support.kafka_process import KafkaProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

@@ -31,7 +31,7 @@ from processors.devstack.broker import kafka_version
 from processors.settings import Settings
 from streams.clickstream import offsets_group
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 SETTINGS = Settings()  # production defaults: what a container gets without overrides

@@ -42,7 +42,7 @@ from processors.core.policy import Policy, PolicyStore, Step
 from processors.core.policy.memory import InMemoryStore
 from processors.gateways.base import SendResult
 from processors.redis import RedisStore
-from tests.own_redis import own_redis
+from tests.support.own_redis import own_redis
 
 S, M, H = 1_000, 60_000, 3_600_000
 T0 = int(datetime.fromisoformat("2024-03-13T20:00:00+00:00").timestamp() * 1000)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from processors.core.engine import FLUSH_MS, Engine, Step, UserState
 from processors.core.events import ClickEvent
-from tests.test_engine_live import CSET, LATENESS, T0, TTL, M, S
+from tests.unit.core.test_engine_live import CSET, LATENESS, T0, TTL, M, S
 
 
 def _answer(step: Step) -> tuple[Any, ...]:

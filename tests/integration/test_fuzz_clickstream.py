@@ -49,7 +49,7 @@ from processors.kafka.control import FlushTracker, flush_headers, is_control
 from processors.settings import REPO_ROOT, Settings
 from schemas.codec import PINNED_IDS, Codec
 from streams.topics import CONTROL_HEADER, DLQ_REASON_HEADER
-from tests.test_streams_smoke import TopicReader, worker_env
+from tests.integration.test_streams_smoke import TopicReader, worker_env
 
 REASONS = frozenset(
     {

@@ -13,7 +13,7 @@ from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, C
 
 from processors.commands.contacts import import_contacts
 from processors.settings import Settings
-from tests.test_dispatcher import (
+from tests.integration.test_dispatcher import (
     Bus,
     Reader,
     campaign_doc,

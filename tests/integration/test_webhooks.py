@@ -55,7 +55,14 @@ from processors.webhooks import (
 )
 from schemas.codec import Codec
 from tests.fakes.vonage_fake import VonageFake
-from tests.test_dispatcher import Bus, Reader, campaign_doc, decision, running, write_jsonl
+from tests.integration.test_dispatcher import (
+    Bus,
+    Reader,
+    campaign_doc,
+    decision,
+    running,
+    write_jsonl,
+)
 
 SECRET = "webhook-signing-secret"
 ANA, BEN = "+14155550100", "+12125550101"
@@ -690,7 +697,7 @@ def test_schemathesis_finds_no_server_error(
 
     ensure_topics(settings, [settings.topic_delivery, settings.topic_inbound])
     fuzz = settings.model_copy(update={"gateway": "outbox", "outbox_path": tmp_path / "o.jsonl"})
-    spec = Path(__file__).resolve().parents[1] / "docs" / "webhooks.openapi.yaml"
+    spec = Path(__file__).resolve().parents[2] / "docs" / "webhooks.openapi.yaml"
     schema = schemathesis.openapi.from_path(str(spec))
     server = serve(fuzz)
     seen: list[tuple[str, str, int]] = []

@@ -31,7 +31,7 @@ from schemas.codec import (
     subject_for,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 TS = 1_700_000_000_123
 
 RECORDS: dict[str, dict[str, Any]] = {

@@ -255,7 +255,7 @@ def spawn(settings: Settings, fake: VonageFake, campaigns: Path, log: Path) -> s
         env=child_env(settings, fake),
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
 
 

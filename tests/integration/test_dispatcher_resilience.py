@@ -43,7 +43,7 @@ from processors.gateways.base import (
 from processors.redis import RedisStore
 from processors.settings import Settings
 from tests.fakes.vonage_fake import VonageFake
-from tests.test_dispatcher import (
+from tests.integration.test_dispatcher import (
     Bus,
     Reader,
     campaign_doc,

@@ -22,7 +22,7 @@ from processors import metrics
 from processors.settings import Settings
 from schemas.codec import Codec
 from streams.clickstream import offsets_group
-from tests.test_streams_smoke import (
+from tests.integration.test_streams_smoke import (
     MINUTE,
     T0,
     TopicReader,

@@ -30,7 +30,7 @@ from processors.core.events import EventError, parse_event
 from processors.files import LineErrors, read_events
 from processors.settings import REPO_ROOT, Settings
 from schemas.codec import Codec
-from tests.test_streams_smoke import worker_env
+from tests.integration.test_streams_smoke import worker_env
 
 EXAMPLES = REPO_ROOT / "examples"
 CAMPAIGNS = EXAMPLES / "campaigns.yaml"

@@ -35,8 +35,8 @@ from processors.files import LineErrors
 from processors.gateways.base import SendResult
 from processors.redis import RedisStore
 from processors.settings import REPO_ROOT, Settings
-from tests.own_redis import own_redis
-from tests.test_dispatcher import Bus, Reader, running
+from tests.integration.test_dispatcher import Bus, Reader, running
+from tests.support.own_redis import own_redis
 
 EXAMPLES = REPO_ROOT / "examples"
 CAMPAIGNS = EXAMPLES / "campaigns.yaml"

@@ -63,8 +63,8 @@ from processors.simulate import generate
 from schemas.codec import Codec
 from streams.clickstream import offsets_group
 from tests.conftest import isolated_settings
-from tests.test_metrics import Samples, free_port, scrape
-from tests.test_streams_smoke import NUDGEFLOW, worker_env
+from tests.integration.test_metrics import Samples, free_port, scrape
+from tests.integration.test_streams_smoke import NUDGEFLOW, worker_env
 
 pytestmark = pytest.mark.integration
 
