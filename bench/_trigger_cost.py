@@ -6,7 +6,7 @@ each the best of ``--reps`` CPU times per event over the same simulated records
 
 * ``decode_us``: ``Codec.decode`` alone: what the raw baseline of ``trigger_throughput.py`` pays
   per event besides librdkafka's ``consume``;
-* ``intake_us``: ``processors.intake.intake`` (decode, validation, the ``ClickEvent``);
+* ``intake_us``: ``streams.intake.intake`` (decode, validation, the ``ClickEvent``);
 * ``engine_us``: ``Engine.on_event`` alone on the decoded events, states in a dict (as backtest);
 * ``worker_us``: the worker's real batch path, ``TriggerShell._process`` over batches of 2,000
   records, with a checkpoint (``Checkpointer.take`` + ``write``: state encoding, the store
@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from processors.core.engine import Engine, Step, UserState  # noqa: E402
 from processors.core.events import ClickEvent  # noqa: E402
-from processors.intake import intake  # noqa: E402
 from processors.settings import Settings  # noqa: E402
 from processors.simulate import generate  # noqa: E402
+from streams.intake import intake  # noqa: E402
 
 BATCH = 2_000  # the worker's largest clickstream batch
 PARTITIONS = 4  # a user's records on one partition (keyed by user_id), as on the topic

@@ -2,11 +2,11 @@
 
 All trigger logic is in :class:`processors.core.engine.Engine`; this module only
 
-* reads the clickstream in batches (:mod:`streams.clickstream`, a confluent-kafka consumer that
+* reads the clickstream in batches (:mod:`streams.reader`, a confluent-kafka consumer that
   follows Faust's assignment) and decodes it (bad records go to the DLQ byte for byte, with a
   reason header),
 * keeps each user's engine state in the ``user_state`` table through a write-back buffer and
-  checkpoints (:mod:`streams.checkpoint`: states and clickstream positions written together to
+  checkpoints (:mod:`streams.state.checkpoint`: states and clickstream positions written together to
   the table's changelog),
 * moves time: flush control records (both clocks) and, with the live clock, ticks (a Faust agent
   on the co-partitioned ticks topic),
@@ -51,7 +51,10 @@ from processors.core.clock import Clock, SystemClock
 from processors.core.decision import Decision
 from processors.core.engine import FLUSH_MS, Engine, Step, UserState
 from processors.core.events import ClickEvent
-from processors.intake import (  # header, reason_tag: re-exported for callers of this module
+from processors.settings import Settings
+from schemas.codec import Codec
+from streams.app import membership_lost
+from streams.intake import (  # header, reason_tag: re-exported for callers of this module
     EndOfInput,
     Intake,
     Rejected,
@@ -59,14 +62,11 @@ from processors.intake import (  # header, reason_tag: re-exported for callers o
     intake,
     reason_tag,  # noqa: F401
 )
-from processors.settings import Settings
-from schemas.codec import Codec
-from streams.app import membership_lost
-from streams.checkpoint import Checkpointer, is_position_key
-from streams.clickstream import ClickstreamReader, offsets_group
 from streams.output import Output
-from streams.state_cache import LiveState, StateCache
-from streams.timers import StoredState, TimerIndex, unpack_state
+from streams.reader import ClickstreamReader, offsets_group
+from streams.state.cache import LiveState, StateCache
+from streams.state.checkpoint import Checkpointer, is_position_key
+from streams.state.timers import StoredState, TimerIndex, unpack_state
 from streams.topics import (
     DLQ_DETAIL_HEADER,
     DLQ_REASON_HEADER,
@@ -168,12 +168,12 @@ class TriggerShell:
             partitions=settings.partitions,
             key_type=bytes,  # bytes -> Faust's raw serializer (see streams.app)
             value_type=bytes,
-            help="engine state per user: streams.timers.pack_state(partition, wake_at, state)",
+            help="engine state per user: streams.state.timers.pack_state(partition, wake_at, state)",  # noqa: E501
         )
         self.live = settings.clock == "live"
         # Event clock: only the end-of-input flush reads the index (all its users), no ticks.
         self.timers = TimerIndex(self._scan_table, ordered=self.live)
-        self.states = StateCache(settings.state_cache_users)  # streams.state_cache
+        self.states = StateCache(settings.state_cache_users)  # streams.state.cache
         self.stats = ShellStats()
         self.vocabulary = frozenset(engine.by_type)  # event types some enabled campaign reads
         self.campaign_ids = frozenset(engine.index)
@@ -576,7 +576,7 @@ class TriggerShell:
         self, click: ClickEvent, key: bytes | None, value: bytes, where: _Where
     ) -> list[Out]:
         partition = where.partition
-        user_key = click.user_id.encode()  # == key: processors.intake checked it
+        user_key = click.user_id.encode()  # == key: streams.intake checked it
         raw = None
         try:
             raw = self.checkpointer.get(partition, user_key)
@@ -771,7 +771,7 @@ class TriggerShell:
     # ------------------------------------------------------------------ I/O
 
     async def _intake(self, key: bytes | None, value: bytes | None, headers: Any) -> Intake:
-        """:func:`processors.intake.intake`; bad data comes back as ``Rejected``, so whatever it
+        """:func:`streams.intake.intake`; bad data comes back as ``Rejected``, so whatever it
         raises is a registry outage: retried, never dead-lettered."""
         delay = 0.5
         while True:

@@ -68,7 +68,7 @@ class WorkerHooks:
     Why not Faust's ``on_partitions_revoked`` signal: Faust sends it after it has already
     revoked the table partitions (a RocksDB store closes their databases then), and on stop it
     stops the tables before ``on_before_shutdown``. The worker's last checkpoint
-    (streams.checkpoint) must be written while the table is still open and before the group
+    (streams.state.checkpoint) must be written while the table is still open and before the group
     can hand the partitions to another worker.
     """
 

@@ -1,4 +1,4 @@
-"""The worker's decoded-state cache and deferred encoding (streams/state_cache.py, checkpoint.py).
+"""The worker's decoded-state cache and deferred encoding (streams/state/cache.py, checkpoint.py).
 
 What must hold: a cached state is served only while the table value it came from is still the
 one read; a checkpoint encodes each changed user once, exactly as the state was when the
@@ -17,10 +17,10 @@ import pytest
 from processors.core.engine import UserState
 from processors.core.events import ClickEvent
 from processors.settings import Settings
-from streams.checkpoint import Checkpointer
 from streams.output import Output
-from streams.state_cache import LiveState, StateCache
-from streams.timers import pack_state, unpack_state
+from streams.state.cache import LiveState, StateCache
+from streams.state.checkpoint import Checkpointer
+from streams.state.timers import pack_state, unpack_state
 
 T0 = 1_710_325_412_000
 

@@ -24,7 +24,7 @@ from processors.control import FlushTracker, is_control
 from processors.settings import Settings
 from schemas.codec import Codec
 from streams.agents import decode_tick, encode_tick, header
-from streams.timers import (
+from streams.state.timers import (
     PartitionTimers,
     StateFormatError,
     StoredState,

@@ -21,7 +21,7 @@ from __future__ import annotations
 from itertools import islice
 
 from processors.core.engine import UserState
-from streams.timers import pack_state, unpack_state
+from streams.state.timers import pack_state, unpack_state
 
 DEFAULT_CAPACITY = 20_000  # ~6 KB per decoded state: ~120 MB (NUDGEFLOW_STATE_CACHE_USERS)
 
@@ -72,7 +72,7 @@ class StateCache:
 
 class LiveState:
     """A user's state changed since the last checkpoint, in the checkpoint buffer
-    (:class:`streams.checkpoint.Deferred`): encoded once when the checkpoint takes it, however
+    (:class:`streams.state.checkpoint.Deferred`): encoded once when the checkpoint takes it, however
     many events changed it in between."""
 
     __slots__ = ("cache", "key", "partition", "state", "wake_at", "base")
@@ -94,7 +94,7 @@ class LiveState:
         self.base = base  # the table value before the first change (a failed step goes back to it)
 
     def encode(self) -> bytes:
-        """The table value (``streams.timers.pack_state``); the cache learns it."""
+        """The table value (``streams.state.timers.pack_state``); the cache learns it."""
         value = pack_state(self.partition, self.wake_at, self.state.to_bytes())
         self.cache.put(self.key, value, self.state)
         return value

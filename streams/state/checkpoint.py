@@ -45,7 +45,7 @@ from faust.types import TP
 from streams.output import Output
 
 POSITION_PREFIX = b"\x00nudgeflow:position:"
-"""Keys of position records; user ids never start with NUL (processors.intake rejects them)."""
+"""Keys of position records; user ids never start with NUL (streams.intake rejects them)."""
 _POSITION = struct.Struct(">q")
 
 
