@@ -115,7 +115,7 @@ def test_a_state_equal_to_the_stored_one_is_not_written_again(
 def test_a_failed_step_puts_the_user_back_at_the_last_checkpoint(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch, bootstrap: str
 ) -> None:
-    from streams.agents import _Where
+    from streams.steps import Where
     from streams.worker import build
 
     settings = Settings.load(
@@ -127,20 +127,20 @@ def test_a_failed_step_puts_the_user_back_at_the_last_checkpoint(
     )
     _app, shell = build(settings)
     store: dict[bytes, bytes] = {}
-    shell.checkpointer.store = store
-    shell.reader.owned.add(0)
+    shell.clients.checkpointer.store = store
+    shell.clients.reader.owned.add(0)
 
     def click(eid: str, ts: int) -> ClickEvent:
         return ClickEvent(eid, "u1", "page_view", ts, "s1", {})
 
     def send(ev: ClickEvent, offset: int) -> Any:
-        return shell._on_click(ev, b"u1", b"raw", _Where(0, offset))
+        return shell.steps.on_click(ev, b"u1", b"raw", Where(0, offset))
 
     send(click("e1", T0), 0)
-    taken = shell.checkpointer.take()  # a checkpoint: e1 is in the store
+    taken = shell.clients.checkpointer.take()  # a checkpoint: e1 is in the store
     assert taken is not None
     store.update({k: v for k, v in taken[0][0].items() if v is not None})
-    shell.checkpointer._writing = {}
+    shell.clients.checkpointer._writing = {}
     send(click("e2", T0 + 1000), 1)  # applied, not yet checkpointed
 
     real = shell.engine.on_event
@@ -155,12 +155,13 @@ def test_a_failed_step_puts_the_user_back_at_the_last_checkpoint(
     assert [(o.kind, o.label) for o in out] == [("dead_letter", "internal_error")]
     monkeypatch.setattr(shell.engine, "on_event", real)
 
-    raw = shell.checkpointer.get(0, b"u1")
+    raw = shell.clients.checkpointer.get(0, b"u1")
     assert isinstance(raw, bytes)  # the last checkpoint's value, not the live object
-    state = shell._load(b"u1", raw)
+    state = shell.users.load(b"u1", raw)
     assert state is not None and set(state.seen) == {"e1"}
     send(click("e3", T0 + 2000), 3)  # the next event starts from there
-    state = shell._load(b"u1", shell.checkpointer.get(0, b"u1"))
+    state = shell.users.load(b"u1", shell.clients.checkpointer.get(0, b"u1"))
     assert state is not None and set(state.seen) == {"e1", "e3"}
-    shell.reader.close()
-    shell._output = shell._checkpointer = None  # the Faust app keeps the shell: drop its producer
+    shell.clients.reader.close()
+    # The Faust app keeps the shell: drop its producer.
+    shell.clients._output = shell.clients._checkpointer = None

@@ -10,7 +10,7 @@ and the state is decoded again.
 
 The engine changes a state in place. A changed state goes into the checkpoint buffer as a
 :class:`LiveState` (the object itself, encoded only when the next checkpoint takes it, which
-also records the encoded value here); when a step fails half-way the shell forgets the user and
+also records the encoded value here); when a step fails half-way the worker forgets the user and
 puts back the value from before the first change since the last checkpoint
 (:attr:`LiveState.base`). Bounded: past ``capacity`` users the older half is dropped (memory
 stays flat however many distinct users pass through).
@@ -52,7 +52,7 @@ class StateCache:
         return UserState.from_bytes(unpack_state(raw).state)
 
     def put(self, key: bytes, raw: bytes, state: UserState) -> None:
-        """``state`` is what table value ``raw`` decodes to (the shell just encoded it)."""
+        """``state`` is what table value ``raw`` decodes to (the worker just encoded it)."""
         entries = self._entries
         entries.pop(key, None)  # re-inserted at the end: the oldest entries go first
         entries[key] = (raw, state)
