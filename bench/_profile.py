@@ -16,7 +16,7 @@ from pathlib import Path
 # (component, substring of the frame's file path); the first match from the innermost frame wins.
 COMPONENTS: tuple[tuple[str, str], ...] = (
     ("engine (processors/core)", "processors/core/"),
-    ("intake + codec", "processors/intake.py"),
+    ("intake + codec", "streams/intake.py"),
     ("intake + codec", "schemas/codec.py"),
     ("intake + codec", "fastavro"),
     ("metrics", "processors/metrics.py"),

@@ -6,10 +6,10 @@ each the best of ``--reps`` CPU times per event over the same simulated records
 
 * ``decode_us``: ``Codec.decode`` alone: what the raw baseline of ``trigger_throughput.py`` pays
   per event besides librdkafka's ``consume``;
-* ``intake_us``: ``processors.intake.intake`` (decode, validation, the ``ClickEvent``);
+* ``intake_us``: ``streams.intake.intake`` (decode, validation, the ``ClickEvent``);
 * ``engine_us``: ``Engine.on_event`` alone on the decoded events, states in a dict (as backtest);
-* ``worker_us``: the worker's real batch path, ``TriggerShell._process`` over batches of 2,000
-  records, with a checkpoint (``Checkpointer.take`` + ``write``: state encoding, the store
+* ``worker_us``: the worker's real batch path, ``streams.pipeline.Pipeline.process`` over batches
+  of 2,000 records, with a checkpoint (``Checkpointer.take`` + ``write``: state encoding, the store
   applied) every ``--checkpoint-every`` records, the producer a no-op;
 * ``floor_us``: the same with ``Engine.on_event`` replaced by a stand-in that keeps an empty state:
   what the worker costs besides the engine and the engine's state;
@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from processors.core.engine import Engine, Step, UserState  # noqa: E402
 from processors.core.events import ClickEvent  # noqa: E402
-from processors.intake import intake  # noqa: E402
 from processors.settings import Settings  # noqa: E402
 from processors.simulate import generate  # noqa: E402
+from streams.intake import intake  # noqa: E402
 
 BATCH = 2_000  # the worker's largest clickstream batch
 PARTITIONS = 4  # a user's records on one partition (keyed by user_id), as on the topic
@@ -138,23 +138,22 @@ def main(argv: Iterable[str] | None = None) -> int:
         for i, c in enumerate(clicks)
         for key in (c.user_id.encode(),)
     ]
-    shell._output = NullOutput()  # type: ignore[assignment]
+    shell.clients._output = NullOutput()  # type: ignore[assignment]
     reader = OwnedPartitions()
-    shell._reader = reader  # type: ignore[assignment]
-    checkpointer = shell.checkpointer
+    shell.clients._reader = reader  # type: ignore[assignment]
+    checkpointer = shell.clients.checkpointer
     store = checkpointer.store
 
     def reset() -> None:
         store.data.clear()
-        shell.timers.clear()
-        shell.states.clear()
+        shell.users.clear()
         reader.owned = set(range(PARTITIONS))
         reader.positions = dict.fromkeys(range(PARTITIONS), 0)
 
     async def replay() -> None:
         since = 0
         for start in range(0, len(records), BATCH):
-            await shell._process(records[start : start + BATCH])  # type: ignore[arg-type]
+            await shell.pipeline.process(records[start : start + BATCH])  # type: ignore[arg-type]
             since += BATCH
             if since >= args.checkpoint_every:
                 since = 0
@@ -191,7 +190,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                 states[click.user_id] = step.state
 
     gc.collect()
-    gc.freeze()  # as the worker does after start-up (streams/agents.py)
+    gc.freeze()  # as the worker does after start-up (streams/pipeline.py)
     n = len(records)
     figures = {
         "decode_us": best_cpu_us(decode_all, n, args.reps),

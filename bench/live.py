@@ -62,7 +62,7 @@ from processors.devstack import EmbeddedStack, create_topics
 from processors.dispatcher import Dispatcher
 from processors.settings import Settings
 from schemas.codec import Codec
-from streams.clickstream import offsets_group
+from streams.reader import offsets_group
 
 LATENESS_S = 2.0
 TTL_MS = 10_000
@@ -194,7 +194,7 @@ def decisions_on_topic(settings: Settings, campaign_id: str, idle_s: float = 2.0
 def stored_state(settings: Settings, user: str, idle_s: float = 2.0) -> str:
     """The user's latest ``user_state`` changelog value, summarized (diagnostics)."""
     from processors.core.engine import UserState
-    from streams.timers import unpack_state
+    from streams.state.timers import unpack_state
 
     consumer = Consumer(
         {**settings.kafka_common(), "group.id": f"bench-state-{time.time_ns()}",

@@ -44,8 +44,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 from processors.devstack import EmbeddedStack, StackError, create_topics
 from processors.settings import REPO_ROOT, Settings
 from schemas.codec import Codec
-from streams.checkpoint import is_position_key
-from streams.clickstream import offsets_group
+from streams.reader import offsets_group
+from streams.state.checkpoint import is_position_key
 
 SAMPLE_INTERVAL_S = 0.5
 STOP_TIMEOUT_S = 30.0

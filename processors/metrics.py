@@ -109,7 +109,7 @@ EVENT_TO_DECISION = Histogram(
 CHECKPOINT = Histogram(
     "nudgeflow_checkpoint_seconds",
     "Trigger worker: one checkpoint, from taking the write-back buffer to its states and "
-    "clickstream positions being acknowledged by the broker (streams/checkpoint.py).",
+    "clickstream positions being acknowledged by the broker (streams/state/checkpoint.py).",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
     registry=REGISTRY,
 )

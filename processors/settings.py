@@ -124,7 +124,7 @@ class Settings(BaseSettings):
     # A user idle this long (event time) is forgotten: bounds the state of a worker that sees
     # millions of one-visit users. 30 days: longer than every campaign window.
     state_ttl_s: float = Field(default=30 * 86_400.0, gt=0)
-    # Decoded states the worker keeps of its most recently active users (streams.state_cache):
+    # Decoded states the worker keeps of its most recently active users (streams.state.cache):
     # ~6 KB each, so 20,000 is ~120 MB; 0 turns the cache off (every event decodes its state).
     state_cache_users: int = Field(default=20_000, ge=0)
     # Longest a state change stays only in the worker's memory before its checkpoint: a longer

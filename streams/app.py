@@ -1,6 +1,7 @@
-"""The Faust application of the trigger worker (settings only; agents live in streams.agents).
+"""The Faust application of the trigger worker (settings and hooks; the worker's parts are wired
+onto it by :mod:`streams.agents`).
 
-Why each setting is what it is: docs/adr/0001-faust-worker-app.md.
+Why each setting is what it is, with the measurements: docs/adr/0001-faust-worker-app.md.
 """
 
 from __future__ import annotations
@@ -15,23 +16,16 @@ from faust.sensors import Monitor
 
 from processors.settings import Settings
 
-# Throughput settings (docs/performance.md has the measurements behind each one).
-PRODUCER_LINGER_S = 0.005
-"""Every event writes a changelog record; with Faust's default linger of 0 each one became its
-own produce request and the socket writes alone took ~20% of the worker's CPU. 5 ms batches
-them and adds at most 5 ms to a decision's latency."""
+# Throughput settings (docs/adr/0001-faust-worker-app.md).
+PRODUCER_LINGER_S = 0.005  # Faust's producer batches for 5 ms: at most 5 ms added to a record
 PRODUCER_MAX_BATCH_BYTES = 256 * 1024  # per partition; the default 16 KB holds ~18 states
 STREAM_BUFFER_MAXSIZE = 16_384  # events prefetched per stream (Faust default 4096)
 
 
 class QuietMonitor(Monitor):
-    """Faust's stats monitor without its per-message bookkeeping.
-
-    The default monitor updates a dozen counters and timestamps for every message, event, table
-    access and send (~3% of the worker's CPU) to feed Faust's web stats page, which NudgeFlow does
-    not use: its own Prometheus metrics (processors.metrics) are the operational view. Commit,
-    rebalance and assignment hooks are kept.
-    """
+    """Faust's stats monitor without its per-message bookkeeping (Faust's web stats page is not
+    used; the Prometheus metrics of processors.metrics are the operational view). Commit,
+    rebalance and assignment hooks are kept."""
 
     def on_message_in(self, tp: Any, offset: int, message: Any) -> None:
         return None
@@ -63,14 +57,10 @@ class QuietMonitor(Monitor):
 
 @dataclass
 class WorkerHooks:
-    """Coroutines run *before* Faust's own handling of a revoke or a stop.
-
-    Why not Faust's ``on_partitions_revoked`` signal: Faust sends it after it has already
-    revoked the table partitions (a RocksDB store closes their databases then), and on stop it
-    stops the tables before ``on_before_shutdown``. The worker's last checkpoint
-    (streams.checkpoint) must be written while the table is still open and before the group
-    can hand the partitions to another worker.
-    """
+    """Coroutines run *before* Faust's own handling of a revoke or a stop: while the table is
+    still open and before the group can hand the partitions to another worker (the worker's
+    last checkpoint, :mod:`streams.assignment`). Faust's own ``on_partitions_revoked`` signal
+    comes too late for that (docs/adr/0001-faust-worker-app.md)."""
 
     before_revoke: list[Callable[[Any], Awaitable[None]]] = field(default_factory=list)
     before_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)

@@ -1,7 +1,7 @@
 """Everything the trigger worker writes to Kafka goes through one confluent-kafka producer.
 
 Decisions, cancellations, dead letters, flush markers and the ``user_state`` changelog records
-(:mod:`streams.checkpoint`) share it. librdkafka batches in C threads: a record costs a few
+(:mod:`streams.state.checkpoint`) share it. librdkafka batches in C threads: a record costs a few
 microseconds here, where Faust's producer path cost tens (docs/performance.md).
 
 Durability: :meth:`Output.wait` returns only once every record of the epochs it waits for is

@@ -108,9 +108,9 @@ def build(settings: Settings) -> tuple[faust.App, TriggerShell]:
 
 
 def show_status(loglevel: str) -> logging.Logger:
-    """Send the status lines (:data:`streams.agents.STATUS_LOGGER`) to stderr at ``loglevel``
+    """Send the status lines (:data:`streams.assignment.STATUS_LOGGER`) to stderr at ``loglevel``
     ``debug``/``info``/``warn``, independently of Faust's logging setup; hide them above."""
-    from streams.agents import STATUS_LOGGER
+    from streams.assignment import STATUS_LOGGER
 
     logger = logging.getLogger(STATUS_LOGGER)
     if not logger.handlers:

@@ -52,7 +52,7 @@ from processors.dispatcher import DLQ_REASON_HEADER
 from processors.kafka.control import FlushTracker, is_control
 from processors.settings import REPO_ROOT, Settings
 from schemas.codec import Codec
-from streams.clickstream import offsets_group
+from streams.reader import offsets_group
 from tests.fakes.vonage_fake import Reply, VonageFake
 from tests.support.kafka_process import KafkaProcess
 

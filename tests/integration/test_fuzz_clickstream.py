@@ -1,6 +1,6 @@
 """Hostile clickstream input: fuzzing the worker's intake path, then the real worker.
 
-The pure part runs :func:`processors.intake.intake` (the exact function the Faust agent calls for
+The pure part runs :func:`streams.intake.intake` (the exact function the Faust agent calls for
 every record) on ~12,000 generated records: truncated Avro, wrong magic bytes, unknown schema
 ids, missing or blank ids, unknown event types, timestamps far in the future or past, oversized
 properties, non-UTF-8 bytes, duplicate ids, control headers, random bytes and mutations of good
@@ -44,10 +44,10 @@ from processors.core.events import (
     validate,
 )
 from processors.files import LineErrors, read_events
-from processors.intake import END_OF_INPUT, Rejected, intake
 from processors.kafka.control import FlushTracker, flush_headers, is_control
 from processors.settings import REPO_ROOT, Settings
 from schemas.codec import PINNED_IDS, Codec
+from streams.intake import END_OF_INPUT, Rejected, intake
 from streams.topics import CONTROL_HEADER, DLQ_REASON_HEADER
 from tests.integration.test_streams_smoke import TopicReader, worker_env
 
@@ -345,7 +345,7 @@ def test_user_ids_starting_with_nul_are_dead_lettered(
     good: tuple[ClickEvent, bytes], rest: str
 ) -> None:
     """The worker keeps its clickstream positions under NUL-prefixed keys in the state table
-    (streams.checkpoint): a user id like that must never reach the table."""
+    (streams.state.checkpoint): a user id like that must never reach the table."""
     user_id = "\x00" + rest
     value = CODEC.encode("ClickEvent", {**record(good[0]), "user_id": user_id})
     got = intake(CODEC, user_id.encode(), value)

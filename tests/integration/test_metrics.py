@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from processors import metrics
 from processors.settings import Settings
 from schemas.codec import Codec
-from streams.clickstream import offsets_group
+from streams.reader import offsets_group
 from tests.integration.test_streams_smoke import (
     MINUTE,
     T0,

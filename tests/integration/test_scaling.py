@@ -61,7 +61,7 @@ from processors.kafka.control import FlushTracker, is_control
 from processors.settings import Settings
 from processors.simulate import generate
 from schemas.codec import Codec
-from streams.clickstream import offsets_group
+from streams.reader import offsets_group
 from tests.conftest import isolated_settings
 from tests.integration.test_metrics import Samples, free_port, scrape
 from tests.integration.test_streams_smoke import NUDGEFLOW, worker_env

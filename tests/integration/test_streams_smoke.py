@@ -23,8 +23,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from processors.kafka.control import FlushTracker, is_control
 from processors.settings import Settings
 from schemas.codec import Codec
-from streams.agents import decode_tick, encode_tick, header
-from streams.timers import (
+from streams.intake import header
+from streams.state.timers import (
     PartitionTimers,
     StateFormatError,
     StoredState,
@@ -32,6 +32,7 @@ from streams.timers import (
     pack_state,
     unpack_state,
 )
+from streams.ticks import decode_tick, encode_tick
 from streams.topics import CONTROL_HEADER, DLQ_REASON_HEADER, FLUSH
 
 NUDGEFLOW = Path(sys.executable).with_name("nudgeflow")

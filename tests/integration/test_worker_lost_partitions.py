@@ -25,7 +25,7 @@ from processors.core.events import ClickEvent
 from processors.devstack import StackInfo
 from processors.settings import Settings
 from schemas.codec import Codec
-from streams.checkpoint import decode_position, is_position_key
+from streams.state.checkpoint import decode_position, is_position_key
 from tests.conftest import delete_topics, isolated_settings
 from tests.integration.test_streams_smoke import (
     MINUTE,

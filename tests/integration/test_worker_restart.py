@@ -21,7 +21,7 @@ from processors.kafka.control import FlushTracker, is_control
 from processors.settings import Settings
 from processors.simulate import generate
 from schemas.codec import Codec
-from streams.checkpoint import is_position_key
+from streams.state.checkpoint import is_position_key
 from tests.integration.test_streams_smoke import TopicReader, WorkerProcess, worker_env
 
 pytestmark = pytest.mark.integration

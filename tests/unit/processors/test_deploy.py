@@ -29,7 +29,7 @@ from processors.core.campaign import load_campaigns
 from processors.devstack import topic_specs
 from processors.devstack.broker import kafka_version
 from processors.settings import Settings
-from streams.clickstream import offsets_group
+from streams.reader import offsets_group
 
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"

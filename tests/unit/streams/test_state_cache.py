@@ -1,4 +1,4 @@
-"""The worker's decoded-state cache and deferred encoding (streams/state_cache.py, checkpoint.py).
+"""The worker's decoded-state cache and deferred encoding (streams/state/cache.py, checkpoint.py).
 
 What must hold: a cached state is served only while the table value it came from is still the
 one read; a checkpoint encodes each changed user once, exactly as the state was when the
@@ -17,10 +17,10 @@ import pytest
 from processors.core.engine import UserState
 from processors.core.events import ClickEvent
 from processors.settings import Settings
-from streams.checkpoint import Checkpointer
 from streams.output import Output
-from streams.state_cache import LiveState, StateCache
-from streams.timers import pack_state, unpack_state
+from streams.state.cache import LiveState, StateCache
+from streams.state.checkpoint import Checkpointer
+from streams.state.timers import pack_state, unpack_state
 
 T0 = 1_710_325_412_000
 
@@ -115,7 +115,7 @@ def test_a_state_equal_to_the_stored_one_is_not_written_again(
 def test_a_failed_step_puts_the_user_back_at_the_last_checkpoint(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch, bootstrap: str
 ) -> None:
-    from streams.agents import _Where
+    from streams.steps import Where
     from streams.worker import build
 
     settings = Settings.load(
@@ -127,20 +127,20 @@ def test_a_failed_step_puts_the_user_back_at_the_last_checkpoint(
     )
     _app, shell = build(settings)
     store: dict[bytes, bytes] = {}
-    shell.checkpointer.store = store
-    shell.reader.owned.add(0)
+    shell.clients.checkpointer.store = store
+    shell.clients.reader.owned.add(0)
 
     def click(eid: str, ts: int) -> ClickEvent:
         return ClickEvent(eid, "u1", "page_view", ts, "s1", {})
 
     def send(ev: ClickEvent, offset: int) -> Any:
-        return shell._on_click(ev, b"u1", b"raw", _Where(0, offset))
+        return shell.steps.on_click(ev, b"u1", b"raw", Where(0, offset))
 
     send(click("e1", T0), 0)
-    taken = shell.checkpointer.take()  # a checkpoint: e1 is in the store
+    taken = shell.clients.checkpointer.take()  # a checkpoint: e1 is in the store
     assert taken is not None
     store.update({k: v for k, v in taken[0][0].items() if v is not None})
-    shell.checkpointer._writing = {}
+    shell.clients.checkpointer._writing = {}
     send(click("e2", T0 + 1000), 1)  # applied, not yet checkpointed
 
     real = shell.engine.on_event
@@ -155,12 +155,13 @@ def test_a_failed_step_puts_the_user_back_at_the_last_checkpoint(
     assert [(o.kind, o.label) for o in out] == [("dead_letter", "internal_error")]
     monkeypatch.setattr(shell.engine, "on_event", real)
 
-    raw = shell.checkpointer.get(0, b"u1")
+    raw = shell.clients.checkpointer.get(0, b"u1")
     assert isinstance(raw, bytes)  # the last checkpoint's value, not the live object
-    state = shell._load(b"u1", raw)
+    state = shell.users.load(b"u1", raw)
     assert state is not None and set(state.seen) == {"e1"}
     send(click("e3", T0 + 2000), 3)  # the next event starts from there
-    state = shell._load(b"u1", shell.checkpointer.get(0, b"u1"))
+    state = shell.users.load(b"u1", shell.clients.checkpointer.get(0, b"u1"))
     assert state is not None and set(state.seen) == {"e1", "e3"}
-    shell.reader.close()
-    shell._output = shell._checkpointer = None  # the Faust app keeps the shell: drop its producer
+    shell.clients.reader.close()
+    # The Faust app keeps the shell: drop its producer.
+    shell.clients._output = shell.clients._checkpointer = None

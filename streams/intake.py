@@ -1,8 +1,8 @@
 """Clickstream intake: one pure function from a Kafka record to an event or a DLQ reason.
 
-The Faust worker (:mod:`streams.agents`) calls :func:`intake` for every clickstream record and
-only adds I/O around it, so the fuzz tests run exactly the worker's decision path without a
-broker. The contract: for any ``(key, value, headers)`` the result is a valid
+The worker's read loop (:mod:`streams.pipeline`) calls :func:`intake` for every clickstream
+record and only adds I/O around it, so the fuzz tests run exactly the worker's decision path
+without a broker. The contract: for any ``(key, value, headers)`` the result is a valid
 :class:`~processors.core.events.ClickEvent`, :data:`END_OF_INPUT`, or a :class:`Rejected` with a
 short machine-readable ``reason`` (the ``nudgeflow-dlq-reason`` header) and a log-safe
 ``detail``. Bad data never raises. The only exceptions that escape come from the schema registry

@@ -10,7 +10,7 @@ and the state is decoded again.
 
 The engine changes a state in place. A changed state goes into the checkpoint buffer as a
 :class:`LiveState` (the object itself, encoded only when the next checkpoint takes it, which
-also records the encoded value here); when a step fails half-way the shell forgets the user and
+also records the encoded value here); when a step fails half-way the worker forgets the user and
 puts back the value from before the first change since the last checkpoint
 (:attr:`LiveState.base`). Bounded: past ``capacity`` users the older half is dropped (memory
 stays flat however many distinct users pass through).
@@ -21,7 +21,7 @@ from __future__ import annotations
 from itertools import islice
 
 from processors.core.engine import UserState
-from streams.timers import pack_state, unpack_state
+from streams.state.timers import pack_state, unpack_state
 
 DEFAULT_CAPACITY = 20_000  # ~6 KB per decoded state: ~120 MB (NUDGEFLOW_STATE_CACHE_USERS)
 
@@ -52,7 +52,7 @@ class StateCache:
         return UserState.from_bytes(unpack_state(raw).state)
 
     def put(self, key: bytes, raw: bytes, state: UserState) -> None:
-        """``state`` is what table value ``raw`` decodes to (the shell just encoded it)."""
+        """``state`` is what table value ``raw`` decodes to (the worker just encoded it)."""
         entries = self._entries
         entries.pop(key, None)  # re-inserted at the end: the oldest entries go first
         entries[key] = (raw, state)
@@ -72,7 +72,7 @@ class StateCache:
 
 class LiveState:
     """A user's state changed since the last checkpoint, in the checkpoint buffer
-    (:class:`streams.checkpoint.Deferred`): encoded once when the checkpoint takes it, however
+    (:class:`streams.state.checkpoint.Deferred`): encoded once when the checkpoint takes it, however
     many events changed it in between."""
 
     __slots__ = ("cache", "key", "partition", "state", "wake_at", "base")
@@ -94,7 +94,7 @@ class LiveState:
         self.base = base  # the table value before the first change (a failed step goes back to it)
 
     def encode(self) -> bytes:
-        """The table value (``streams.timers.pack_state``); the cache learns it."""
+        """The table value (``streams.state.timers.pack_state``); the cache learns it."""
         value = pack_state(self.partition, self.wake_at, self.state.to_bytes())
         self.cache.put(self.key, value, self.state)
         return value

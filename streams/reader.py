@@ -10,10 +10,10 @@ the live clock's ticks.
 
 How it follows Faust: the reader owns clickstream partition p exactly while this worker's Faust
 consumer owns ticks partition p *and* the table's partition p is recovered. Faust announces
-both moments: ``on_partitions_revoked`` (before anything moves: the shell checkpoints and the
+both moments: ``on_partitions_revoked`` (before anything moves: the worker checkpoints and the
 reader lets go of every partition) and ``on_rebalance_complete`` (tables recovered: the reader
 takes the ticks partitions it now has, each at the position stored in the table,
-:mod:`streams.checkpoint`). The consumer never joins a group (``assign``, not ``subscribe``),
+:mod:`streams.state.checkpoint`). The consumer never joins a group (``assign``, not ``subscribe``),
 so two workers cannot both read a partition unless Faust gave it to both.
 """
 

@@ -22,7 +22,7 @@ same deterministic ids.
 
 States are encoded when a checkpoint takes them, not at every change (:class:`Deferred`): a
 user with several events between two checkpoints is encoded once (the worker's per-event cost,
-docs/performance.md). ``take`` encodes synchronously, while the caller holds the shell's lock,
+docs/performance.md). ``take`` encodes synchronously, while the caller holds the worker's lock,
 so what is written is exactly the state at the positions taken.
 
 A committed group offset, by contrast, can be ahead of the restored state, and then
@@ -45,7 +45,7 @@ from faust.types import TP
 from streams.output import Output
 
 POSITION_PREFIX = b"\x00nudgeflow:position:"
-"""Keys of position records; user ids never start with NUL (processors.intake rejects them)."""
+"""Keys of position records; user ids never start with NUL (streams.intake rejects them)."""
 _POSITION = struct.Struct(">q")
 
 
@@ -68,7 +68,7 @@ def decode_position(value: bytes | None) -> int | None:
 
 
 class Deferred(Protocol):
-    """A buffered value encoded only when a checkpoint takes it (the shell's live user state)."""
+    """A buffered value encoded only when a checkpoint takes it (the worker's live user state)."""
 
     def encode(self) -> bytes: ...
 
@@ -104,7 +104,7 @@ class Checkpointer:
     """The write-back buffer of one worker and the checkpoints that empty it.
 
     A checkpoint takes the buffer as it is (:meth:`take`, synchronous: the caller holds the
-    shell's lock for that instant only) and writes it while processing goes on into a fresh
+    worker's lock for that instant only) and writes it while processing goes on into a fresh
     buffer; reads look at the fresh buffer, then the one being written, then the store.
     """
 
