@@ -223,6 +223,19 @@ class Checkpointer:
                     positions[p] = last
         return batch, positions, self.output.barrier()
 
+    def put_back(
+        self, taken: tuple[dict[int, dict[bytes, bytes | None]], dict[int, int], int]
+    ) -> None:
+        """A checkpoint :meth:`take` started is not written: its values and positions go back
+        into the buffer under anything newer, so reads and the next checkpoint still see them."""
+        batch, positions, _barrier = taken
+        for p, items in batch.items():
+            newer = self._dirty.get(p, {})
+            self._dirty[p] = {**items, **newer}  # type: ignore[dict-item]
+        for p, offset in positions.items():
+            self._positions.setdefault(p, offset)
+        self._writing = {}
+
     async def write(
         self, taken: tuple[dict[int, dict[bytes, bytes | None]], dict[int, int], int]
     ) -> dict[int, int]:
@@ -251,14 +264,7 @@ class Checkpointer:
                 )
             await self.output.flush()  # 2.-3. the states, then the positions, durable
         except BaseException:
-            # Not written: put it back under anything newer, so nothing is lost if the caller
-            # goes on (it normally stops the worker).
-            for p, items in batch.items():
-                newer = self._dirty.get(p, {})
-                self._dirty[p] = {**items, **newer}  # type: ignore[dict-item]
-            for p, offset in positions.items():
-                self._positions.setdefault(p, offset)
-            self._writing = {}
+            self.put_back(taken)  # the caller normally stops the worker
             raise
         records: list[_Record] = []
         for p in set(batch) | set(positions):

@@ -66,8 +66,9 @@ class CheckpointWriter:
         started = time.monotonic()
         checkpointer = self.clients.checkpointer
         if membership_lost(self.app):
-            # The partitions may belong to another worker already (drop_unwritten).
-            checkpointer.forget()
+            # The partitions may belong to another worker already: write nothing, keep the
+            # changes buffered (processing goes on with them until the revoke drops them all).
+            checkpointer.put_back(taken)
             return
         try:
             positions = await checkpointer.write(taken)

@@ -112,6 +112,31 @@ def test_a_state_equal_to_the_stored_one_is_not_written_again(
     assert taken is not None and set(taken[0][0]) == {b"u2"}
 
 
+def test_a_checkpoint_not_written_keeps_every_change_for_reads_and_the_next_one(
+    checkpointer: tuple[Checkpointer, dict[bytes, bytes]],
+) -> None:
+    """A worker that learns its membership expired writes nothing, but keeps processing until
+    the revoke: the changes it did not write must still be what it reads (a read of the older
+    stored state would decide on a state that lost events)."""
+    ck, store = checkpointer
+    cache = StateCache()
+    old = UserState("u1", seq=1)
+    store[b"u1"] = value_of(old)
+    state = UserState("u1", seq=4)
+    ck.put(0, b"u1", LiveState(cache, b"u1", 0, state, None, store[b"u1"]))
+    ck.advance(0, 40)
+    taken = ck.take()
+    assert taken is not None
+    ck.put(0, b"u2", LiveState(cache, b"u2", 0, UserState("u2"), None, None))  # after the take
+    ck.put_back(taken)
+    raw = ck.get(0, b"u1")
+    assert isinstance(raw, bytes) and raw != store[b"u1"]
+    assert cache.state(b"u1", raw) is state  # the live object, not a decode of the old value
+    again = ck.take()
+    assert again is not None
+    assert set(again[0][0]) == {b"u1", b"u2"} and again[1] == {0: 40}
+
+
 def test_a_failed_step_puts_the_user_back_at_the_last_checkpoint(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch, bootstrap: str
 ) -> None:
