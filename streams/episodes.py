@@ -31,13 +31,9 @@ class Episodes:
         """Campaigns with a pending timer (open episodes) in the user's head state."""
         if state is None:
             return _NONE_OPEN
-        core = state.head if state.head is not None else state.committed
-        # The engine's deadline map: the one place the worker reads an engine-private key
-        # (the engine's typed state gives it an accessor).
-        deadlines = core.get("d")
-        if not deadlines:
+        ids = state.open_campaigns()
+        if not ids:
             return _NONE_OPEN
-        ids = frozenset(deadlines)
         return ids if ids <= self.campaign_ids else ids & self.campaign_ids
 
     def note(self, partition: int, before: frozenset[str], state: UserState | None) -> None:

@@ -119,6 +119,13 @@ class UserState:
     # instead of replaying the tail (Engine._commit).
     quiet: bool = field(default=False, compare=False, repr=False)
 
+    def open_campaigns(self) -> frozenset[str]:
+        """Campaigns with a pending timer (an open episode) in the head state: committed plus
+        the tail, so a cart counts as open as soon as its event is applied."""
+        core = self.head if self.head is not None else self.committed
+        deadlines = core.get("d")
+        return frozenset(deadlines) if deadlines else frozenset()
+
     def to_bytes(self) -> bytes:
         fields = [self.user_id, self.wm, self.max_ts, self.seq, self.committed, self.head,
                   self.tail, self.seen, self.spec]  # fmt: skip
