@@ -7,13 +7,16 @@ wrote must keep decoding to the same state; anything unreadable must raise ``Sta
 
 from __future__ import annotations
 
+import gzip
 import json
+from pathlib import Path
+from typing import Any
 
 import cramjam
 import orjson
 import pytest
 
-from processors.core.campaign import parse_campaigns
+from processors.core.campaign import load_campaigns, parse_campaigns
 from processors.core.engine import (
     FLUSH_MS,
     STATE_COMPRESS_MIN,
@@ -22,6 +25,7 @@ from processors.core.engine import (
     UserState,
 )
 from processors.core.events import ClickEvent
+from streams.timers import unpack_state
 
 T0 = 1_710_325_412_000
 S, M = 1_000, 60_000
@@ -54,6 +58,27 @@ OLD_PLAIN_JSON = (
     b'"ts":1710325412000,"session_id":"s1","properties":{}}]],'
     b'{"e1":1710325352000,"e2":1710325412000},{}]'
 )
+
+# ``busy_state()`` as the LZ4 + orjson format (first byte 0x02) wrote it.
+BUSY_LZ4_JSON = bytes.fromhex(
+    "02c4030000f5045b227531222c313731303332353433323030300e0011360e00f405332c7b2266223a7b2270"
+    "63223a302c226673223a3000113122002f226c130000f01470223a6e756c6c2c2272223a5b5b343735303930"
+    "2c315d5d2c22736964223a227331220b0070223a317d2c2263600040636172740800776570223a5b22659700"
+    "0267000275002237320e00012200c15d2c7b2270726f647563745f560010705600041200f0076e616d65223a"
+    "2268696b696e6720706f6c6573227d2c9600605d7d7d2c22646d00027500095b002f7d7df2001b0227010ff2"
+    "00041f33f20076402c226869f200246c66f00006bb0030617374a601362265330c0201d7001f5d2a010d245b"
+    "5b3c0211350c0283322c7b226576656e9001926532222c22757365729f01006c02031f00307479709d01d770"
+    "6167655f76696577222c22744702024e00822273657373696f6e3e00013302a070726f70657274696573cd00"
+    "003f00c5223a222f702f31227d7d5d2c8e0001be0001bc02088e001f338e000c6b7369676e75708b00024b00"
+    "0f8b000d307d7d5d8e022665315e0102a90236226532130003d7002665331300015f00007302f012642d3234"
+    "37343234346439623037646634336461303230353637613863326138611703296869a2015030305d7d5d"
+)
+
+REPO = Path(__file__).resolve().parent.parent
+# Table values (header + state) of 200 simulated users half-way through a stream with disorder
+# and duplicates, as the LZ4 + orjson format wrote them, the second half of that stream, and what
+# the engine then emitted (decisions, cancellations, rejections, filtered, wake-ups, the flush).
+UPGRADE_FIXTURE = REPO / "tests" / "fixtures" / "user_state_v1.json.gz"
 
 
 def ev(eid: str, etype: str, ts: int, **props: str) -> ClickEvent:
@@ -162,3 +187,54 @@ def test_truncated_lz4_value_raises_state_format_error() -> None:
     assert data[0] == 0x02
     with pytest.raises(StateFormatError):
         UserState.from_bytes(data[: len(data) // 2])
+
+
+def _run(engine: Engine, states: dict[str, UserState], events: list[ClickEvent]) -> list[Any]:
+    out: list[Any] = []
+    for e in events:
+        step = engine.on_event(states.get(e.user_id), e)
+        out += [
+            ["d", d.decision_id, d.fire_at, d.variant, d.stage, d.trigger_ts,
+             list(d.trigger_event_ids), d.properties]
+            for d in step.decisions
+        ]  # fmt: skip
+        out += [["c", c.decision_id, c.reason, c.at] for c in step.cancellations]
+        out += [["r", x.event_id, why] for x, why in step.rejected]
+        out += [["f", cid, why] for cid, why in step.filtered]
+        if step.state is None:
+            states.pop(e.user_id, None)
+        else:
+            states[e.user_id] = step.state
+            out.append(["w", e.user_id, step.wake_at])
+    for user in sorted(states):
+        step = engine.on_time(states[user], FLUSH_MS)
+        out += [
+            ["d", d.decision_id, d.fire_at, d.variant, d.stage, d.trigger_ts,
+             list(d.trigger_event_ids), d.properties]
+            for d in step.decisions
+        ]  # fmt: skip
+        out += [["c", c.decision_id, c.reason, c.at] for c in step.cancellations]
+    return out
+
+
+def test_lz4_json_value_of_a_busy_state_still_reads() -> None:
+    old = UserState.from_bytes(BUSY_LZ4_JSON)
+    assert old == busy_state()
+    assert continue_with(old) == continue_with(busy_state())
+
+
+def test_a_running_deployment_upgrades_in_place() -> None:
+    """Every user's stored value from the previous format: the engine reads it, and carries on
+    exactly as the engine that wrote it did (same decisions, exits, rejections, wake-ups)."""
+    with gzip.open(UPGRADE_FIXTURE, "rt") as f:
+        doc = json.load(f)
+    engine = Engine(
+        load_campaigns(REPO / doc["campaigns"]), allowed_lateness_ms=doc["allowed_lateness_ms"]
+    )
+    states: dict[str, UserState] = {}
+    for user, value in doc["values"].items():
+        stored = unpack_state(bytes.fromhex(value))
+        states[user] = UserState.from_bytes(stored.state)
+        assert stored.wake_at == engine.wake_at(states[user])
+    events = [ClickEvent(**r) for r in doc["events"]]
+    assert _run(engine, states, events) == doc["expected"]
