@@ -175,8 +175,8 @@ class TriggerShell:
         self.timers = TimerIndex(self._scan_table, ordered=self.live)
         self.states = StateCache(settings.state_cache_users)  # streams.state_cache
         self.stats = ShellStats()
-        self.vocabulary = frozenset(engine.by_type)  # event types some enabled campaign reads
-        self.campaign_ids = frozenset(engine.index)
+        self.vocabulary = engine.event_types  # event types some enabled campaign reads
+        self.campaign_ids = engine.campaign_ids
         for campaign_id in self.campaign_ids:
             metrics.CAMPAIGN_ENABLED.labels(campaign_id).set(1)
         self.episodes = metrics.PartitionedGauge(metrics.OPEN_EPISODES, self.campaign_ids)
@@ -656,11 +656,10 @@ class TriggerShell:
         the watermark has committed it."""
         if state is None:
             return _NONE_OPEN
-        core = state.head if state.head is not None else state.committed
-        deadlines = core.get("d")
-        if not deadlines:
+        open_now = state.open_campaigns()
+        if not open_now:
             return _NONE_OPEN
-        ids = frozenset(deadlines)
+        ids = frozenset(open_now)
         return ids if ids <= self.campaign_ids else ids & self.campaign_ids
 
     def _scan_table(self) -> list[tuple[str, StoredState]]:

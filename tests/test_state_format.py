@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import cramjam
+import msgpack
 import orjson
 import pytest
 
 from processors.core.campaign import load_campaigns, parse_campaigns
 from processors.core.engine import (
+    COMPRESS_MIN,
     FLUSH_MS,
-    STATE_COMPRESS_MIN,
     Engine,
     StateFormatError,
     UserState,
@@ -95,7 +96,7 @@ def busy_state() -> UserState:
         ev("e3", "signup", T0 + 50 * S),
     ]:
         st = eng.on_event(st, e).state
-    assert st is not None and st.tail and st.head is not None and st.committed.get("d")
+    assert st is not None and st.tail and st.head is not None and st.committed.deadlines
     return st
 
 
@@ -118,28 +119,38 @@ def test_round_trip_gives_an_equal_state_that_behaves_the_same() -> None:
     assert continue_with(back) == continue_with(busy_state()) != []
 
 
-def test_small_states_are_plain_orjson_and_large_ones_lz4() -> None:
+def test_small_states_are_packed_and_large_ones_lz4() -> None:
     small = UserState("u1")
     data = small.to_bytes()
-    assert data[0] == 0x01 and orjson.loads(data[1:])[0] == "u1"
+    assert data[0] == 0x03 and msgpack.unpackb(data[1:])[0] == "u1"
+    assert len(data) < COMPRESS_MIN
     assert UserState.from_bytes(data) == small
 
     big = busy_state()
-    body = orjson.dumps(
-        [big.user_id, big.wm, big.max_ts, big.seq, big.committed, big.head, big.tail, big.seen,
-         big.spec],
-        option=orjson.OPT_NON_STR_KEYS,
-    )  # fmt: skip
-    assert len(body) >= STATE_COMPRESS_MIN
     data = big.to_bytes()
-    assert data[0] == 0x02 and len(data) < len(body)
-    assert bytes(cramjam.lz4.decompress_block(data[1:])) == body
+    assert data[0] == 0x04
+    body = bytes(cramjam.lz4.decompress_block(data[1:]))
+    assert len(body) >= COMPRESS_MIN and len(data) < len(body)
     assert UserState.from_bytes(data) == big
+    # the packed state is well under half the original format's
+    assert len(data) * 2 < len(BUSY_LZ4_JSON)
+
+
+def test_the_original_orjson_formats_still_read() -> None:
+    """0x01 (orjson of the keyed layout) and 0x02 (its LZ4 block) decode to the same state."""
+    body = cramjam.lz4.decompress_block(BUSY_LZ4_JSON[1:])
+    assert UserState.from_bytes(b"\x01" + bytes(body)) == busy_state()
+    fields = orjson.loads(bytes(body))
+    fields[5] = None  # no head, an empty tail: a state the original format kept small
+    fields[6] = []
+    small = b"\x01" + orjson.dumps(fields)
+    st = UserState.from_bytes(small)
+    assert st.head is None and not st.tail and st.committed == busy_state().committed
 
 
 def test_old_plain_json_values_still_read() -> None:
     old = UserState.from_bytes(OLD_PLAIN_JSON)
-    assert (old.user_id, old.seq, [e[2]["event_id"] for e in old.tail]) == ("u1", 2, ["e2"])
+    assert (old.user_id, old.seq, [e.event.event_id for e in old.tail]) == ("u1", 2, ["e2"])
     # It is the state the current engine builds from the same events...
     eng = Engine(CAMPAIGNS, allowed_lateness_ms=30 * S)
     st = eng.on_event(None, ev("e1", "add_to_cart", T0 - M, product_id="p1")).state
@@ -150,11 +161,11 @@ def test_old_plain_json_values_still_read() -> None:
     assert json.loads(OLD_PLAIN_JSON)[7] == old.seen
 
 
-def test_ints_beyond_64_bits_fall_back_to_plain_json_exactly() -> None:
+def test_ints_beyond_64_bits_fall_back_to_json_exactly() -> None:
     st = busy_state()
     st.seen["huge"] = 2**70
     data = st.to_bytes()
-    assert data[:1] == b"["
+    assert data[:1] == b"\x05"
     assert UserState.from_bytes(data).seen["huge"] == 2**70
 
 
@@ -173,6 +184,18 @@ def test_ints_beyond_64_bits_fall_back_to_plain_json_exactly() -> None:
         b'\x01["u1",0,0,0,{"f":{},"c":{}},7,[],{},{}]',  # head neither null nor an object
         b'\x01["u1",0,0,0,{"f":{},"c":{}},null,{},{},{}]',  # tail not a list
         b"\x02\x10\x00\x00\x00garbage",  # LZ4 block that does not decompress
+        b"\x03",
+        b"\x03\xc1",  # not msgpack
+        b"\x03" + msgpack.packb([1, 2, 3]),  # wrong number of fields
+        b"\x03" + msgpack.packb([7, 0, 0, 0, [], None, [], [], []]),  # user id not a string
+        b"\x03" + msgpack.packb(["u1", 0, 0, 0, {}, None, [], [], []]),  # core not an array
+        b"\x03"
+        + msgpack.packb(
+            ["u1", 0, 0, 0, [[0, None, None, None, [], None, 0], {}], 7, [], [], []]
+        ),  # head neither nil nor an array
+        b"\x03" + msgpack.packb(["u1", 0, 0, 0, [[0], {}], None, [], [], []]),  # short facts
+        b"\x04\x10\x00\x00\x00garbage",
+        b"\x05[1,2",
         b"[1,2",  # truncated plain JSON
     ],
 )
@@ -182,9 +205,9 @@ def test_corrupt_values_raise_state_format_error(data: bytes) -> None:
     assert issubclass(StateFormatError, ValueError)
 
 
-def test_truncated_lz4_value_raises_state_format_error() -> None:
-    data = busy_state().to_bytes()
-    assert data[0] == 0x02
+@pytest.mark.parametrize("data", [busy_state().to_bytes(), BUSY_LZ4_JSON])
+def test_truncated_lz4_value_raises_state_format_error(data: bytes) -> None:
+    assert data[0] in (0x02, 0x04)
     with pytest.raises(StateFormatError):
         UserState.from_bytes(data[: len(data) // 2])
 
