@@ -92,9 +92,9 @@ test: .venv redis kafka chromium compiled
 	$(VENV)/bin/pytest -q -m "not chaos" $(PYTEST_ARGS)
 
 # mypyc build of the hot modules (deploy/compile.py), never beside the source; pure Python stays
-# the fallback. COMPILED_ENV runs a command on it.
+# the fallback. COMPILED_ENV runs a script on it (python -c or -m also need PYTHONSAFEPATH=1).
 COMPILED := build/compiled
-COMPILED_ENV := PYTHONSAFEPATH=1 PYTHONPATH=$(CURDIR)/$(COMPILED)
+COMPILED_ENV := PYTHONPATH=$(CURDIR)/$(COMPILED)
 compiled: .venv
 	$(VENV)/bin/python deploy/compile.py --into $(COMPILED)
 
@@ -130,7 +130,12 @@ docs-images: .venv redis kafka chromium
 	$(VENV)/bin/python -m processors.browser build/docs-demo/report.html docs/images/report.png
 # --- end of the browser block ---
 
-bench: .venv redis kafka compiled
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): pyproject.toml | $(STAMP)
+	$(VENV)/bin/python -m pip install -q -e '.[dev,bench]'
+	@touch $@
+
+bench: .venv $(BENCH_STAMP) redis kafka compiled
 	$(COMPILED_ENV) $(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 # Stops a running dev stack first so no broker/redis is left without its state file.
