@@ -16,8 +16,8 @@ cancel out: both figures read the same clickstream topic on the same fresh embed
    by up to a checkpoint interval; still the fallback if the metrics do not answer).
 
 4. Peers (``bench/peers``): the cart-abandonment and product-view triggers written with
-   quixstreams and with a Faust agent and tables, each over the same topic in a new group;
-   their own events/s from their first event to the last. ``peer_ratio`` = the worker's rate
+   quixstreams and with a Faust agent and tables, each over the same topic in a new group
+   (its first ``PEER_EVENTS``); their own events/s from their first event to the last. ``peer_ratio`` = the worker's rate
    over the faster peer's.
 
 Prints ``key=value`` lines (``raw_events_per_s``, ``faust_events_per_s``, ...) and ``ratio=…``
@@ -526,6 +526,9 @@ def state_bytes_per_user(settings: Settings, idle_s: float = 2.0) -> tuple[float
 # --------------------------------------------------------------------------- peers
 
 PEERS = ("quix", "faust")  # bench/peers/<name>_peer.py
+# Each peer reads this many events from the start of the topic (the rate is per event; the Faust
+# peer does ~1-3k/s, so the whole topic would not fit make bench's 10 minutes).
+PEER_EVENTS = 40_000
 
 
 @dataclass
@@ -657,7 +660,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         peers: dict[str, PeerResult] = {}
         for name in PEERS:
             try:
-                peers[name] = peer_rate(name, settings, tmp, n, args.timeout)
+                peers[name] = peer_rate(name, settings, tmp, min(n, PEER_EVENTS), args.timeout)
             except BenchError as exc:
                 say(f"peer {name} skipped: {exc}")
                 continue
