@@ -17,8 +17,8 @@ cancel out: both figures read the same clickstream topic on the same fresh embed
 
 4. Peers (``bench/peers``): the cart-abandonment and product-view triggers written with
    quixstreams and with a Faust agent and tables, each over the same topic in a new group
-   (its first ``PEER_EVENTS``); their own events/s from their first event to the last. ``peer_ratio`` = the worker's rate
-   over the faster peer's.
+   (its first ``PEER_EVENTS``); their own events/s from their first event to the last.
+   ``peer_ratio`` = the worker's rate over the faster peer's.
 
 Prints ``key=value`` lines (``raw_events_per_s``, ``faust_events_per_s``, ...) and ``ratio=…``
 last. Everything started here (broker, Redis, worker) is stopped on exit, Ctrl-C or error.
