@@ -130,13 +130,18 @@ docs-images: .venv redis kafka chromium
 	$(VENV)/bin/python -m processors.browser build/docs-demo/report.html docs/images/report.png
 # --- end of the browser block ---
 
-BENCH_STAMP := $(VENV)/.bench-installed
-$(BENCH_STAMP): pyproject.toml | $(STAMP)
-	$(VENV)/bin/python -m pip install -q -e '.[dev,bench]'
+# The quixstreams peer's own venv (bench/peers/requirements.txt: it pins an older
+# confluent-kafka than NudgeFlow's); bench/trigger_throughput.py runs that peer with it.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+$(PEERS_STAMP): bench/peers/requirements.txt | $(VENV)/bin/python
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q -r bench/peers/requirements.txt
 	@touch $@
 
-bench: .venv $(BENCH_STAMP) redis kafka compiled
-	$(COMPILED_ENV) $(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+bench: .venv $(PEERS_STAMP) redis kafka compiled
+	$(COMPILED_ENV) NUDGEFLOW_BENCH_PEERS_PYTHON=$(CURDIR)/$(PEERS_VENV)/bin/python \
+	  $(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 # Stops a running dev stack first so no broker/redis is left without its state file.
 clean:
@@ -145,4 +150,4 @@ clean:
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(PEERS_VENV) *.egg-info

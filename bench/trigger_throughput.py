@@ -526,6 +526,7 @@ def state_bytes_per_user(settings: Settings, idle_s: float = 2.0) -> tuple[float
 # --------------------------------------------------------------------------- peers
 
 PEERS = ("quix", "faust")  # bench/peers/<name>_peer.py
+OWN_VENV = {"quix"}  # run with the peers' virtualenv, not NudgeFlow's
 # Each peer reads this many events from the start of the topic (the rate is per event; the Faust
 # peer does ~1-3k/s, so the whole topic would not fit make bench's 10 minutes).
 PEER_EVENTS = 40_000
@@ -546,8 +547,13 @@ def peer_rate(
     workdir = tmp / f"peer-{name}"
     workdir.mkdir()
     script = Path(__file__).resolve().parent / "peers" / f"{name}_peer.py"
+    python = sys.executable
+    if name in OWN_VENV:  # bench/peers/requirements.txt, installed by make bench
+        python = os.environ.get("NUDGEFLOW_BENCH_PEERS_PYTHON", "")
+        if not python or not Path(python).exists():
+            raise BenchError("no peers virtualenv (NUDGEFLOW_BENCH_PEERS_PYTHON); run make bench")
     argv = [
-        sys.executable, str(script), "--bootstrap", settings.bootstrap_servers,
+        python, str(script), "--bootstrap", settings.bootstrap_servers,
         "--registry", settings.schema_registry_url, "--topic", settings.topic_clickstream,
         "--expected", str(expected), "--group", f"bench-peer-{name}-{uuid.uuid4().hex[:8]}",
         "--state-dir", str(workdir / "state"), "--partitions", str(settings.partitions),
