@@ -2,6 +2,7 @@
 #   make test [PYTEST_ARGS=...]   unit + integration tests (embedded Apache Kafka + redis-server)
 #   make chaos [PYTEST_ARGS=...]  the fault-injection suite (~8 min; docs/chaos.md)
 #   make demo [DEMO_ARGS=...]     the whole pipeline on the embedded stack
+#   make compiled                 the mypyc build of the engine in build/compiled (make bench uses it)
 #   make lint | bench | clean | distclean
 #   make chromium | docs-images   headless browser for the report test; README pictures
 
@@ -22,7 +23,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: .venv venv redis java kafka test chaos demo lint bench clean distclean
+.PHONY: .venv venv redis java kafka test chaos demo lint bench compiled clean distclean
 
 # Apache Kafka for the embedded stack: the version deploy/kafka/pom.xml pins, its runtime jars
 # copied once by Maven into a per-user cache (override with NUDGEFLOW_KAFKA_LIBS).
@@ -86,8 +87,16 @@ $(KAFKA_LIBS)/kafka_2.13-$(KAFKA_VERSION).jar: deploy/kafka/pom.xml | java
 	  -DoutputDirectory="$(KAFKA_LIBS).tmp"
 	@rm -rf "$(KAFKA_LIBS)" && mv "$(KAFKA_LIBS).tmp" "$(KAFKA_LIBS)" && touch "$@"
 
-test: .venv redis kafka chromium
+# The interpreted source; tests/integration/test_compiled.py also runs the engine's checks on the compiled build.
+test: .venv redis kafka chromium compiled
 	$(VENV)/bin/pytest -q -m "not chaos" $(PYTEST_ARGS)
+
+# mypyc build of the hot modules (deploy/compile.py), never beside the source; pure Python stays
+# the fallback. COMPILED_ENV runs a script on it (python -c or -m also need PYTHONSAFEPATH=1).
+COMPILED := build/compiled
+COMPILED_ENV := PYTHONPATH=$(CURDIR)/$(COMPILED)
+compiled: .venv
+	$(VENV)/bin/python deploy/compile.py --into $(COMPILED)
 
 # The summary line (kills=… lost=… duplicates=…) is printed again as the very last line.
 chaos: .venv redis kafka
@@ -121,8 +130,18 @@ docs-images: .venv redis kafka chromium
 	$(VENV)/bin/python -m processors.browser build/docs-demo/report.html docs/images/report.png
 # --- end of the browser block ---
 
-bench: .venv redis kafka
-	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+# The quixstreams peer's own venv (bench/peers/requirements.txt: it pins an older
+# confluent-kafka than NudgeFlow's); bench/trigger_throughput.py runs that peer with it.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+$(PEERS_STAMP): bench/peers/requirements.txt | $(VENV)/bin/python
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q -r bench/peers/requirements.txt
+	@touch $@
+
+bench: .venv $(PEERS_STAMP) redis kafka compiled
+	$(COMPILED_ENV) NUDGEFLOW_BENCH_PEERS_PYTHON=$(CURDIR)/$(PEERS_VENV)/bin/python \
+	  $(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 # Stops a running dev stack first so no broker/redis is left without its state file.
 clean:
@@ -131,4 +150,4 @@ clean:
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(PEERS_VENV) *.egg-info

@@ -33,7 +33,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# appended: a compiled build on PYTHONPATH (make bench) comes first
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 from processors.core.engine import Engine, Step, UserState  # noqa: E402
 from processors.core.events import ClickEvent  # noqa: E402

@@ -224,7 +224,7 @@ def stored_state(settings: Settings, user: str, idle_s: float = 2.0) -> str:
     st = UserState.from_bytes(stored.state)
     return (
         f"partition {stored.partition} wake_at {stored.wake_at} wm {st.wm} max_ts {st.max_ts} "
-        f"tail {len(st.tail)} deadlines {st.committed.get('d')} now {now_ms()}"
+        f"tail {len(st.tail)} deadlines {st.committed.deadlines} now {now_ms()}"
     )
 
 

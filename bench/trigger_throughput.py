@@ -15,6 +15,11 @@ cancel out: both figures read the same clickstream topic on the same fresh embed
    offsets reach the end (they were the counter before session 5, when they lagged the work
    by up to a checkpoint interval; still the fallback if the metrics do not answer).
 
+4. Peers (``bench/peers``): the cart-abandonment and product-view triggers written with
+   quixstreams and with a Faust agent and tables, each over the same topic in a new group
+   (its first ``PEER_EVENTS``); their own events/s from their first event to the last.
+   ``peer_ratio`` = the worker's rate over the faster peer's.
+
 Prints ``key=value`` lines (``raw_events_per_s``, ``faust_events_per_s``, ...) and ``ratio=…``
 last. Everything started here (broker, Redis, worker) is stopped on exit, Ctrl-C or error.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -229,8 +235,8 @@ class Worker:
         shared = [*SHARED_FIELDS, *(f for f in Settings.model_fields if f.startswith("topic_"))]
         child_env.update({f"NUDGEFLOW_{f.upper()}": str(getattr(settings, f)) for f in shared})
         child_env.update(env or {})
-        child_env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), child_env.get("PYTHONPATH", "")) if p
+        child_env["PYTHONPATH"] = os.pathsep.join(  # a compiled build on it comes first
+            p for p in (child_env.get("PYTHONPATH", ""), str(REPO_ROOT)) if p
         )
         self.log_path = workdir / f"{name}.log"
         self._log: IO[bytes] = self.log_path.open("wb")
@@ -517,6 +523,60 @@ def state_bytes_per_user(settings: Settings, idle_s: float = 2.0) -> tuple[float
         consumer.close()
 
 
+# --------------------------------------------------------------------------- peers
+
+PEERS = ("quix", "faust")  # bench/peers/<name>_peer.py
+OWN_VENV = {"quix"}  # run with the peers' virtualenv, not NudgeFlow's
+# Each peer reads this many events from the start of the topic (the rate is per event; the Faust
+# peer does ~1-3k/s, so the whole topic would not fit make bench's 10 minutes).
+PEER_EVENTS = 40_000
+
+
+@dataclass
+class PeerResult:
+    rate: float
+    cpu_rate: float
+    fired: dict[str, int]
+
+
+def peer_rate(
+    name: str, settings: Settings, tmp: Path, expected: int, timeout_s: float
+) -> PeerResult:
+    """Run ``bench/peers/<name>_peer.py`` over the whole clickstream topic in a new group; its
+    own figure: events/s from its first event to the last."""
+    workdir = tmp / f"peer-{name}"
+    workdir.mkdir()
+    script = Path(__file__).resolve().parent / "peers" / f"{name}_peer.py"
+    python = sys.executable
+    if name in OWN_VENV:  # bench/peers/requirements.txt, installed by make bench
+        python = os.environ.get("NUDGEFLOW_BENCH_PEERS_PYTHON", "")
+        if not python or not Path(python).exists():
+            raise BenchError("no peers virtualenv (NUDGEFLOW_BENCH_PEERS_PYTHON); run make bench")
+    argv = [
+        python, str(script), "--bootstrap", settings.bootstrap_servers,
+        "--registry", settings.schema_registry_url, "--topic", settings.topic_clickstream,
+        "--expected", str(expected), "--group", f"bench-peer-{name}-{uuid.uuid4().hex[:8]}",
+        "--state-dir", str(workdir / "state"), "--partitions", str(settings.partitions),
+        "--result", str(workdir / "result.json"),
+    ]  # fmt: skip
+    log = workdir / "peer.log"
+    with log.open("wb") as err:
+        try:
+            subprocess.run(
+                argv, cwd=workdir, stdout=err, stderr=subprocess.STDOUT, timeout=timeout_s,
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"peer {name} did not finish in {timeout_s:.0f} s") from None
+    result = workdir / "result.json"
+    if result.exists():
+        found = json.loads(result.read_text())
+        fired = {k[6:]: int(v) for k, v in found.items() if k.startswith("fired_")}
+        return PeerResult(found["events_per_s"], found["events_per_cpu_s"], fired)
+    tail = log.read_text(errors="replace").splitlines()[-15:]
+    raise BenchError(f"peer {name} printed no figure; last lines of its log:\n" + "\n".join(tail))
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -603,6 +663,17 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         worker.stop()
         if profiler is not None:
             profiler.finish()
+        peers: dict[str, PeerResult] = {}
+        for name in PEERS:
+            try:
+                peers[name] = peer_rate(name, settings, tmp, min(n, PEER_EVENTS), args.timeout)
+            except BenchError as exc:
+                say(f"peer {name} skipped: {exc}")
+                continue
+            say(
+                f"peer {name}: {peers[name].rate:,.0f} events/s ({peers[name].cpu_rate:,.0f} per "
+                f"CPU-second), fired {peers[name].fired}"
+            )
         cpu_ratio = result.cpu_rate / raw_cpu if raw_cpu > 0 else 0.0
         lines = [
             ("events", str(n)),
@@ -615,6 +686,15 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
             ("cpu_ratio", f"{cpu_ratio:.3f}"),
             ("faust_counted_by", result.counted_by),
         ]
+        for name, peer in peers.items():
+            lines += [
+                (f"peer_{name}_events_per_s", f"{peer.rate:.0f}"),
+                (f"peer_{name}_events_per_cpu_s", f"{peer.cpu_rate:.0f}"),
+                (f"peer_{name}_ratio", f"{result.rate / peer.rate:.2f}"),
+            ]
+        if peers:
+            fastest = max(peers.values(), key=lambda p: p.rate)
+            lines.append(("peer_ratio", f"{result.rate / fastest.rate:.2f}"))
         try:
             per_user, users = state_bytes_per_user(settings)
             lines += [("state_users", str(users)), ("state_bytes_per_user", f"{per_user:.0f}")]

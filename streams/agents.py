@@ -84,8 +84,8 @@ class TriggerShell:
         )
         self.clients = Clients(settings, self.table)
         self.stats = WorkerStats()
-        self.vocabulary = frozenset(engine.by_type)  # event types some enabled campaign reads
-        self.campaign_ids = frozenset(engine.index)
+        self.vocabulary = frozenset(engine.event_types)  # event types some enabled campaign reads
+        self.campaign_ids = frozenset(engine.campaign_ids)
         for campaign_id in self.campaign_ids:
             metrics.CAMPAIGN_ENABLED.labels(campaign_id).set(1)
         self.episodes = Episodes(self.campaign_ids)

@@ -31,9 +31,10 @@ class Episodes:
         """Campaigns with a pending timer (open episodes) in the user's head state."""
         if state is None:
             return _NONE_OPEN
-        ids = state.open_campaigns()
-        if not ids:
+        open_now = state.open_campaigns()
+        if not open_now:
             return _NONE_OPEN
+        ids = frozenset(open_now)
         return ids if ids <= self.campaign_ids else ids & self.campaign_ids
 
     def note(self, partition: int, before: frozenset[str], state: UserState | None) -> None:

@@ -4,7 +4,7 @@ written into the decision, so backtest and live agree on who is a first-time buy
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
 
 from processors.core.campaign import Audience
 from processors.core.events import ClickEvent
@@ -26,58 +26,84 @@ HIGH_INTENT_MIN = 2
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
 
-Facts = dict[str, Any]
+
+@dataclass(slots=True)
+class HourCount:
+    """Events in one hour (epoch hours)."""
+
+    hour: int
+    count: int
+
+
+@dataclass(slots=True)
+class Facts:
+    """The journey facts of one user, folded from every event (:func:`observe`)."""
+
+    purchases: int = 0
+    first_seen: int | None = None
+    last_seen: int | None = None
+    last_purchase: int | None = None
+    recent: list[HourCount] = field(default_factory=list)  # the last 24 h, oldest first
+    session_id: str | None = None
+    session_intent: int = 0  # intent events in that session
+
+    def clone(self) -> Facts:
+        return Facts(
+            self.purchases, self.first_seen, self.last_seen, self.last_purchase,
+            [HourCount(b.hour, b.count) for b in self.recent], self.session_id,
+            self.session_intent,
+        )  # fmt: skip
 
 
 def new_facts() -> Facts:
-    # pc purchases, fs first seen, ls last seen, lp last purchase, r [[hour, count], ...] for
-    # the last 24 h (hour buckets keep the state small), sid session, si intent in that session
-    return {"pc": 0, "fs": None, "ls": None, "lp": None, "r": [], "sid": None, "si": 0}
+    return Facts()
 
 
 def observe(facts: Facts, ev: ClickEvent) -> int | None:
     """Fold one event into the facts; returns the inactivity gap before it (None if first)."""
     ts = ev.ts
-    last = facts["ls"]
+    last = facts.last_seen
+    gap: int | None
     if last is None:
         gap = None
-        facts["ls"] = ts
+        facts.last_seen = ts
     else:
         gap = ts - last
         if ts > last:
-            facts["ls"] = ts
-    if facts["fs"] is None:
-        facts["fs"] = ts
+            facts.last_seen = ts
+    if facts.first_seen is None:
+        facts.first_seen = ts
     event_type = ev.event_type
     if event_type in PURCHASE_EVENTS:
-        facts["pc"] += 1
-        facts["lp"] = ts
+        facts.purchases += 1
+        facts.last_purchase = ts
     hour = ts // HOUR_MS
-    recent = facts["r"]
-    if recent and recent[-1][0] == hour:
-        recent[-1][1] += 1
+    recent = facts.recent
+    if recent and recent[-1].hour == hour:
+        recent[-1].count += 1
     else:
-        if recent and recent[0][0] <= hour - 24:
-            recent = facts["r"] = [b for b in recent if b[0] > hour - 24]
-        recent.append([hour, 1])
-    if ev.session_id != facts["sid"]:
-        facts["sid"] = ev.session_id
-        facts["si"] = 0
+        if recent and recent[0].hour <= hour - 24:
+            recent = facts.recent = [b for b in recent if b.hour > hour - 24]
+        recent.append(HourCount(hour, 1))
+    if ev.session_id != facts.session_id:
+        facts.session_id = ev.session_id
+        facts.session_intent = 0
     if event_type in INTENT_EVENTS:
-        facts["si"] += 1
+        facts.session_intent += 1
     return gap
 
 
 def lifecycle_stage(facts: Facts) -> str:
-    if facts["pc"] == 0:
+    purchases = facts.purchases
+    if purchases == 0:
         return "prospect"
-    return "first_time_buyer" if facts["pc"] == 1 else "repeat_customer"
+    return "first_time_buyer" if purchases == 1 else "repeat_customer"
 
 
 def events_last_24h(facts: Facts, at_ms: int) -> int:
     """Events in the 24 hours before ``at_ms``, to hour granularity."""
     hour = at_ms // HOUR_MS
-    return sum(n for h, n in facts["r"] if hour - 24 < h <= hour)
+    return sum(b.count for b in facts.recent if hour - 24 < b.hour <= hour)
 
 
 def matches(audience: Audience | None, facts: Facts, gap_ms: int | None) -> bool:
@@ -93,5 +119,5 @@ def matches(audience: Audience | None, facts: Facts, gap_ms: int | None) -> bool
     if stage == "inactive":
         return gap_ms is not None and gap_ms >= (audience.days or 0) * DAY_MS
     if stage == "high_intent":
-        return facts["si"] >= HIGH_INTENT_MIN
+        return facts.session_intent >= HIGH_INTENT_MIN
     return lifecycle_stage(facts) == stage

@@ -1,6 +1,6 @@
 """Per-campaign trigger state machines: absence, repeat and event.
 
-Each machine is configuration only; its per-user state is a small JSON-ready dict owned by the
+Each machine is configuration only; its per-user state is a :class:`CampaignState` owned by the
 engine (so it can live in a Faust table, a dict in a backtest, or be copied cheaply). The engine
 calls, in event-time order:
 
@@ -15,7 +15,6 @@ Where the cart timer lives: ``AbsenceMachine`` below.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from processors.core.campaign import (
     AbsenceTrigger,
@@ -33,7 +32,104 @@ MAX_FIRED = 64  # firings per user and campaign remembered for cancellation (the
 MAX_TRIGGER_IDS = 10  # trigger_event_ids kept per decision: the first and the most recent
 MAX_GROUPS = 64  # repeat: distinct group_by values tracked per user and campaign
 
-State = dict[str, Any]
+
+@dataclass(slots=True)
+class Episode:
+    """An absence trigger's open episode: the first start event, the deadline, the most recent
+    event ids (:data:`MAX_TRIGGER_IDS`), the properties of the most recent start event (never
+    changed in place: replaced) and the inactivity gap before the first one."""
+
+    first_id: str
+    first_ts: int
+    deadline: int
+    ids: list[str]
+    props: dict[str, str]
+    gap: int | None
+
+    def clone(self) -> Episode:
+        return Episode(self.first_id, self.first_ts, self.deadline, list(self.ids), self.props,
+                       self.gap)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A delayed firing not yet due (event and repeat triggers)."""
+
+    fire_at: int
+    key: str
+    ts: int
+    ids: list[str]
+    props: dict[str, str]
+    gap: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Fired:
+    """A firing a later cancel event may still cancel."""
+
+    key: str
+    fire_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """A repeat trigger's matching event."""
+
+    ts: int
+    event_id: str
+
+
+@dataclass(slots=True)
+class CampaignState:
+    """One user's state for one campaign; each machine uses its own fields, the others stay empty.
+
+    ``episode`` (absence): the open episode; ``fired`` (absence, event): recent firings, oldest
+    first; ``groups`` and ``group_fired`` (repeat): the most recent ``count`` sightings and the
+    last firing per ``group_by`` value; ``last_scheduled`` (event): ts of the last scheduled
+    firing (cooldown); ``pending`` (event, repeat): delayed firings not yet due."""
+
+    episode: Episode | None = None
+    fired: list[Fired] = field(default_factory=list)
+    groups: dict[str, list[Sighting]] = field(default_factory=dict)
+    group_fired: dict[str, int] = field(default_factory=dict)
+    last_scheduled: int | None = None
+    pending: list[Pending] = field(default_factory=list)
+
+    def clone(self) -> CampaignState:
+        """A copy sharing only immutable parts."""
+        ep = self.episode
+        return CampaignState(
+            None if ep is None else ep.clone(),
+            list(self.fired),
+            {g: list(xs) for g, xs in self.groups.items()} if self.groups else {},
+            dict(self.group_fired) if self.group_fired else {},
+            self.last_scheduled,
+            list(self.pending),
+        )
+
+    def is_empty(self) -> bool:
+        return (
+            self.episode is None
+            and not self.fired
+            and not self.groups
+            and not self.group_fired
+            and self.last_scheduled is None
+            and not self.pending
+        )
+
+    def next_deadline(self) -> int | None:
+        """The earliest timer: the episode's deadline, or the first pending firing."""
+        ep = self.episode
+        if ep is not None:
+            return ep.deadline
+        pending = self.pending
+        if not pending:
+            return None
+        first = pending[0].fire_at
+        for p in pending:
+            if p.fire_at < first:
+                first = p.fire_at
+        return first
 
 
 @dataclass(slots=True)
@@ -67,134 +163,108 @@ def _keep_ids(ids: list[str], new: str) -> list[str]:
     return ids
 
 
-def _fired(state: State) -> list[list[Any]]:
-    """The firings a later cancel event may still cancel: ``state["last"]``, a list of
-    ``[key_event_id, fire_at]`` (older states hold one such pair; read as a list of one)."""
-    last = state.get("last")
-    if not last:
-        return []
-    if isinstance(last[0], str):  # the single-pair format of older states
-        return [list(last)]
-    return last  # type: ignore[no-any-return]
-
-
-def note_fired(state: State, key: str, fire_at: int) -> None:
+def note_fired(state: CampaignState, key: str, fire_at: int) -> None:
     """Remember a firing for :func:`_cancel_fired`; firings out of the cancel window of this
     one, and all but the :data:`MAX_FIRED` most recent, are forgotten."""
-    fired = [f for f in _fired(state) if f[1] + CANCEL_WINDOW_MS >= fire_at]
-    fired.append([key, fire_at])
+    fired = [f for f in state.fired if f.fire_at + CANCEL_WINDOW_MS >= fire_at]
+    fired.append(Fired(key, fire_at))
     if len(fired) > MAX_FIRED:
         del fired[: len(fired) - MAX_FIRED]
-    state["last"] = fired
+    state.fired = fired
 
 
-def last_fire_at(state: State) -> int | None:
+def last_fire_at(state: CampaignState) -> int | None:
     """``fire_at`` of the latest remembered firing, if any."""
-    fired = _fired(state)
-    return max(f[1] for f in fired) if fired else None
+    fired = state.fired
+    return max(f.fire_at for f in fired) if fired else None
 
 
-def _cancel_fired(state: State, event: ClickEvent) -> list[str]:
+def _cancel_fired(state: CampaignState, event: ClickEvent) -> list[str]:
     """A cancel event after decisions fired: the keys of every one it cancels (fired before it,
     within the cancel window), each once. The dispatcher drops those it still holds."""
-    fired = _fired(state)
+    fired = state.fired
     if not fired:
         return []
     ts = event.ts
-    cancelled = [f[0] for f in fired if f[1] < ts <= f[1] + CANCEL_WINDOW_MS]
-    if cancelled or any(f[1] + CANCEL_WINDOW_MS < ts for f in fired):
-        keep = [f for f in fired if f[1] >= ts]  # not yet due at this event: cancelled later
-        state["last"] = keep or None
+    cancelled = [f.key for f in fired if f.fire_at < ts <= f.fire_at + CANCEL_WINDOW_MS]
+    if cancelled or any(f.fire_at + CANCEL_WINDOW_MS < ts for f in fired):
+        # not yet due at this event: cancelled later
+        state.fired = [f for f in fired if f.fire_at >= ts]
     return cancelled
 
 
-def _next_pending(st: State) -> int | None:
-    pending = st.get("p")
-    return min(p[0] for p in pending) if pending else None
-
-
-def _fire_pending(st: State, before: int) -> list[Fire]:
-    """Delayed firings ``[[fire_at, key, ts, ids, props, gap], ...]`` due before ``before``."""
-    pending = st.get("p")
+def _fire_pending(st: CampaignState, before: int) -> list[Fire]:
+    """Delayed firings due before ``before``, in fire_at order."""
+    pending = st.pending
     if not pending:
         return []
-    due = sorted((p for p in pending if p[0] < before), key=lambda p: p[0])
+    due = sorted((p for p in pending if p.fire_at < before), key=_fire_at)
     if due:
-        st["p"] = [p for p in pending if p[0] >= before]
-    return [Fire(p[1], p[0], p[2], p[3], p[4], p[5]) for p in due]
+        st.pending = [p for p in pending if p.fire_at >= before]
+    return [Fire(p.key, p.fire_at, p.ts, list(p.ids), dict(p.props), p.gap) for p in due]
+
+
+def _fire_at(p: Pending) -> int:
+    return p.fire_at
 
 
 class AbsenceMachine:
     """A ``start`` event not followed by a ``cancel`` event within ``after``: the cart timer.
 
-    State: ``ep`` = open episode ``[first_id, first_ts, deadline, ids, props, gap]`` or None;
-    ``last`` = ``[[key_event_id, fire_at], ...]`` of recent firings (for late cancellations).
+    State: ``episode``, the open episode or None; ``fired``, recent firings (late cancellations).
     """
 
     def __init__(self, trigger: AbsenceTrigger) -> None:
         self.t = trigger
 
-    def next_deadline(self, st: State) -> int | None:
-        ep = st.get("ep")
-        return ep[2] if ep else None
-
-    def fire_due(self, st: State, before: int) -> list[Fire]:
-        ep = st.get("ep")
-        if not ep or ep[2] >= before:
+    def fire_due(self, st: CampaignState, before: int) -> list[Fire]:
+        ep = st.episode
+        if ep is None or ep.deadline >= before:
             return []
-        first_id, first_ts, deadline, ids, props, gap = ep
-        st["ep"] = None
-        note_fired(st, first_id, deadline)
-        return [Fire(first_id, deadline, first_ts, list(ids), dict(props), gap)]
+        st.episode = None
+        note_fired(st, ep.first_id, ep.deadline)
+        return [Fire(ep.first_id, ep.deadline, ep.first_ts, list(ep.ids), dict(ep.props), ep.gap)]
 
     def on_event(
-        self, st: State, ev: ClickEvent, gap_ms: int | None
+        self, st: CampaignState, ev: ClickEvent, gap_ms: int | None
     ) -> tuple[list[Fire], list[str]]:
         t = self.t
         cancelled: list[str] = []
         if ev.event_type in t.cancel:
-            ep = st.get("ep")
-            if ep and ev.ts <= ep[2]:
-                st["ep"] = None  # converted inside the window: no text
+            ep = st.episode
+            if ep is not None and ev.ts <= ep.deadline:
+                st.episode = None  # converted inside the window: no text
             # …and a text already decided for an earlier episode is no longer wanted either.
             cancelled = _cancel_fired(st, ev)
         elif ev.event_type in t.start and _matches(t.where, ev):
-            ep = st.get("ep")
-            if ep:
-                ep[2] = ev.ts + t.after_ms  # every further start restarts the timer
-                _keep_ids(ep[3], ev.event_id)
-                ep[4] = dict(ev.properties)  # render with the most recent cart
+            ep = st.episode
+            if ep is not None:
+                ep.deadline = ev.ts + t.after_ms  # every further start restarts the timer
+                _keep_ids(ep.ids, ev.event_id)
+                ep.props = dict(ev.properties)  # render with the most recent cart
             else:
-                st["ep"] = [
-                    ev.event_id,
-                    ev.ts,
-                    ev.ts + t.after_ms,
-                    [ev.event_id],
-                    dict(ev.properties),
+                st.episode = Episode(
+                    ev.event_id, ev.ts, ev.ts + t.after_ms, [ev.event_id], dict(ev.properties),
                     gap_ms,
-                ]
+                )  # fmt: skip
         return [], cancelled
 
 
 class RepeatMachine:
     """``count`` matching events with ts in ``[t - within, t]``, per ``group_by`` value.
 
-    State: ``g`` = {group: [[ts, id], ...]} (the most recent ``count`` only: enough to know if
-    ``count`` fall in the window); ``lf`` = {group: ts of the last firing} (cooldown);
-    ``p`` = delayed firings not yet due ``[[fire_at, key, ts, ids, props, gap], ...]``.
+    State: ``groups`` (the most recent ``count`` sightings per group: enough to know if ``count``
+    fall in the window), ``group_fired`` (cooldown), ``pending`` (delayed firings).
     """
 
     def __init__(self, trigger: RepeatTrigger) -> None:
         self.t = trigger
 
-    def next_deadline(self, st: State) -> int | None:
-        return _next_pending(st)
-
-    def fire_due(self, st: State, before: int) -> list[Fire]:
+    def fire_due(self, st: CampaignState, before: int) -> list[Fire]:
         return _fire_pending(st, before)
 
     def on_event(
-        self, st: State, ev: ClickEvent, gap_ms: int | None
+        self, st: CampaignState, ev: ClickEvent, gap_ms: int | None
     ) -> tuple[list[Fire], list[str]]:
         t = self.t
         if ev.event_type != t.event or not _matches(t.where, ev):
@@ -205,11 +275,11 @@ class RepeatMachine:
                 return [], []  # events lacking the group property are ignored
         else:
             group = ""
-        groups: dict[str, list[list[Any]]] = st.setdefault("g", {})
-        last_fire: dict[str, int] = st.setdefault("lf", {})
+        groups = st.groups
+        last_fire = st.group_fired
         horizon = ev.ts - t.within_ms
-        seen = [x for x in groups.get(group, ()) if x[0] >= horizon]
-        seen.append([ev.ts, ev.event_id])
+        seen = [x for x in groups.get(group, ()) if x.ts >= horizon]
+        seen.append(Sighting(ev.ts, ev.event_id))
         if len(seen) > t.count:
             del seen[: len(seen) - t.count]
         groups[group] = seen
@@ -224,20 +294,21 @@ class RepeatMachine:
             key_event_id=ev.event_id,
             fire_at=ev.ts + t.delay_ms,
             trigger_ts=ev.ts,
-            event_ids=[x[1] for x in seen],
+            event_ids=[x.event_id for x in seen],
             properties=dict(ev.properties),
             gap_ms=gap_ms,
             immediate=t.delay_ms == 0,
         )
         if t.delay_ms:
-            st.setdefault("p", []).append(
-                [fire.fire_at, fire.key_event_id, ev.ts, fire.event_ids, fire.properties, gap_ms]
-            )
+            st.pending.append(
+                Pending(fire.fire_at, fire.key_event_id, ev.ts, fire.event_ids, fire.properties,
+                        gap_ms)
+            )  # fmt: skip
             return [], []
         return [fire], []
 
     def _prune(
-        self, groups: dict[str, list[Any]], last_fire: dict[str, int], now: int, keep: str
+        self, groups: dict[str, list[Sighting]], last_fire: dict[str, int], now: int, keep: str
     ) -> None:
         """Forget groups whose window and cooldown have both passed (bounded state)."""
         t = self.t
@@ -245,7 +316,7 @@ class RepeatMachine:
             g
             for g, xs in groups.items()
             if g != keep
-            and (not xs or xs[-1][0] < now - t.within_ms)
+            and (not xs or xs[-1].ts < now - t.within_ms)
             and (g not in last_fire or last_fire[g] <= now - t.cooldown_ms)
         ]
         for g in stale:
@@ -256,7 +327,7 @@ class RepeatMachine:
         ]:
             last_fire.pop(g)
         if len(groups) > MAX_GROUPS:
-            oldest = sorted(groups, key=lambda g: groups[g][-1][0] if groups[g] else 0)
+            oldest = sorted(groups, key=lambda g: groups[g][-1].ts if groups[g] else 0)
             for g in oldest[: len(groups) - MAX_GROUPS]:
                 if g != keep:
                     groups.pop(g, None)
@@ -266,17 +337,13 @@ class EventMachine:
     """Each matching event fires at ``ts + delay`` (or ``before`` a time held in a property),
     unless a ``cancel`` event arrives in ``(ts, fire_at]``.
 
-    State: ``p`` = pending ``[[fire_at, key, ts, ids, props, gap], ...]``; ``lf`` = ts of the
-    last scheduled firing (cooldown); ``last`` = ``[[key, fire_at], ...]`` of recent firings.
+    State: ``pending`` firings, ``last_scheduled`` (cooldown), ``fired`` (late cancellations).
     """
 
     def __init__(self, trigger: EventTrigger) -> None:
         self.t = trigger
 
-    def next_deadline(self, st: State) -> int | None:
-        return _next_pending(st)
-
-    def fire_due(self, st: State, before: int) -> list[Fire]:
+    def fire_due(self, st: CampaignState, before: int) -> list[Fire]:
         fires = _fire_pending(st, before)
         for fire in fires:
             note_fired(st, fire.key_event_id, fire.fire_at)
@@ -299,31 +366,31 @@ class EventMachine:
         return max(ev.ts, target - t.before_ms)
 
     def on_event(
-        self, st: State, ev: ClickEvent, gap_ms: int | None
+        self, st: CampaignState, ev: ClickEvent, gap_ms: int | None
     ) -> tuple[list[Fire], list[str]]:
         t = self.t
         cancelled: list[str] = []
         if ev.event_type in t.cancel:
-            pending = st.get("p")
+            pending = st.pending
             if pending:
-                st["p"] = [p for p in pending if not (p[2] < ev.ts <= p[0])]
+                st.pending = [p for p in pending if not (p.ts < ev.ts <= p.fire_at)]
             cancelled = _cancel_fired(st, ev)
         if ev.event_type != t.event or not _matches(t.where, ev):
             return [], cancelled
         fire_at = self.fire_at_for(ev)
         if fire_at is None:
             return [], cancelled
-        previous = st.get("lf")
+        previous = st.last_scheduled
         if t.cooldown_ms and previous is not None and ev.ts - previous < t.cooldown_ms:
             return [], cancelled
-        st["lf"] = ev.ts
+        st.last_scheduled = ev.ts
         if fire_at == ev.ts:
             note_fired(st, ev.event_id, fire_at)
             fire = Fire(ev.event_id, fire_at, ev.ts, [ev.event_id], dict(ev.properties), gap_ms)
             fire.immediate = True
             return [fire], cancelled
-        st.setdefault("p", []).append(
-            [fire_at, ev.event_id, ev.ts, [ev.event_id], dict(ev.properties), gap_ms]
+        st.pending.append(
+            Pending(fire_at, ev.event_id, ev.ts, [ev.event_id], dict(ev.properties), gap_ms)
         )
         return [], cancelled
 

@@ -5,7 +5,8 @@ the worker keeps, per clickstream partition, a min-heap of ``(wake_at_ms, user_i
 The heap is *derived* data: the table (backed by its changelog) is the truth.
 
 How the index survives restarts and rebalances: every table value carries the partition the user
-lives on and the user's current ``wake_at`` in a small header (:func:`pack_state`). The index of a
+lives on and the user's current ``wake_at`` in a small header
+(:func:`processors.core.engine.state_format.pack_state`, which owns the bytes). The index of a
 partition is built lazily, the first time the worker touches that partition after it was
 assigned, by one scan over the table (:meth:`TimerIndex.partition`). A rebalance drops every
 index (:meth:`TimerIndex.clear`); Faust pauses the streams until the table has been recovered from
@@ -18,41 +19,17 @@ Heap entries are invalidated lazily: ``push`` records the user's current deadlin
 from __future__ import annotations
 
 import heapq
-import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
-_HEADER = struct.Struct(">BHq")  # version, partition, wake_at (NO_WAKE = none)
-_VERSION = 1
-NO_WAKE = -(2**63)
+from processors.core.engine.state_format import (
+    NO_WAKE,
+    StateFormatError,
+    StoredState,
+    pack_state,
+    unpack_state,
+)
 
-
-class StateFormatError(ValueError):
-    """A ``user_state`` table value that this worker cannot read (corrupt or newer format)."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoredState:
-    """A decoded table value: where the user lives, when to wake it, the engine's state bytes."""
-
-    partition: int
-    wake_at: int | None
-    state: bytes
-
-
-def pack_state(partition: int, wake_at: int | None, state: bytes) -> bytes:
-    """Table value: 11-byte header (version, partition, wake_at) + the engine's state bytes."""
-    wake = NO_WAKE if wake_at is None else wake_at
-    return _HEADER.pack(_VERSION, partition, wake) + state
-
-
-def unpack_state(value: bytes) -> StoredState:
-    if len(value) < _HEADER.size:
-        raise StateFormatError(f"user_state value of {len(value)} bytes is shorter than its header")
-    version, partition, wake = _HEADER.unpack_from(value)
-    if version != _VERSION:
-        raise StateFormatError(f"user_state value has format version {version}, expected 1")
-    return StoredState(partition, None if wake == NO_WAKE else wake, value[_HEADER.size :])
+__all__ = ["NO_WAKE", "StateFormatError", "StoredState", "pack_state", "unpack_state"]
 
 
 class PartitionTimers:

@@ -231,7 +231,7 @@ def test_journey_facts_count_purchases_and_recent_activity() -> None:
     assert segment.lifecycle_stage(facts) == "first_time_buyer"
     gap = segment.observe(facts, ev("3", "purchase", T0 + 30 * H))
     assert gap == 28 * H
-    assert facts["pc"] == 2 and facts["lp"] == T0 + 30 * H
+    assert facts.purchases == 2 and facts.last_purchase == T0 + 30 * H
     assert segment.lifecycle_stage(facts) == "repeat_customer"
     assert segment.events_last_24h(facts, T0 + 30 * H) == 1  # the others are > 24 h old
 
