@@ -3,10 +3,10 @@
 Each benchmark is a script that prints ``key=value`` lines on stdout (progress on stderr) and
 tears down whatever it started. They run one after another, in name order, as subprocesses, so
 that one benchmark's broker, worker or memory cannot skew the next. The whole run has a time
-budget (10 minutes, as issue 7 asks of ``make bench``); a benchmark still running when the budget
+budget (10 minutes); a benchmark still running when the budget
 is spent gets SIGTERM (it then stops what it started) and the run fails.
 
-The last line sums up issue 7's figures from all the benchmarks' ``key=value`` lines
+The last line sums up the target figures from all the benchmarks' ``key=value`` lines
 (``NA`` for a figure whose benchmark did not run or failed); docs/performance.md explains each.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 BUDGET_S = 600.0
-# (summary name, benchmark key) in the order issue 7 lists them
+# (summary name, benchmark key) in the order docs/performance.md lists the targets
 SUMMARY = (
     ("throughput_ratio", "ratio"),
     ("peer_ratio", "peer_ratio"),

@@ -12,8 +12,8 @@ cancel out: both figures read the same clickstream topic on the same fresh embed
    ``nudgeflow_events_consumed_total`` (``/metrics``) and CPU time, sampled every 0.5 s from
    the first sample where it had consumed records to the last before it had consumed them all:
    start-up, the group join and the first batch are left out. It is done when its committed
-   offsets reach the end (they were the counter before session 5, when they lagged the work
-   by up to a checkpoint interval; still the fallback if the metrics do not answer).
+   offsets reach the end (the fallback if the metrics do not answer: they lag the work by up to
+   a checkpoint interval).
 
 4. Peers (``bench/peers``): the cart-abandonment and product-view triggers written with
    quixstreams and with a Faust agent and tables, each over the same topic in a new group
@@ -294,7 +294,7 @@ def events_consumed(port: int) -> int | None:
     not answer). The worker adds each batch's records as it finishes the batch, so the count is
     at most one batch (2,000 records) behind the CPU time read next to it; the committed offsets
     lag by up to a checkpoint interval and the commit thread, which made single runs move by
-    +-15-25% (docs/performance.md, session 5)."""
+    +-15-25% (docs/adr/0024-event-clock-savings-and-bench-counting.md)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1.0) as answer:
             text = answer.read().decode()

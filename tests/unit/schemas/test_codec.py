@@ -594,10 +594,11 @@ def test_flat_reader_reads_what_fastavro_reads(codec: Codec) -> None:
     """The plain-Python reader (flat records, arrays and maps of strings): fastavro's dict."""
     import random
 
-    from schemas.codec import _flat_reader, _strip_time_logical_types
+    from schemas.codec import _strip_time_logical_types
+    from schemas.flat import flat_reader
 
     rnd = random.Random(3)
-    names = [n for n in MANIFEST if _flat_reader(_strip_time_logical_types(load_schema(n)))]
+    names = [n for n in MANIFEST if flat_reader(_strip_time_logical_types(load_schema(n)))]
     assert {"TriggerDecision", "DecisionCancelled", "SmsOutcome"} <= set(names)
     for name in names:
         schema = _fastavro_schema(name)
