@@ -23,7 +23,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: .venv venv redis java kafka test chaos demo lint bench compiled clean distclean
+.PHONY: .venv venv redis java kafka cc test chaos demo lint bench compiled clean distclean
 
 # Apache Kafka for the embedded stack: the version deploy/kafka/pom.xml pins, its runtime jars
 # copied once by Maven into a per-user cache (override with NUDGEFLOW_KAFKA_LIBS).
@@ -95,8 +95,21 @@ test: .venv redis kafka chromium compiled
 # the fallback. COMPILED_ENV runs a script on it (python -c or -m also need PYTHONSAFEPATH=1).
 COMPILED := build/compiled
 COMPILED_ENV := PYTHONPATH=$(CURDIR)/$(COMPILED)
-compiled: .venv
+compiled: .venv cc
 	$(VENV)/bin/python deploy/compile.py --into $(COMPILED)
+
+# A C compiler and the Python headers for mypyc, with apt when root.
+cc:
+	@if ! command -v cc >/dev/null 2>&1 || \
+	  ! $(VENV)/bin/python -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then \
+	  v=$$($(VENV)/bin/python -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")'); \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc "python$$v-dev" \
+	      || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc python3-dev; \
+	  else \
+	    echo "a C compiler and the Python headers are needed for the compiled engine; install them with: $(SUDO_HINT)apt-get install -y gcc python$$v-dev" >&2; exit 1; \
+	  fi; \
+	fi
 
 # The summary line (kills=… lost=… duplicates=…) is printed again as the very last line.
 chaos: .venv redis kafka
