@@ -33,10 +33,11 @@ connect plus the read timeout, 2 x 10 s by default). A caller that gives up on a
 a client can see.
 
 What it costs: each request holds its place from admission to ``answer + window``, so the
-achieved rate is ``limit * window / (window + round trip)`` (window with the margin below), ~96% of the rate with a 20 ms
-gateway. A request whose thread goes idle without :meth:`RateLimiter.done` holds its place for
-``lease_s``: callers should call ``done()`` right after the answer (with thread pools much larger
-than ``limit`` this matters). A crashed process's requests hold their places for ``lease_s``.
+achieved rate is ``limit * window / (window + round trip)`` (the window with the margin below),
+~96% of the rate with a 20 ms gateway. A request whose thread goes idle without
+:meth:`RateLimiter.done` holds its place for ``lease_s``: callers should call ``done()`` right
+after the answer (with thread pools much larger than ``limit`` this matters). A crashed
+process's requests hold their places for ``lease_s``.
 
 Margin: the enforced window is ``MARGIN`` (1%) longer than ``limit / rate``, and the slots are
 spaced to match, so the budget holds with up to 10 ms to spare at 30/s when the gateway's clock or
