@@ -17,9 +17,9 @@ import struct
 
 import faust
 
-from processors.control import flush_headers
 from processors.core.clock import Clock
 from processors.core.engine import FLUSH_MS
+from processors.kafka.control import flush_headers
 from processors.settings import Settings
 from streams.clients import Clients
 from streams.emit import Emitter

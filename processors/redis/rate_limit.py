@@ -33,14 +33,15 @@ connect plus the read timeout, 2 x 10 s by default). A caller that gives up on a
 a client can see.
 
 What it costs: each request holds its place from admission to ``answer + window``, so the
-achieved rate is ``limit * window / (window + round trip)``, ~97% of the limit with a 20 ms
-gateway. A request whose thread goes idle without :meth:`RateLimiter.done` holds its place for
-``lease_s``: callers should call ``done()`` right after the answer (with thread pools much larger
-than ``limit`` this matters). A crashed process's requests hold their places for ``lease_s``.
+achieved rate is ``limit * window / (window + round trip)`` (the window with the margin below),
+~96% of the rate with a 20 ms gateway. A request whose thread goes idle without
+:meth:`RateLimiter.done` holds its place for ``lease_s``: callers should call ``done()`` right
+after the answer (with thread pools much larger than ``limit`` this matters). A crashed
+process's requests hold their places for ``lease_s``.
 
-An earlier version scored a request ``admitted + 250 ms`` until its thread came back; a request
-that reached the gateway more than 250 ms after its admission (under heavy CPU load) was no
-longer counted, and the gateway saw 31-32 requests in a sliding second.
+Margin: the enforced window is ``MARGIN`` (1%) longer than ``limit / rate``, and the slots are
+spaced to match, so the budget holds with up to 10 ms to spare at 30/s when the gateway's clock or
+arrival stamps disagree with Redis' (docs/adr/0027-gateway-rate-margin.md).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from processors.redis import scripts
 
 DEFAULT_LEASE_S = 30.0
 MIN_POLL_S = 0.01
+MARGIN = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,14 +74,19 @@ class Budget:
     lease_s: float
 
     @classmethod
-    def for_rate(cls, rate_per_s: float, lease_s: float = DEFAULT_LEASE_S) -> Budget:
-        """30/s -> 30 per 1 s; 0.5/s -> 1 per 2 s; 30.5/s -> 30 per 0.984 s."""
+    def for_rate(
+        cls, rate_per_s: float, lease_s: float = DEFAULT_LEASE_S, margin: float = MARGIN
+    ) -> Budget:
+        """30/s -> 30 per 1 s; 0.5/s -> 1 per 2 s; 30.5/s -> 30 per 0.984 s; each window then
+        ``margin`` longer (30/s, 1% -> 30 per 1.01 s)."""
         if not rate_per_s > 0 or not math.isfinite(rate_per_s):
             raise ValueError(f"rate must be > 0 requests/s, got {rate_per_s}")
         if not lease_s > 0:
             raise ValueError(f"lease must be > 0 s, got {lease_s}")
+        if not 0 <= margin < 1:
+            raise ValueError(f"margin must be in [0, 1), got {margin}")
         limit = max(1, math.floor(rate_per_s))
-        return cls(limit, limit / rate_per_s, lease_s)
+        return cls(limit, limit / rate_per_s * (1 + margin), lease_s)
 
     @property
     def spacing_s(self) -> float:
