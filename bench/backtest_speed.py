@@ -4,11 +4,12 @@ An analyst backtests months of clickstream before enabling a campaign; the figur
 the backtest comes to the speed of reading the file at all. A synthetic file
 (``processors.simulate.generate``, canonical JSON with ISO times) is written once; then, on one
 core, the best of two bare passes (``for line in f: json.loads(line)``) and one
-``nudgeflow backtest`` subprocess over every example campaign (file reading, event validation,
-the engine, the end-of-input flush and its summary; interpreter start-up included).
+``nudgeflow backtest --workers 1`` subprocess over every example campaign (file reading, event
+validation, the engine, the end-of-input flush and its summary; interpreter start-up included);
+then the same with ``--workers`` left at every core.
 
-Prints ``backtest_events_per_s``, ``json_events_per_s`` and ``backtest_ratio`` (the first over
-the second).
+Prints ``backtest_events_per_s``, ``json_events_per_s``, ``backtest_ratio`` (the first over
+the second) and ``backtest_all_cores_events_per_s``.
 """
 
 from __future__ import annotations
@@ -56,25 +57,34 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
     bare = min(json_pass(path) for _ in range(2))
     exe = Path(sys.executable).with_name("nudgeflow")
     argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "processors.cli"]
+    elapsed = backtest(argv, path, tmp, args.events, "--workers", "1")
+    all_cores = backtest(argv, path, tmp, args.events)
+    backtest_rate, json_rate = args.events / elapsed, args.events / bare
+    say(f"backtest {backtest_rate:,.0f} events/s, bare json.loads {json_rate:,.0f} events/s")
+    say(f"backtest on every core {args.events / all_cores:,.0f} events/s")
+    return [
+        ("backtest_events_per_s", f"{backtest_rate:.0f}"),
+        ("json_events_per_s", f"{json_rate:.0f}"),
+        ("backtest_ratio", f"{backtest_rate / json_rate:.3f}"),
+        ("backtest_all_cores_events_per_s", f"{args.events / all_cores:.0f}"),
+    ]
+
+
+def backtest(argv: list[str], path: Path, tmp: Path, events: int, *extra: str) -> float:
+    """Seconds of one ``nudgeflow backtest`` subprocess over ``path``."""
     started = time.perf_counter()
     run = subprocess.run(
-        [*argv, "backtest", "--campaigns", str(CAMPAIGNS), "--events", str(path)],
+        [*argv, "backtest", "--campaigns", str(CAMPAIGNS), "--events", str(path), *extra],
         cwd=tmp, capture_output=True, text=True,
     )  # fmt: skip
     elapsed = time.perf_counter() - started
     if run.returncode != 0:
         raise BenchError(f"nudgeflow backtest exited {run.returncode}: {run.stderr[-500:]}")
     summary = run.stdout.strip().splitlines()[-1]
-    if f"events={args.events}" not in summary:
+    if f"events={events}" not in summary:
         raise BenchError(f"nudgeflow backtest did not read every event: {summary}")
-    say(f"backtest: {summary}")
-    backtest_rate, json_rate = args.events / elapsed, args.events / bare
-    say(f"backtest {backtest_rate:,.0f} events/s, bare json.loads {json_rate:,.0f} events/s")
-    return [
-        ("backtest_events_per_s", f"{backtest_rate:.0f}"),
-        ("json_events_per_s", f"{json_rate:.0f}"),
-        ("backtest_ratio", f"{backtest_rate / json_rate:.3f}"),
-    ]
+    say(f"backtest {' '.join(extra) or '(every core)'}: {summary}")
+    return elapsed
 
 
 def main(argv: list[str] | None = None) -> int:

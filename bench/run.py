@@ -33,6 +33,7 @@ SUMMARY = (
     ("policy_per_s", "policy_per_s"),
     ("state_bytes_per_user", "state_bytes_per_user"),
     ("rss_growth", "rss_growth"),
+    ("backtest_ratio", "backtest_ratio"),
 )
 
 

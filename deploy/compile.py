@@ -77,8 +77,18 @@ def refresh(into: Path) -> bool:
     return changed
 
 
+def drop_stale_extensions(into: Path) -> None:
+    """Remove the extension of a module no longer in :data:`MODULES` (it would shadow its .py)."""
+    for ext in into.rglob("*.so"):
+        if "__mypyc" in ext.name:
+            continue  # the shared runtime of the compiled modules
+        source = ext.with_name(ext.name.split(".", 1)[0] + ".py").relative_to(into)
+        if str(source) not in MODULES:
+            ext.unlink()
+
+
 def compiled_sources_changed(into: Path, stamp: Path) -> bool:
-    if not stamp.exists():
+    if not stamp.exists() or stamp.read_text() != "\n".join(MODULES):
         return True
     built = stamp.stat().st_mtime
     reads = [*MODULES, *(str(p.relative_to(into)) for p in (into / "processors/core").glob("*.py"))]
@@ -96,11 +106,12 @@ def main() -> int:
     into: Path = args.into
     into.mkdir(parents=True, exist_ok=True)
     refresh(into)
+    drop_stale_extensions(into)
     stamp = into / ".compiled"
     if compiled_sources_changed(into, stamp):
         print(f"mypyc: compiling {len(MODULES)} modules into {into}", flush=True)
         mypyc(into)
-        stamp.touch()
+        stamp.write_text("\n".join(MODULES))
     return 0
 
 
