@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
-import pytest
-
-from processors.commands.backtest import backtest_file, owner
+from processors.commands.backtest import owner
 from processors.settings import REPO_ROOT
 from processors.simulate import generate
 
@@ -34,25 +35,28 @@ def _file(tmp_path: Path) -> tuple[Path, set[int]]:
     return path, bad_at
 
 
-@pytest.mark.parametrize("workers", [2, 3])
-def test_several_workers_give_what_one_gives(
-    tmp_path: Path, workers: int, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _backtest(path: Path, out: Path, workers: int) -> tuple[str, list[tuple[str, str]], str]:
+    """The CLI in its own process (it forks its workers: not from inside the test process)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "processors.commands.cli", "backtest", "--campaigns",
+         str(CAMPAIGNS), "--events", str(path), "--out", str(out), "--workers", str(workers)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    skipped = re.findall(r"events\.jsonl:(\d+): skipped: ([^\r\n]*)", run.stderr)
+    return run.stdout, skipped, out.read_text()
+
+
+def test_three_workers_give_what_one_gives(tmp_path: Path) -> None:
     path, bad_at = _file(tmp_path)
-    one = backtest_file(path, CAMPAIGNS, workers=1)
-    one_err = capsys.readouterr().err
-    many = backtest_file(path, CAMPAIGNS, workers=workers)
-    many_err = capsys.readouterr().err
-    assert len(one.decisions) > 50 and one.cancellations
-    assert many.decisions == one.decisions
-    assert many.cancellations == one.cancellations
-    assert many.rejected == one.rejected
-    assert many.events == one.events == 6_001
-    assert {line for line, _ in many.bad} == {line for line, _ in one.bad} == bad_at
-    assert many.bad == one.bad
-    reported = [x for x in many_err.splitlines() if "skipped" in x]
-    assert reported == [x for x in one_err.splitlines() if "skipped" in x]
-    assert len(reported) == len(bad_at)  # each bad line once
+    one_out, one_skipped, one_decisions = _backtest(path, tmp_path / "one.jsonl", 1)
+    many_out, many_skipped, many_decisions = _backtest(path, tmp_path / "many.jsonl", 3)
+    assert len(one_decisions.splitlines()) > 50
+    assert many_decisions == one_decisions
+    assert many_out == one_out  # per-campaign table, events, bad lines, cancellations, rejected
+    assert "events=6001 bad_lines=4 " in one_out
+    assert many_skipped == one_skipped  # each bad line once, in line order
+    assert [int(line) for line, _reason in one_skipped] == sorted(bad_at)
 
 
 def test_every_user_has_one_owner_and_rejected_ids_go_to_the_first() -> None:
