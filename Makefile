@@ -87,8 +87,9 @@ $(KAFKA_LIBS)/kafka_2.13-$(KAFKA_VERSION).jar: deploy/kafka/pom.xml | java
 	  -DoutputDirectory="$(KAFKA_LIBS).tmp"
 	@rm -rf "$(KAFKA_LIBS)" && mv "$(KAFKA_LIBS).tmp" "$(KAFKA_LIBS)" && touch "$@"
 
-# The interpreted source; tests/integration/test_compiled.py also runs the engine's checks on the compiled build.
-test: .venv redis kafka chromium compiled
+# The interpreted source; with a compiled build (make compiled, as .ci/run does first),
+# tests/integration/test_compiled.py also runs the engine's checks on it.
+test: .venv redis kafka chromium
 	$(VENV)/bin/pytest -q -m "not chaos" $(PYTEST_ARGS)
 
 # mypyc build of the hot modules (deploy/compile.py), never beside the source; pure Python stays
