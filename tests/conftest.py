@@ -21,6 +21,8 @@ from confluent_kafka.admin import AdminClient
 from processors.devstack import EmbeddedStack, StackInfo, create_topics
 from processors.settings import Settings
 
+pytest_plugins = ["tests.support.redis_backends"]  # single_redis_url, redis_cluster, any_redis
+
 STACK_FIXTURES = {"stack", "bootstrap", "redis_url", "redis_client", "settings"}
 
 

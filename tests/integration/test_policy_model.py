@@ -220,7 +220,7 @@ class System:
     def holds(self, decision_id: str) -> bool:
         """Whether the store still holds the decision as a deferred send."""
         if isinstance(self.store, RedisStore):
-            deferred, _data, _lease = self.store.deferred_keys
+            deferred, _data, _lease = self.store.deferred_keys_of(decision_id)
             return self.store.r.zscore(deferred, decision_id) is not None
         assert isinstance(self.store, InMemoryStore)
         return decision_id in self.store.deferred
