@@ -32,6 +32,9 @@ PROBE_MAX_S = 5.0
 REDIS_DOWN: tuple[type[Exception], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterDownError,  # a cluster's failover in progress
+    redis.exceptions.TryAgainError,  # a cluster's slot migration in progress
+    redis.exceptions.SlotNotCoveredError,
 )
 """Redis errors that mean "unreachable for now" (an outage), not a bug."""
 
