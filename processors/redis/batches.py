@@ -93,21 +93,23 @@ class SentBatch:
         conn: Any,
         settles: bool,
         prepares: bool,
-        done: tuple[list[tuple[int | None, bool]], list[tuple[Prior, Prefetched]]] | None = None,
+        done: tuple[list[tuple[int | None, bool]], list[tuple[Prior, Prefetched]]]
+        | BaseException
+        | None = None,
     ) -> None:
         self._store, self._pool, self._conn = store, pool, conn
         self._settles, self._prepares = settles, prepares
-        self._done = done  # a cluster's batch, run at once
+        self._done = done  # a cluster's batch, run at once (its results or its error)
 
     @classmethod
     def ran(
         cls,
         store: Batches,
-        settled: list[tuple[int | None, bool]],
-        prepared: list[tuple[Prior, Prefetched]],
+        done: tuple[list[tuple[int | None, bool]], list[tuple[Prior, Prefetched]]] | Exception,
     ) -> SentBatch:
-        """A batch whose replies are in already (a Redis Cluster's: several calls per phase)."""
-        return cls(store, None, None, False, False, (settled, prepared))
+        """A batch that ran already (a Redis Cluster's: several calls per phase); its results,
+        or the Redis error that ``result()`` raises."""
+        return cls(store, None, None, True, True, done)
 
     def result(
         self,
@@ -116,6 +118,8 @@ class SentBatch:
         conn, self._conn = self._conn, None
         if self._done is not None:
             done, self._done = self._done, None
+            if isinstance(done, BaseException):
+                raise done
             return done
         if conn is None:
             if self._settles or self._prepares:
@@ -315,8 +319,11 @@ class Batches(DecisionRecords, ContactRecords):
         dispatcher publishes the previous batch meanwhile), without a second thread. On a Redis
         Cluster both run now, one after the other (several calls each, pipelined per node)."""
         if self.cluster:
-            settled = self.settle_many(settle, most_passes)
-            return SentBatch.ran(self, settled, self.prepare_many(prepare))
+            try:
+                settled = self.settle_many(settle, most_passes)
+                return SentBatch.ran(self, (settled, self.prepare_many(prepare)))
+            except redis.RedisError as exc:  # raised by result(), as on a single Redis
+                return SentBatch.ran(self, exc)
         commands: list[tuple[Any, ...]] = []
         if settle:
             keys, args = self._settle_call(settle, most_passes)
