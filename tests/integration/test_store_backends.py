@@ -38,7 +38,7 @@ CAMPAIGNS = parse_campaigns(
         ],
     }
 )  # fmt: skip
-USERS = [f"user-{i}" for i in range(60)]
+USERS = [f"user-{i}" for i in range(70)]
 
 
 def phone(i: int) -> str:
@@ -79,17 +79,18 @@ def finals(steps: list[Step]) -> dict[str, tuple[str, str | None]]:
 
 
 def test_a_batch_of_many_users_is_decided_as_one_at_a_time(any_redis: Client) -> None:
-    """Two decisions each for 60 users in one batch (interleaved), a STOP from one user's
-    number: each user's first text goes out, the second is capped in the same batch, the STOPped
-    user gets none; a room of 25 sends stops the batch after the 25th, the rest is decided by
-    the next call; published outcomes are marked; a redelivery finds every decision done."""
+    """Three decisions each for 70 users (interleaved; two batches of up to 128, the second's
+    reads sent with the first's settle), a STOP from one user's number: each user's first text
+    goes out, the others are capped, in the same batch or a later one; the STOPped user gets
+    none; a room of 25 sends stops after the 25th, the rest is decided by the next call;
+    published outcomes are marked; a redelivery finds every decision done."""
     store = RedisStore(any_redis)
     put_contacts(store)
     assert store.set_phone_consent(phone(7), "opted_out", NOW - 1_000, "sms:keyword")
     policy = Policy(CAMPAIGNS, store)
     decisions = [
         Decision(f"d-{n}-{user}", "cart", user, NOW, (f"e-{n}-{user}",), NOW)
-        for n in range(2)
+        for n in range(3)
         for user in USERS
     ]
     random.Random(3).shuffle(decisions)
@@ -98,6 +99,7 @@ def test_a_batch_of_many_users_is_decided_as_one_at_a_time(any_redis: Client) ->
     assert sum(1 for s in first if s.send is not None) == 25
     done = finals(first)
     rest = [d for d in decisions if d.decision_id not in done]
+    assert len(rest) > 128  # the next call decides two batches, the second prepared in advance
     second = decide(policy, store, rest, room=1_000)
     got = {**done, **finals(second)}
 
