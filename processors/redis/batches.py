@@ -24,6 +24,7 @@ from processors.redis.base import DEFAULT_PREFIX, Call, text
 from processors.redis.client import Client
 from processors.redis.contacts import (
     ContactRecords,
+    PhoneConsent,
     apply_phone_consent,
     parse_contact_record,
     parse_phone_consent,
@@ -209,30 +210,23 @@ class Batches(DecisionRecords, ContactRecords):
         parsed = self._parsed_contacts
         if len(parsed) > 4096:
             parsed.clear()  # a small memo: a batch often holds one user several times
-        contacts = []
-        lookups: set[str] = set()  # numbers whose keyword consent the script did not read
+        # a cluster's script reads no keyword consent (another slot): read them all at once
+        phones = self._phone_consents_of(raws) if self.cluster else None
         for at in range(0, len(raws), 11):
             raw = raws[at : at + 11]
             known = parsed.get(raw[5]) if raw[5] is not None else None
             if known is None:
                 known = parsed[raw[5]] = (*parse_contact_record(raw[5]), {})
-            contact, record = known[0], known[1]
+            contact, record, reads = known
             if contact is not None and as_of is not None:
                 contact = self.with_keyword_timeline(contact, as_of)
             if contact is not None and contact.consent != "opted_out":
-                read = isinstance(record, dict) and record.get("phone") == contact.phone
-                if self.cluster or not read:  # (else: as stored, not as parsed)
-                    lookups.add(contact.phone)
-            contacts.append((contact, record, known))
-        phones = self.phone_consents(sorted(lookups)) if lookups else {}
-        for at, (contact, _record, known) in zip(range(0, len(raws), 11), contacts, strict=True):
-            raw = raws[at : at + 11]
-            reads = known[2]
-            if contact is not None and contact.consent != "opted_out":
-                if contact.phone in phones:
-                    state = phones[contact.phone]
-                else:
+                if phones is not None:
+                    state = phones.get(contact.phone)
+                elif isinstance(record, dict) and record.get("phone") == contact.phone:
                     state = parse_phone_consent(raw[6:9]) if raw[6] is not None else None
+                else:  # the script looked up the number as stored, not as parsed
+                    state = self.phone_consent(contact.phone)
                 contact = apply_phone_consent(contact, state)
             cancellation = text(raw[9])
             if as_of is not None and raw[10] is not None and int(raw[10]) > as_of:
@@ -246,6 +240,18 @@ class Batches(DecisionRecords, ContactRecords):
                 prefetched = Prefetched(contact, cancellation)
             out.append((prior_of(raw), prefetched))
         return out
+
+    def _phone_consents_of(self, raws: Sequence[Any]) -> dict[str, PhoneConsent | None]:
+        """The keyword consent of the number of every profile in ``prepare_many``'s replies."""
+        parsed = self._parsed_contacts
+        numbers: set[str] = set()
+        for at in range(5, len(raws), 11):
+            known = parsed.get(raws[at]) if raws[at] is not None else None
+            if known is None:
+                known = parsed[raws[at]] = (*parse_contact_record(raws[at]), {})
+            if known[0] is not None:
+                numbers.add(known[0].phone)
+        return self.phone_consents(sorted(numbers)) if numbers else {}
 
     def settle_many(
         self, items: Sequence[Final | CapCheck], most_passes: int | None = None
