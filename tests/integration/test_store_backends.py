@@ -25,6 +25,7 @@ from processors.dispatcher.inbox import Item
 from processors.redis import RedisStore
 from processors.redis.client import Client, is_cluster
 from processors.redis.rate_limit import RateLimiter
+from processors.webhooks.inbound import apply_inbound
 
 pytestmark = pytest.mark.integration
 
@@ -188,9 +189,11 @@ def _outcome(d: Decision, status: str, reason: str | None, due: int | None = Non
 
 
 def test_a_stop_reaches_every_profile_of_its_number(any_redis: Client) -> None:
-    """Three profiles share a number, one moves to another number: the STOP lookup finds the
-    two left, a STOP of that number overrides both profiles (read, prepared, and the last check
-    before the call), and not the one that moved."""
+    """Three profiles share a number, one moves to another number; a STOP from the number (the
+    webhook's ``apply_inbound``) finds the two left and opts them out; a profile with that
+    number that arrives after the STOP is opted out too (by the number's own record). Each is
+    seen opted out when read, when prepared and by the last check before the gateway call; the
+    profile that moved is not; a START from the number lets them all through again."""
     store = RedisStore(any_redis)
     shared, other = "+447911009999", "+447911008888"
     for n, user in enumerate(["a", "b", "c"]):
@@ -201,28 +204,34 @@ def test_a_stop_reaches_every_profile_of_its_number(any_redis: Client) -> None:
     assert store.users_for_phone(shared) == ["a", "b"]
     assert store.users_for_phone(other) == ["c"]
 
-    policy = Policy(CAMPAIGNS, store)
-    tokens = {}
-    decisions = [Decision(f"s-{u}", "cart", u, NOW, ("e",), NOW) for u in ["a", "b", "c"]]
-    for d in decisions:
-        tokens[d.user_id] = policy.token()
-        store.begin(d, tokens[d.user_id], resume_deferred=False)
-    assert store.set_phone_consent(shared, "opted_out", NOW, "sms:keyword")
-    assert [store.contact(u).consent for u in ["a", "b", "c"]] == [  # type: ignore[union-attr]
-        "opted_out",
-        "opted_out",
-        "opted_in",
-    ]
-    prepared = store.prepare_many([(d, tokens[d.user_id]) for d in decisions])
-    assert [p.contact.consent for _prior, p in prepared] == [  # type: ignore[union-attr]
-        "opted_out",
-        "opted_out",
-        "opted_in",
-    ]
-    for d in decisions:  # the last check before the gateway call
-        any_redis.hset(store.decision_key(d.user_id, d.decision_id), "s", "reserved")
-    permits = [store.start_call(d, tokens[d.user_id]) for d in decisions]
-    assert permits == ["cancelled:opted_out", "cancelled:opted_out", "ok"]
+    stop = apply_inbound(store, "Stop", shared, NOW)
+    assert (stop.kind, stop.user_ids) == ("stop", ["a", "b"])
+    assert [c.user_id for c in stop.contacts] == ["a", "b"]
+    store.put_contact("d", Contact("d", shared, "opted_in").to_record(), 11)  # after the STOP
+    store.index_phone("d", shared)
+    users = ["a", "b", "c", "d"]
+
+    def checks() -> tuple[list[str], list[str], list[str]]:
+        policy = Policy(CAMPAIGNS, store)
+        decisions = [
+            Decision(f"s-{u}-{policy.token()}", "cart", u, NOW, ("e",), NOW) for u in users
+        ]
+        tokens = [policy.token() for _ in decisions]
+        prepared = store.prepare_many(list(zip(decisions, tokens, strict=True)))
+        return (
+            [store.contact(u).consent for u in users],  # type: ignore[union-attr]
+            [p.contact.consent for _prior, p in prepared],  # type: ignore[union-attr]
+            [store.start_call(d, t) for d, t in zip(decisions, tokens, strict=True)],
+        )
+
+    out = "opted_out"
+    assert checks() == (
+        [out, out, "opted_in", out],
+        [out, out, "opted_in", out],
+        ["cancelled:opted_out", "cancelled:opted_out", "ok", "cancelled:opted_out"],
+    )
+    assert apply_inbound(store, "START", shared, NOW + 1).user_ids == ["a", "b", "d"]
+    assert checks() == (["opted_in"] * 4, ["opted_in"] * 4, ["ok"] * 4)
 
 
 def test_sent_texts_and_links_are_found_by_their_ids(any_redis: Client) -> None:
