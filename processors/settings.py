@@ -114,7 +114,9 @@ class Settings(BaseSettings):
     topic_ticks: str = "nudgeflow-ticks"
     topic_conversions: str = "sms-conversions"  # attributed conversions (nudgeflow attribution)
 
-    # Redis
+    # Redis: redis://host:port/db (rediss:// for TLS) for a single Redis (or a primary with
+    # replicas), redis+cluster://host:port (rediss+cluster://) for a Redis Cluster: any node as
+    # the seed (processors.redis.client.connect).
     redis_url: str = "redis://localhost:6379/0"
 
     # Engine

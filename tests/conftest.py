@@ -20,6 +20,12 @@ from confluent_kafka.admin import AdminClient
 
 from processors.devstack import EmbeddedStack, StackInfo, create_topics
 from processors.settings import Settings
+from tests.support.redis_backends import (  # noqa: F401 (fixtures: a single Redis, a cluster)
+    any_redis,
+    any_redis_url,
+    redis_cluster,
+    single_redis_url,
+)
 
 STACK_FIXTURES = {"stack", "bootstrap", "redis_url", "redis_client", "settings"}
 

@@ -155,11 +155,9 @@ def run_demo(
         print(f"contacts: {published} imported, {bad} skipped", flush=True)
         if inbound is not None:
             # Replies at event times: each STOP/START holds from its own time in the replay.
-            import redis
-
             from processors.redis import RedisStore
 
-            store = RedisStore(redis.Redis.from_url(settings.redis_url))
+            store = RedisStore.from_url(settings.redis_url)
             keywords = load_inbound(inbound)
             for phone, consent, at in keywords:
                 store.record_keyword(phone, consent, at)

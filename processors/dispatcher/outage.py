@@ -21,6 +21,8 @@ from redis.retry import Retry
 
 from processors import metrics
 from processors.redis import RedisStore
+from processors.redis.client import Client
+from processors.redis.client import connect as connect_url
 from processors.settings import Settings
 
 log = logging.getLogger("nudgeflow.dispatcher")
@@ -30,19 +32,22 @@ PROBE_MAX_S = 5.0
 REDIS_DOWN: tuple[type[Exception], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterDownError,  # a cluster's failover in progress
+    redis.exceptions.TryAgainError,  # a cluster's slot migration in progress
+    redis.exceptions.SlotNotCoveredError,
 )
 """Redis errors that mean "unreachable for now" (an outage), not a bug."""
 
 
-def connect(settings: Settings) -> redis.Redis:
-    """The dispatcher's Redis client: few, short retries (an outage is handled by pausing, not
-    by stalling every call for seconds)."""
-    return redis.Redis.from_url(
+def connect(settings: Settings) -> Client:
+    """The dispatcher's Redis client (a single Redis or a cluster, by the URL's scheme): few,
+    short retries (an outage is handled by pausing, not by stalling every call for seconds)."""
+    return connect_url(
         settings.redis_url, retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 2)
     )
 
 
-def store_for(settings: Settings, client: redis.Redis, key_prefix: str) -> RedisStore:
+def store_for(settings: Settings, client: Client, key_prefix: str) -> RedisStore:
     """The store, with a call lease of the longest one attempt can take (requests applies the
     timeout to connect and to read) plus slack: a duplicate of a decision on another instance
     waits this long before it takes a "calling" state for a crash."""
@@ -54,7 +59,7 @@ def store_for(settings: Settings, client: redis.Redis, key_prefix: str) -> Redis
 class RedisWatch:
     """Whether Redis is down, and the waiting that goes with it (thread-safe where noted)."""
 
-    def __init__(self, client: redis.Redis, consumer: Consumer, stop: threading.Event) -> None:
+    def __init__(self, client: Client, consumer: Consumer, stop: threading.Event) -> None:
         self.client = client
         self.consumer = consumer
         self.stop = stop

@@ -32,6 +32,7 @@ from processors.dispatcher.sending import Sender
 from processors.gateways.base import Gateway
 from processors.kafka.contacts import ContactsFollower
 from processors.redis import DEFAULT_PREFIX
+from processors.redis.client import Client
 from processors.redis.rate_limit import RateLimiter
 from processors.settings import Settings
 from schemas.codec import Codec
@@ -54,7 +55,7 @@ class Dispatcher:
         campaigns: CampaignSet,
         gateway: Gateway,
         *,
-        redis_client: redis.Redis | None = None,
+        redis_client: Client | None = None,
         key_prefix: str = DEFAULT_PREFIX,
         rate_per_s: float = DEFAULT_RATE_PER_S,
         threads: int = 8,

@@ -23,6 +23,8 @@ as a hash tag, so one user's keys share a cluster slot):
 * ``Pdeferred`` sorted set (decision id by due time), ``Pdeferred:data`` hash (decision JSON),
   ``Pdeferred:lease`` sorted set (claimed ids by lease expiry, wall clock): a deferred send
   survives restarts, and a claim lost in a crash returns to ``Pdeferred`` when its lease ends.
+  On a Redis Cluster the same three keys per shard, ``P{deferred:<k>}``, ``...:data``,
+  ``...:lease`` (``k`` = CRC32 of the decision id modulo ``DEFERRED_SHARDS``).
 
 Written by the webhook service (:mod:`processors.webhooks`), read by the dispatcher:
 
@@ -35,10 +37,12 @@ Written by the webhook service (:mod:`processors.webhooks`), read by the dispatc
   delivery receipt's client-ref refers to; ``P{u}:last`` the campaign of the user's last text.
 * ``Plink:<code>`` JSON of a short link's target (expires after the link TTL).
 
-The deferred index is global (not per user), so the scripts that touch it are not cluster-safe;
-nor are the batch scripts (``prepare_many``, ``settle_many``, ``mark_emitted_many``: one call for
-the keys of many users, each decision's part exactly as on its own). NudgeFlow targets a single
-Redis (or a primary with replicas) for the dispatcher.
+Single Redis or Redis Cluster (:mod:`processors.redis.client`, ``redis+cluster://`` URLs): on a
+cluster every script call touches one slot. The batch scripts (``prepare_many``, ``settle_many``,
+``mark_emitted_many``) run once per slot instead of once per batch; an operation on a decision
+and on the deferred index (defer, cancel, claim, finish of a claim) is two one-slot steps in an
+order a crash cannot turn into a lost or doubled send; a number's keyword consent is read outside
+the user's script. ``docs/guarantees.md`` ("On a Redis Cluster") says what each costs.
 """
 
 from __future__ import annotations

@@ -114,6 +114,17 @@ class ContactRecords(RedisBase):
         """The last keyword consent (STOP/START) received from ``phone`` (E.164), if any."""
         return parse_phone_consent(self.r.hmget(self.phone_prefix + phone, ["s", "at", "src"]))
 
+    def phone_consents(self, phones: Sequence[str]) -> dict[str, PhoneConsent | None]:
+        """:meth:`phone_consent` of each number, in one round trip (one per node on a
+        cluster)."""
+        pipe = self.r.pipeline(transaction=False)
+        for phone in phones:
+            pipe.hmget(self.phone_prefix + phone, ["s", "at", "src"])
+        return {
+            phone: parse_phone_consent(raw)
+            for phone, raw in zip(phones, pipe.execute(), strict=True)
+        }
+
     def set_phone_consent(self, phone: str, status: Consent, at_ms: int, source: str) -> bool:
         """Record a keyword consent of ``phone``; False when a newer one is already recorded.
 
@@ -155,9 +166,21 @@ class ContactRecords(RedisBase):
         raise RuntimeError("contact record kept changing; consent not set")
 
     def index_phone(self, user_id: str, phone: str | None) -> None:
-        """Keep the phone -> users index current (``None``: the profile was deleted)."""
+        """Keep the phone -> users index current (``None``: the profile was deleted).
+
+        On a cluster the number's set and the user's key are in different slots: the user joins
+        the new number's set first, then the user's key changes, then the user leaves the old
+        number's set (a crash in between leaves an extra member, which ``set_consent``'s number
+        check makes harmless, never a missing one)."""
         key = f"{self.user_key(user_id)}:phone"
-        self._script("index_phone")(keys=[key], args=[user_id, phone or "", self.phone_prefix])
+        if not self.cluster:
+            self._script("index_phone")(keys=[key], args=[user_id, phone or "", self.phone_prefix])
+            return
+        if phone:
+            self.r.sadd(f"{self.phone_prefix}{phone}:users", user_id)
+        old = text(self._script("swap_phone")(keys=[key], args=[phone or ""]))
+        if old and old != phone:
+            self.r.srem(f"{self.phone_prefix}{old}:users", user_id)
 
     def users_for_phone(self, phone: str) -> list[str]:
         """Ids of the profiles with this number, sorted."""

@@ -55,9 +55,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import redis
-
 from processors.redis import scripts
+from processors.redis.client import Client, is_cluster
 
 DEFAULT_LEASE_S = 30.0
 MIN_POLL_S = 0.01
@@ -98,10 +97,20 @@ class Budget:
         return max(MIN_POLL_S, self.spacing_s)
 
 
+def _has_tag(key: str) -> bool:
+    """Whether ``key`` names its cluster slot by a hash tag (a non-empty ``{...}``)."""
+    start = key.find("{")
+    end = key.find("}", start + 1) if start >= 0 else -1
+    return end > start + 1
+
+
 class RateLimiter:
     """``acquire()`` blocks until one more request is allowed; thread- and process-safe.
 
-    Every instance that shares ``key`` (and the Redis) shares the budget. Contract: make the
+    Every instance that shares ``key`` (and the Redis) shares the budget: keys ``key`` (the
+    pacing) and ``key:sent`` (the guard); on a Redis Cluster ``{key}`` and ``{key}:sent``, one
+    slot, so each script stays on one node (``key`` holding a hash tag already is kept as it
+    is). Contract: make the
     request right after ``acquire()`` returns, synchronously, in the same thread, and call
     ``done()`` once its answer is in (or the attempt failed); the thread's next ``acquire()``
     says so too, but a thread that goes idle without ``done()`` holds a place for ``lease_s``.
@@ -109,7 +118,7 @@ class RateLimiter:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: Client,
         rate_per_s: float,
         key: str = "nudgeflow:ratelimit:gateway",
         *,
@@ -118,6 +127,8 @@ class RateLimiter:
     ) -> None:
         self.budget = Budget.for_rate(rate_per_s, lease_s)
         self.rate_per_s = rate_per_s
+        if is_cluster(client) and not _has_tag(key):
+            key = f"{{{key}}}"
         self.key = key
         self.sent_key = f"{key}:sent"
         self.interval_us = max(1, round(1_000_000 * self.budget.spacing_s))

@@ -11,12 +11,13 @@ import functools
 from importlib import resources
 from typing import Any
 
-import redis
+from processors.redis.client import Client
 
 FRAGMENTS: dict[str, tuple[str, ...]] = {
     "begin": ("now", "begin_fn"),
     "prepare_many": ("now", "begin_fn"),
     "cancel": ("now",),
+    "cancel_mark": ("now",),
     "defer": ("now",),
     "start_call": ("now",),
     "extend_call": ("now",),
@@ -36,6 +37,6 @@ def source(name: str) -> str:
     return "\n".join(_read(part) for part in (*FRAGMENTS.get(name, ()), name))
 
 
-def register(client: redis.Redis, name: str) -> Any:
+def register(client: Client, name: str) -> Any:
     """Script ``name`` registered with ``client`` (called as ``script(keys=..., args=...)``)."""
     return client.register_script(source(name))

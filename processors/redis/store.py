@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis
-
 from processors.redis.base import DEFAULT_PREFIX
 from processors.redis.batches import Batches
+from processors.redis.client import connect
 from processors.redis.sent import SentTexts
 
 
 class RedisStore(Batches, SentTexts):
     """``PolicyStore`` over one Redis (decision records, batches, contacts), plus the sent texts
-    and short links the webhooks read; thread-safe (redis-py pools connections)."""
+    and short links the webhooks read; thread-safe (redis-py pools connections). Over a single
+    Redis or a Redis Cluster (:mod:`processors.redis.client`)."""
 
     @classmethod
     def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX, **kw: Any) -> RedisStore:
-        return cls(redis.Redis.from_url(url), prefix, **kw)
+        """``url``: ``redis://...`` or ``redis+cluster://...`` (see ``client.connect``)."""
+        return cls(connect(url), prefix, **kw)

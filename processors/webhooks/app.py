@@ -26,6 +26,7 @@ from processors.gateways.base import Gateway
 from processors.kafka.async_producer import AsyncProducer
 from processors.kafka.contacts import ContactsFollower, ContactsThread
 from processors.redis import DEFAULT_PREFIX, RedisStore
+from processors.redis.client import Client, connect
 from processors.redis.rate_limit import RateLimiter
 from processors.settings import Settings
 from processors.webhooks.clicks import Clicks
@@ -53,7 +54,7 @@ class WebhookService:
         settings: Settings,
         gateway: Gateway,
         *,
-        redis_client: redis.Redis | None = None,
+        redis_client: Client | None = None,
         key_prefix: str = DEFAULT_PREFIX,
         rate_per_s: float = 30.0,
         retry: RetryPolicy | None = None,
@@ -63,7 +64,7 @@ class WebhookService:
         ``nudgeflow demo`` passes its event-time clock)."""
         self.settings = settings
         self.gateway = gateway
-        self.redis = redis_client or redis.Redis.from_url(settings.redis_url)
+        self.redis = redis_client or connect(settings.redis_url)
         self.store = RedisStore(self.redis, key_prefix)
         state = WebhookState(self.redis, key_prefix, int(settings.webhook_dedup_ttl_s * 1000))
         codec = Codec(settings.schema_registry_url)

@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
-import redis
-
 from processors.redis import scripts
+from processors.redis.client import Client
 
 CLAIM_LEASE_MS: Final = 30_000
 """How long a webhook being processed blocks a concurrent duplicate (a crash frees it then)."""
@@ -18,7 +17,7 @@ CLAIM_LEASE_MS: Final = 30_000
 class WebhookState:
     """Claims, sent confirmations and receipt parts, in Redis."""
 
-    def __init__(self, client: redis.Redis, prefix: str, ttl_ms: int) -> None:
+    def __init__(self, client: Client, prefix: str, ttl_ms: int) -> None:
         self.r = client
         self.base = f"{prefix}wh:"
         self.ttl_ms = ttl_ms

@@ -10,6 +10,7 @@ replay's time passes 09:00 Los Angeles while nothing moves Ana's own time again.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,9 +35,11 @@ from processors.core.policy.memory import InMemoryStore
 from processors.files import LineErrors
 from processors.gateways.base import SendResult
 from processors.redis import RedisStore
+from processors.redis.client import connect
 from processors.settings import REPO_ROOT, Settings
 from tests.integration.test_dispatcher import Bus, Reader, running
 from tests.support.own_redis import own_redis
+from tests.support.redis_backends import cluster_url
 
 EXAMPLES = REPO_ROOT / "examples"
 CAMPAIGNS = EXAMPLES / "campaigns.yaml"
@@ -271,20 +274,24 @@ class LiveRun:
         self.outcomes += done.outcomes
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def live_store(request: pytest.FixtureRequest) -> Iterator[PolicyStore]:
     if request.param == "memory":
         yield InMemoryStore(contacts={c.user_id: c for c in contacts()})
         return
-    with own_redis() as url:
-        client = redis.Redis.from_url(url)
-        try:
-            store = RedisStore(client)
-            for offset, c in enumerate(contacts()):
-                store.put_contact(c.user_id, c.to_record(), offset)
-            yield store
-        finally:
-            client.close()
+    with contextlib.ExitStack() as stack:
+        if request.param == "redis":
+            url = stack.enter_context(own_redis())
+        else:
+            url = cluster_url(request.getfixturevalue("redis_cluster"))
+        client = connect(url)
+        stack.callback(client.close)
+        client.flushdb()
+        store = RedisStore(client)
+        for offset, c in enumerate(contacts()):
+            store.put_contact(c.user_id, c.to_record(), offset)
+        yield store
+        client.flushdb()
 
 
 def test_live_conversion_while_held_cancels_the_text(live_store: PolicyStore) -> None:

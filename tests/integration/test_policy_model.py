@@ -11,19 +11,18 @@ outcomes and texts the model predicts, and the texts must keep the invariants: o
 per decision; no text after an exit, after STOP, inside quiet hours, beyond a cap or past
 ``max_defer``; no decision id sent twice.
 
-``make test`` runs a small profile; ``make chaos`` runs the long one (``chaos`` marker).
+``make test`` runs a small profile on a single Redis and on a local Redis Cluster; ``make chaos``
+runs the long one (``chaos`` marker, single Redis).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-import redis
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -42,7 +41,7 @@ from processors.core.policy import Policy, PolicyStore, Step
 from processors.core.policy.memory import InMemoryStore
 from processors.gateways.base import SendResult
 from processors.redis import RedisStore
-from tests.support.own_redis import own_redis
+from processors.redis.client import connect
 
 S, M, H = 1_000, 60_000, 3_600_000
 T0 = int(datetime.fromisoformat("2024-03-13T20:00:00+00:00").timestamp() * 1000)
@@ -220,7 +219,7 @@ class System:
     def holds(self, decision_id: str) -> bool:
         """Whether the store still holds the decision as a deferred send."""
         if isinstance(self.store, RedisStore):
-            deferred, _data, _lease = self.store.deferred_keys
+            deferred, _data, _lease = self.store.deferred_keys_of(decision_id)
             return self.store.r.zscore(deferred, decision_id) is not None
         assert isinstance(self.store, InMemoryStore)
         return decision_id in self.store.deferred
@@ -252,7 +251,7 @@ class PolicyMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.client = redis.Redis.from_url(self.redis_url)
+        self.client = connect(self.redis_url)
         self.client.flushdb()
         contacts = {u: Contact(u, phone(u), "opted_in", timezone="UTC") for u in USERS}
         store = RedisStore(self.client, call_lease_ms=0, emit_grace_ms=0)
@@ -439,12 +438,6 @@ class PolicyMachine(RuleBasedStateMachine):
 # --------------------------------------------------------------------------- runs
 
 
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    with own_redis() as url:
-        yield url
-
-
 def _run(url: str, examples: int, steps: int) -> None:
     PolicyMachine.redis_url = url
     run_state_machine_as_test(
@@ -458,12 +451,13 @@ def _run(url: str, examples: int, steps: int) -> None:
     )
 
 
-def test_policy_over_both_stores_equals_the_model(redis_url: str) -> None:
-    _run(redis_url, examples=60, steps=30)
+def test_policy_over_both_stores_equals_the_model(any_redis_url: str) -> None:
+    """On a single Redis and on a Redis Cluster (the same machine, the same model)."""
+    _run(any_redis_url, examples=60, steps=30)
 
 
 @pytest.mark.chaos
 @pytest.mark.timeout(600)
-def test_policy_over_both_stores_equals_the_model_long(redis_url: str) -> None:
+def test_policy_over_both_stores_equals_the_model_long(single_redis_url: str) -> None:
     """~2 minutes on two cores (the ``make test`` profile takes ~10 s)."""
-    _run(redis_url, examples=600, steps=50)
+    _run(single_redis_url, examples=600, steps=50)

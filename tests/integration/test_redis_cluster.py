@@ -1,6 +1,6 @@
 """The local Redis Cluster the embedded stack and the tests use: 3 masters + 3 replicas from
 the ``redis-server`` binary; a SIGKILLed master's replica takes over and a cluster client
-rides through with the data that was replicated."""
+rides through with the data that was replicated, and so does the Redis store."""
 
 from __future__ import annotations
 
@@ -63,5 +63,46 @@ def test_three_masters_serve_every_slot_and_a_replica_takes_over(
         assert [client.get(f"nf:{{u:{i}}}:contact") for i in range(300)] == [
             f"c{i}".encode() for i in range(300)
         ]
+    finally:
+        client.close()
+
+
+def test_the_store_rides_through_a_failover(cluster: LocalRedisCluster) -> None:
+    """A batch for users on every master, a master SIGKILLed, its replica promoted: the next
+    batches run (the promoted replica had never loaded the store's scripts) and the decisions
+    recorded before the kill (replicated) are found as they were."""
+    from processors.core.decision import Decision
+    from processors.redis import RedisStore
+    from processors.redis.client import connect
+
+    client = connect(f"redis+cluster://{cluster.nodes[0].address}", socket_timeout=2)
+    try:
+        store = RedisStore(client)
+        users = [f"u{i}" for i in range(60)]
+        now = 1_710_331_200_000
+        first = [(Decision(f"a-{u}", "c", u, now, ("e",), now), "t1") for u in users]
+        assert {p.state for p, _ in store.prepare_many(first)} == {"new"}
+        store.mark_emitted_many([(u, f"a-{u}", "x") for u in users])
+        victim = cluster.master_of(store.user_key(users[0]))
+        with victim.client() as direct:
+            assert direct.execute_command("WAIT", 1, 2000) >= 1  # replicated before the kill
+        cluster.kill(victim)
+        deadline = time.monotonic() + 30
+        while cluster.master_of(store.user_key(users[0])).port == victim.port:
+            assert time.monotonic() < deadline, "no replica took over the killed master's slots"
+            time.sleep(0.2)
+        cluster.wait_healthy(timeout=30)
+        second = [(Decision(f"b-{u}", "c", u, now, ("e",), now), "t2") for u in users]
+        while True:
+            try:
+                prepared = store.prepare_many(second)
+                break
+            except redis.RedisError:
+                assert time.monotonic() < deadline, "the store never reached the promoted replica"
+                time.sleep(0.2)
+        assert {p.state for p, _ in prepared} == {"new"}
+        again = store.prepare_many(first)  # the same attempt asks again: its own reservation
+        assert {p.state for p, _ in again} == {"reserved"}
+        assert {client.hget(store.decision_key(u, f"a-{u}"), "e") for u in users} == {b"x"}
     finally:
         client.close()

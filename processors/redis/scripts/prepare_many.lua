@@ -1,5 +1,5 @@
 -- KEYS: per decision its state hash and its user's contact hash. ARGV: state ttl, grace, the
--- phone key prefix, then one token per decision. For each decision, in order: ``begin`` (not
+-- phone key prefix ('' on a cluster: no keyword consent is read, the caller reads it), then one token per decision. For each decision, in order: ``begin`` (not
 -- resuming deferred sends) plus the policy's reads (profile, the keyword consent of its number,
 -- cancellation) at the same instant (``begin`` changes neither the profile nor the
 -- cancellation, so they are read with its state). One script for a whole batch: the per-call
@@ -26,7 +26,7 @@ for i = 1, #ARGV - 3 do
     end
   end
   local p = {false, false, false}
-  if phone then p = redis.call('HMGET', ARGV[3] .. phone, 's', 'at', 'src') end
+  if phone and ARGV[3] ~= '' then p = redis.call('HMGET', ARGV[3] .. phone, 's', 'at', 'src') end
   local o = 11 * i - 11  -- one flat reply: a table per decision costs Redis more
   out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = b[1], b[2], b[3], b[4], b[5]
   out[o + 6], out[o + 7], out[o + 8], out[o + 9] = v, p[1], p[2], p[3]

@@ -1,5 +1,6 @@
--- KEYS: lease, data, then per item: a Final's decision hash, or a CapCheck's global sends,
--- campaign sends and decision hash. ARGV: most passes, state ttl, grace, then per item either
+-- KEYS: lease, data (none on a cluster), then per item: a Final's decision hash, or a
+-- CapCheck's global sends, campaign sends and decision hash. ARGV: most passes, state ttl, grace,
+-- '1' when the keys begin with lease and data, then per item either
 -- 'f', decision id, outcome, status, token, dead-lettered (1/0)            (``finish``)
 -- 'c', decision id, reserve, token, rules, outcome head, outcome tail       (a cap check)
 -- 'r', now, sends ttl, trim_before, rule count, then per rule: is_global (1/0), exclusive
@@ -12,9 +13,12 @@
 -- room for that many), so the rest of the batch is left as it was.
 -- Returns {violated rule + 1 or 0, recorded} per 'f' or 'c' item it ran.
 -- ``finish`` skips the deferred-claim cleanup when no claim exists (nothing else in the script
--- adds one).
-local lease, data = KEYS[1], KEYS[2]
-local claims = redis.call('EXISTS', lease) == 1
+-- adds one; on a cluster the caller drops its own claims).
+local lease, data, claims, k = nil, nil, false, 1
+if ARGV[4] == '1' then
+  lease, data, k = KEYS[1], KEYS[2], 3
+  claims = redis.call('EXISTS', lease) == 1
+end
 local function finish(key, did, outcome, status, token, dl, ttl, grace, now)
   local f = redis.call('HMGET', key, 't', 'e', 'dl')
   if f[1] ~= token then return 0 end
@@ -30,7 +34,7 @@ local function finish(key, did, outcome, status, token, dl, ttl, grace, now)
   return 1
 end
 local most, ttl, grace = tonumber(ARGV[1]), ARGV[2], ARGV[3]
-local out, a, k, passes = {}, 4, 3, 0
+local out, a, passes = {}, 5, 0
 local n_out = 0
 local bounds, maxes = {}, {}
 while a <= #ARGV do

@@ -1,3 +1,5 @@
+-- KEYS: decision, contact. ARGV: token, call lease, the phone key prefix, as_of (-1: now), and
+-- on a cluster (prefix ''), the number whose keyword consent the caller read and that consent.
 local owner = redis.call('HGET', KEYS[1], 't')
 local state = redis.call('HGET', KEYS[1], 's')
 if owner == ARGV[1] and state == 'calling' then
@@ -21,9 +23,14 @@ if v then
     if consent ~= 'opted_in' then
       return 'cancelled:' .. (consent == 'opted_out' and 'opted_out' or 'no_consent')
     end
-    if type(rec['phone']) == 'string'
-      and redis.call('HGET', ARGV[3] .. rec['phone'], 's') == 'opted_out' then
-      return 'cancelled:opted_out'
+    if type(rec['phone']) == 'string' then
+      local s = ARGV[6]
+      if ARGV[3] ~= '' then
+        s = redis.call('HGET', ARGV[3] .. rec['phone'], 's')
+      elseif rec['phone'] ~= ARGV[5] then
+        return 'recheck'  -- the number changed since the caller read its keyword consent
+      end
+      if s == 'opted_out' then return 'cancelled:opted_out' end
     end
   end
 end
