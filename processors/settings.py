@@ -132,6 +132,9 @@ class Settings(BaseSettings):
     # Longest a state change stays only in the worker's memory before its checkpoint: a longer
     # interval writes fewer changelog records, a killed worker replays more on restart.
     worker_checkpoint_interval_ms: int = Field(default=500, ge=10, le=600_000)
+    # A worker whose event loop stops, or whose rebalance or table recovery neither ends nor
+    # moves for this long, exits to be restarted (streams/watchdog.py); 0 disables the check.
+    worker_stall_timeout_s: float = Field(default=90.0, ge=0)
     worker_id: str = "nudgeflow-worker"
     worker_web_port: int = 6066
     # Faust table store: RocksDB (rocksdict) keeps state on local disk across restarts, so a

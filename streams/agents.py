@@ -51,6 +51,7 @@ from streams.stats import WorkerStats
 from streams.steps import Steps
 from streams.ticks import TICK_INTERVAL_S, Ticks
 from streams.topics import Topics, make_topics
+from streams.watchdog import BEAT_INTERVAL_S, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,8 @@ class TriggerShell:
             app.timer(TICK_INTERVAL_S, on_leader=True, name="nudgeflow.send_ticks")(self.ticks.send)
         app.timer(LAG_INTERVAL_S, name="nudgeflow.consumer_lag")(self.lag.sample)
         app.timer(RECONCILE_INTERVAL_S, name="nudgeflow.reconcile")(self.assignment.reconcile)
+        self.watchdog = Watchdog(app, settings.worker_stall_timeout_s)
+        app.timer(BEAT_INTERVAL_S, name="nudgeflow.watchdog")(self.watchdog.beat)
         app.task(self.pipeline.run)
         app.on_rebalance_complete.connect(self.assignment.on_rebalance_complete)  # type: ignore[arg-type]
         hooks = getattr(app, "nudgeflow_hooks", None)
@@ -153,6 +156,7 @@ class TriggerShell:
 
     async def _before_stop(self) -> None:
         """Worker stopping: stop reading, write the last checkpoint, close the clients."""
+        self.watchdog.stop()
         await self.pipeline.stop()
         await self.assignment.before_revoke()
         self.clients.close()
