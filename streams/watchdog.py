@@ -56,11 +56,18 @@ def faust_progress(app: Any) -> tuple[bool, Hashable]:
     offsets: tuple[int, ...] = ()
     if recovery is not None:
         offsets = (
-            sum(getattr(recovery, "active_offsets", {}).values()),
-            sum(getattr(recovery, "standby_offsets", {}).values()),
+            _total(getattr(recovery, "active_offsets", None)),
+            _total(getattr(recovery, "standby_offsets", None)),
         )
     busy = bool(getattr(app, "rebalancing", False)) or in_recovery
     return busy, (getattr(app, "rebalancing_count", 0), *offsets)
+
+
+def _total(offsets: Any) -> int:
+    """Sum of the known offsets (Faust keeps None for a partition not read yet)."""
+    if not offsets:
+        return 0
+    return sum(v for v in offsets.values() if isinstance(v, int))
 
 
 class Watchdog:
@@ -107,7 +114,11 @@ class Watchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(CHECK_INTERVAL_S):
-            why = self.check()
+            try:
+                why = self.check()
+            except Exception:  # a look that failed is no verdict; the next one may succeed
+                log.exception("worker watchdog: a check failed")
+                continue
             if why is not None:
                 log.critical("worker stalled: %s; it exits to be restarted", why)
                 self._exit(EXIT_STALLED)

@@ -9,6 +9,7 @@ from collections.abc import Hashable
 
 import faust
 import pytest
+from faust.types import TP
 
 from streams import watchdog
 from streams.watchdog import EXIT_STALLED, Stall, Watchdog, faust_progress
@@ -105,3 +106,28 @@ def test_reads_faust_rebalance_state() -> None:
     assert busy and again == progress
     app.rebalancing_count += 1
     assert faust_progress(app)[1] != progress
+    # Faust keeps None for a changelog partition whose recovery has not read anything yet
+    recovery = app.tables.recovery
+    recovery.active_offsets[TP("t-changelog", 0)] = None
+    recovery.active_offsets[TP("t-changelog", 1)] = 41
+    recovery.in_recovery = True
+    busy, moved = faust_progress(app)
+    assert busy and moved[1] == 41
+    recovery.active_offsets[TP("t-changelog", 0)] = 7
+    assert faust_progress(app)[1][1] == 48
+
+
+def test_a_check_that_raises_does_not_end_the_watchdog(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watchdog, "CHECK_INTERVAL_S", 0.02)
+    looks: list[int] = []
+    done = threading.Event()
+
+    def progress(app: object) -> tuple[bool, Hashable]:
+        looks.append(1)
+        if len(looks) < 3:
+            raise TypeError("a half-built recovery")
+        return True, ("stuck",)
+
+    dog = Watchdog(None, 0.1, exit=lambda code: done.set(), progress=progress)
+    asyncio.run(dog.beat())
+    assert done.wait(10), "the watchdog died with its first failed check"
