@@ -23,6 +23,7 @@ from processors.settings import Settings
 from tests.support.redis_backends import (  # noqa: F401 (fixtures: a single Redis, a cluster)
     any_redis,
     any_redis_url,
+    flushed,
     redis_cluster,
     single_redis_url,
 )
@@ -73,13 +74,8 @@ def redis_url(stack: StackInfo) -> str:
 @pytest.fixture
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     """A client on the session Redis; its DB is empty at the start and end of every test."""
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    try:
+    with flushed(redis.Redis.from_url(redis_url)) as client:
         yield client
-    finally:
-        client.flushdb()
-        client.close()
 
 
 @pytest.fixture

@@ -5,6 +5,8 @@ broker needed. ``any_redis`` gives a test a client of either, empty at its start
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TypeVar
 
 import pytest
 
@@ -13,6 +15,18 @@ from processors.redis.client import Client, connect
 from tests.support.own_redis import own_redis
 
 BACKENDS = ("single", "cluster")
+C = TypeVar("C", bound=Client)
+
+
+@contextmanager
+def flushed(client: C) -> Iterator[C]:
+    """``client`` with its database empty at the start and at the end; closed afterwards."""
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.flushdb()
+        client.close()
 
 
 @pytest.fixture(scope="session")
@@ -47,10 +61,5 @@ def any_redis_url(request: pytest.FixtureRequest) -> str:
 def any_redis(any_redis_url: str) -> Iterator[Client]:
     """A client of ``any_redis_url`` (``redis.Redis`` or ``RedisCluster``), flushed around the
     test."""
-    client = connect(any_redis_url)
-    client.flushdb()
-    try:
+    with flushed(connect(any_redis_url)) as client:
         yield client
-    finally:
-        client.flushdb()
-        client.close()
