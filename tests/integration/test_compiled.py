@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from processors.core.campaign import load_campaigns
-from processors.core.engine import FLUSH_MS, Engine, UserState
-from processors.simulate import generate
+from tests.support.replay import replay
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPILED = Path(os.environ.get("NUDGEFLOW_COMPILED_DIR", ROOT / "build" / "compiled"))
@@ -33,29 +31,6 @@ COMPILED_MODULES = [
 pytestmark = pytest.mark.skipif(
     not (COMPILED / ".compiled").exists(), reason="no compiled build (make compiled)"
 )
-
-# Run in the compiled build: the decisions of a simulated stream, every state round-tripped
-# through its bytes on the way (as the worker's table does).
-_REPLAY = """
-import json, sys
-from processors.core.campaign import load_campaigns
-from processors.core.engine import FLUSH_MS, Engine, UserState
-from processors.simulate import generate
-engine = Engine(load_campaigns(sys.argv[1]), allowed_lateness_ms=30_000)
-states, out = {}, []
-for e in generate(300, 6_000, 11):
-    raw = states.get(e.user_id)
-    step = engine.on_event(None if raw is None else UserState.from_bytes(raw), e)
-    out += [[d.decision_id, d.fire_at, d.variant, d.stage] for d in step.decisions]
-    out += [[c.decision_id, c.reason] for c in step.cancellations]
-    if step.state is not None:
-        states[e.user_id] = step.state.to_bytes()
-for user in sorted(states):
-    step = engine.on_time(UserState.from_bytes(states[user]), FLUSH_MS)
-    out += [[d.decision_id, d.fire_at, d.variant, d.stage] for d in step.decisions]
-    states[user] = b"" if step.state is None else step.state.to_bytes()
-print(json.dumps({"out": out, "states": {u: s.hex() for u, s in states.items()}}))
-"""
 
 
 def _compiled_env() -> dict[str, str]:
@@ -90,9 +65,15 @@ def test_the_oracle_and_property_checks_pass_on_the_compiled_build() -> None:
 
 def test_compiled_and_interpreted_builds_agree() -> None:
     campaigns = str(ROOT / "examples" / "campaigns.yaml")
+    # the script path goes after the compiled build on sys.path (PYTHONSAFEPATH; -m would
+    # put the working directory first)
+    script = (
+        "import json, sys; sys.path.append(sys.argv[2]); "
+        "from tests.support.replay import replay; print(json.dumps(replay(sys.argv[1])))"
+    )
     compiled = json.loads(
         subprocess.run(
-            [sys.executable, "-c", _REPLAY, campaigns],
+            [sys.executable, "-c", script, campaigns, str(ROOT)],
             env=_compiled_env(),
             cwd=ROOT,
             capture_output=True,
@@ -100,21 +81,8 @@ def test_compiled_and_interpreted_builds_agree() -> None:
             check=True,
         ).stdout  # fmt: skip
     )
-    engine = Engine(load_campaigns(campaigns), allowed_lateness_ms=30_000)
-    states: dict[str, bytes] = {}
-    out: list[list[object]] = []
-    for e in generate(300, 6_000, 11):
-        raw = states.get(e.user_id)
-        step = engine.on_event(None if raw is None else UserState.from_bytes(raw), e)
-        out += [[d.decision_id, d.fire_at, d.variant, d.stage] for d in step.decisions]
-        out += [[c.decision_id, c.reason] for c in step.cancellations]
-        if step.state is not None:
-            states[e.user_id] = step.state.to_bytes()
-    for user in sorted(states):
-        step = engine.on_time(UserState.from_bytes(states[user]), FLUSH_MS)
-        out += [[d.decision_id, d.fire_at, d.variant, d.stage] for d in step.decisions]
-        states[user] = b"" if step.state is None else step.state.to_bytes()
-    assert len(out) > 100
-    assert compiled["out"] == out
+    interpreted = replay(campaigns)
+    assert len(interpreted["out"]) > 100
+    assert compiled["out"] == interpreted["out"]
     # the same bytes: either build reads the other's states
-    assert compiled["states"] == {u: s.hex() for u, s in states.items()}
+    assert compiled["states"] == interpreted["states"]
