@@ -194,6 +194,41 @@ class CountingFake(VonageFake):
         self._connection_fault = fault
 
 
+class StallWatch(threading.Thread):
+    """Times the harness process's own stalls (no thread of it ran, e.g. CPU starvation): the
+    in-process fake cannot stamp a request that arrives then, and stamps the queue at once when
+    the process runs again. Ticks every 10 ms; a gap of ``STALL_S`` or more is a stall."""
+
+    STALL_S = 0.25
+
+    def __init__(self) -> None:
+        super().__init__(name="stall-watch", daemon=True)
+        self.stalls: list[tuple[float, float]] = []  # (start, end), time.monotonic()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        last = time.monotonic()
+        while not self._halt.wait(0.01):
+            now = time.monotonic()
+            if now - last >= self.STALL_S:
+                self.stalls.append((last, now))
+            last = now
+
+    def halt(self) -> None:
+        self._halt.set()
+
+
+def unmeasured(stamps: Sequence[float], stalls: Sequence[tuple[float, float]]) -> set[int]:
+    """Indexes of the stamps taken within ``StallWatch.STALL_S`` after a stall ended: requests
+    that may have arrived any time during it, so their stamps say nothing about the rate."""
+    return {
+        i
+        for i, t in enumerate(stamps)
+        for start, end in stalls
+        if end <= t < end + StallWatch.STALL_S
+    }
+
+
 # --------------------------------------------------------------------------- timeline
 
 
@@ -677,6 +712,8 @@ class Report:
     gateway_requests: int = 0
     texts_accepted: int = 0
     max_requests_1s: int = 0
+    rate_unmeasured: int = 0  # requests stamped right after a stall of the fake's process
+    harness_stalls: int = 0
     calls_while_redis_down: int = 0
     dlq_missing: int = 0
     dlq_unexpected: int = 0
@@ -713,7 +750,9 @@ class Report:
                 f"republished={self.repeated_outcomes}",
                 f"gateway: requests={self.gateway_requests} texts={self.texts_accepted} "
                 f"faults={self.gateway_faults} busiest_1s={self.max_requests_1s} "
-                f"(limit {RATE_PER_S}) calls_while_redis_down={self.calls_while_redis_down} "
+                f"(limit {RATE_PER_S}; {self.rate_unmeasured} stamped after "
+                f"{self.harness_stalls} stall(s) of the fake's process left out) "
+                f"calls_while_redis_down={self.calls_while_redis_down} "
                 f"connect_faults={self.connect_fault_s:g}s "
                 f"(handshakes reset {self.handshake_resets})",
                 f"dlq={self.dlq} (missing {self.dlq_missing}, unexpected {self.dlq_unexpected}) "
@@ -774,6 +813,8 @@ class Chaos:
         self.redis.start()
         self.fake = CountingFake()
         self.fake.start()
+        self.stall_watch = StallWatch()
+        self.stall_watch.start()
         say(
             f"stack up: kafka :{self.broker.kafka_port} behind proxy :{self.broker.proxy_port}, "
             f"redis :{self.redis.port} (AOF, fsync always), Vonage fake :{self.fake.port}"
@@ -1102,6 +1143,8 @@ class Chaos:
             self.observer.join(10)
         if self.fake is not None:
             self.fake.stop()
+        if hasattr(self, "stall_watch"):
+            self.stall_watch.halt()
         if self.redis is not None:
             self.redis.stop()
         if self.broker is not None:
@@ -1151,7 +1194,11 @@ class Chaos:
         r.gateway_faults = sum(1 for a, b in self.fault_windows for q in requests[a:b]
                                if faulty(q.reply))  # fmt: skip
         r.gateway_faults += self.fake.handshake_resets
-        r.max_requests_1s = max_in_window([q.monotonic for q in requests])
+        stamps = [q.monotonic for q in requests]
+        stalls = list(self.stall_watch.stalls)
+        skip = unmeasured(stamps, stalls)
+        r.max_requests_1s = max_in_window([t for i, t in enumerate(stamps) if i not in skip])
+        r.rate_unmeasured, r.harness_stalls = len(skip), len(stalls)
         for t0, t1 in self.redis_down:
             r.calls_while_redis_down += sum(
                 1 for q in requests if t0 + FAIL_CLOSED_GRACE_S < q.monotonic < t1
