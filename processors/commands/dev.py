@@ -23,7 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where stack.json and the logs live (default: settings.state_dir)",
     )
     sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("up", parents=[common], help="start broker + Redis and create the topics")
+    up = sub.add_parser("up", parents=[common], help="start broker + Redis and create the topics")
+    up.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="a local Redis Cluster (3 masters + 3 replicas, redis+cluster:// URL) instead of "
+        "one redis-server",
+    )
     sub.add_parser("down", parents=[common], help="stop the processes `up` started")
     sub.add_parser("status", parents=[common], help="print addresses and health")
 
@@ -37,10 +43,19 @@ def _print_info(info: StackInfo, out: IO[str]) -> None:
         f"{health(info.broker_healthy)}  {info.broker_version or 'unknown broker'}",
         file=out,
     )
-    print(
-        f"redis   {info.redis_url:<28} pid {info.redis_pid:<8} {health(info.redis_healthy)}",
-        file=out,
-    )
+    if info.redis_cluster:
+        print(
+            f"redis   {info.redis_url:<28} {len(info.redis_nodes)} nodes "
+            f"{health(info.redis_healthy)}  Redis Cluster (3 masters + 3 replicas)",
+            file=out,
+        )
+        for n in info.redis_nodes:
+            print(f"        node {n.address:<23} pid {n.pid}", file=out)
+    else:
+        print(
+            f"redis   {info.redis_url:<28} pid {info.redis_pid:<8} {health(info.redis_healthy)}",
+            file=out,
+        )
     print(f"state   {info.state_file}  (up {time.time() - info.started_at:.0f} s)", file=out)
 
 
@@ -50,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     try:
         if args.action == "up":
-            info = stack.up(state_dir)
+            info = stack.up(state_dir, redis_cluster=args.redis_cluster)
             settings = Settings.load(profile="dev", state_dir=state_dir)
             created = create_topics(info.bootstrap_servers, settings)
             print("reusing running stack" if info.reused else "stack started", file=out)

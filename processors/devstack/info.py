@@ -16,6 +16,19 @@ class StackError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class RedisNode:
+    """One node of the stack's local Redis Cluster."""
+
+    port: int
+    pid: int
+    start: int | None = None  # /proc start time (clock ticks) to detect recycled pids
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@dataclass(frozen=True)
 class StackInfo:
     """Where the embedded stack listens and whether it answers."""
 
@@ -33,6 +46,16 @@ class StackInfo:
     broker_start: int | None = None  # /proc start time (clock ticks) to detect recycled pids
     redis_start: int | None = None
     broker_version: str = ""  # e.g. "Apache Kafka 4.4.0"
+    redis_nodes: tuple[RedisNode, ...] = ()  # a Redis Cluster's nodes; empty: a single Redis
+
+    @property
+    def redis_cluster(self) -> bool:
+        """True when the stack's Redis is a local Redis Cluster (``redis+cluster://`` URL)."""
+        return bool(self.redis_nodes)
+
+    @property
+    def redis_kind(self) -> str:
+        return "Redis Cluster" if self.redis_cluster else "single Redis"
 
     @property
     def healthy(self) -> bool:
@@ -54,6 +77,9 @@ class StackInfo:
             "broker_start": self.broker_start,
             "redis_start": self.redis_start,
             "broker_version": self.broker_version,
+            "redis_cluster_nodes": [
+                {"port": n.port, "pid": n.pid, "start": n.start} for n in self.redis_nodes
+            ],
         }
 
     @classmethod
@@ -70,6 +96,10 @@ class StackInfo:
             broker_start=data.get("broker_start"),
             redis_start=data.get("redis_start"),
             broker_version=str(data.get("broker_version", "")),
+            redis_nodes=tuple(
+                RedisNode(port=int(n["port"]), pid=int(n["pid"]), start=n.get("start"))
+                for n in data.get("redis_cluster_nodes") or ()
+            ),
         )
 
 

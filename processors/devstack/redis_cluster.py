@@ -79,11 +79,14 @@ class ClusterNode:
 
 @dataclass
 class LocalRedisCluster:
-    """``masters`` masters with ``replicas`` replicas each, under ``state_dir``."""
+    """``masters`` masters with ``replicas`` replicas each, under ``state_dir``. ``detach``: each
+    node leads its own session (a Ctrl-C in the terminal that started it does not reach it), for
+    a cluster that outlives the process that started it (``nudgeflow dev up --redis-cluster``)."""
 
     state_dir: Path
     masters: int = 3
     replicas: int = 1
+    detach: bool = False
     nodes: list[ClusterNode] = field(default_factory=list)
 
     @property
@@ -131,7 +134,13 @@ class LocalRedisCluster:
         argv += ["--save", "", "--appendonly", "no"]
         log = home / "redis.log"
         with log.open("ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=self.detach,
+            )
         return ClusterNode(port, proc, log)
 
     def _wait_ping(self, node: ClusterNode) -> None:
