@@ -44,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"--events; {DAY_RATE:g} on the generated day: the outbox gateway takes any rate)",
     )
     parser.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="run on a local Redis Cluster (3 masters + 3 replicas) instead of one redis-server",
+    )
+    parser.add_argument(
         "--inbound",
         type=Path,
         help='inbound texts (JSON Lines: {"msisdn": ..., "text": "STOP", "ts": ...}) applied '
@@ -83,4 +88,5 @@ def run(args: argparse.Namespace) -> int:
         shoppers=day,
         seed=args.seed,
         progress=day,
+        redis_cluster=args.redis_cluster,
     )

@@ -100,12 +100,16 @@ def run_demo(
     shoppers: bool = False,
     seed: int = 7,
     progress: bool = False,
+    redis_cluster: bool = False,
 ) -> int:
     """``rate_per_s``: the dispatcher's gateway rate (None: its default, Vonage's 30/s).
 
     ``shoppers``: after the pipeline has decided and sent, the recipients respond to the texts
     (:mod:`processors.demo.shoppers`, deterministic for ``seed``) through the webhook service
-    and the clickstream; the report then attributes what the clickstream holds."""
+    and the clickstream; the report then attributes what the clickstream holds.
+
+    ``redis_cluster``: every process (dispatcher, webhook service, the keyword import) uses a
+    local Redis Cluster (3 masters + 3 replicas) instead of one redis-server."""
     from processors.commands.contacts import import_contacts
     from processors.commands.produce import produce_file
     from processors.devstack import EmbeddedStack, create_topics
@@ -127,10 +131,17 @@ def run_demo(
         (out / stale).unlink(missing_ok=True)
     webhook_port = _free_port()
     links = {"link_base_url": f"http://127.0.0.1:{webhook_port}"} if shoppers else {}
-    print("starting the embedded stack (Apache Kafka broker + redis-server)…", flush=True)
+    redis_kind = "a local Redis Cluster" if redis_cluster else "redis-server"
+    print(f"starting the embedded stack (Apache Kafka broker + {redis_kind})…", flush=True)
     stack = EmbeddedStack()
-    info = stack.up(state_dir)
+    info = stack.up(state_dir, redis_cluster=redis_cluster)
     print(f"broker: {info.broker_version} at {info.bootstrap_servers}", flush=True)
+    if info.redis_cluster:
+        print(
+            f"redis:  Redis Cluster of {len(info.redis_nodes)} nodes (3 masters + 3 replicas) "
+            f"at {info.redis_url}",
+            flush=True,
+        )
     procs: list[subprocess.Popen[bytes]] = []
     performed = None
     try:

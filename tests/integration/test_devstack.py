@@ -30,6 +30,7 @@ from processors.devstack import (
     topic_specs,
 )
 from processors.devstack.broker import kafka_version
+from processors.redis.client import connect, is_cluster
 from processors.settings import REPO_ROOT, Settings
 
 pytestmark = pytest.mark.integration
@@ -335,3 +336,56 @@ def test_cli_up_status_down(tmp_path: Path) -> None:
     assert not _running(info["broker_pid"]) and not _running(info["redis_pid"])
     status = _cli("status", "--state-dir", state)
     assert status.returncode == 1 and "nudgeflow dev up" in status.stdout
+
+
+def test_cli_up_redis_cluster_status_write_read_down(tmp_path: Path) -> None:
+    state = str(tmp_path)
+    up = _cli("up", "--redis-cluster", "--state-dir", state)
+    try:
+        assert up.returncode == 0, up.stderr
+        info = json.loads((tmp_path / "stack.json").read_text())
+        nodes = info["redis_cluster_nodes"]
+        assert len(nodes) == 6 and len({n["pid"] for n in nodes}) == 6
+        assert info["redis_url"] == f"redis+cluster://127.0.0.1:{nodes[0]['port']}"
+        assert info["redis_url"] in up.stdout
+        assert all(os.getsid(n["pid"]) == n["pid"] for n in nodes)  # Ctrl-C does not reach them
+
+        status = _cli("status", "--state-dir", state)
+        assert status.returncode == 0, status.stdout
+        assert status.stdout.count("healthy") == 2 and "Redis Cluster" in status.stdout
+        assert info["redis_url"] in status.stdout
+
+        # Every process of the dev profile gets the cluster; a real client writes and reads.
+        dev = Settings.load(profile="dev", state_dir=tmp_path)
+        assert dev.redis_url == info["redis_url"]
+        client = connect(dev.redis_url)
+        try:
+            assert is_cluster(client)
+            for i in range(64):
+                client.set(f"k{i}", f"v{i}")
+            assert [client.get(f"k{i}") for i in range(64)] == [f"v{i}".encode() for i in range(64)]
+            masters_with_keys = 0
+            for n in nodes:
+                node = redis.Redis(port=n["port"])
+                try:
+                    if node.execute_command("ROLE")[0] == b"master":
+                        masters_with_keys += node.dbsize() > 0
+                finally:
+                    node.close()
+            assert masters_with_keys == 3  # the keys are spread over the cluster's 3 masters
+        finally:
+            client.close()
+
+        # A single Redis is not swapped in for the running cluster, nor the cluster reused.
+        single = _cli("up", "--state-dir", state)
+        assert single.returncode == 1
+        assert "has a Redis Cluster, not a single Redis" in single.stderr
+        assert "nudgeflow dev down" in single.stderr
+        assert json.loads((tmp_path / "stack.json").read_text()) == info
+    finally:
+        down = _cli("down", "--state-dir", state)
+    assert down.returncode == 0, down.stderr
+    assert not _running(info["broker_pid"])
+    assert not any(_running(n["pid"]) for n in nodes)
+    assert not redis_healthy(info["redis_url"])
+    assert not (tmp_path / "stack.json").exists()
