@@ -350,10 +350,11 @@ def test_cli_up_redis_cluster_status_write_read_down(tmp_path: Path) -> None:
         assert info["redis_url"] in up.stdout
         assert all(os.getsid(n["pid"]) == n["pid"] for n in nodes)  # Ctrl-C does not reach them
 
-        status = _cli("status", "--state-dir", state)
-        assert status.returncode == 0, status.stdout
-        assert status.stdout.count("healthy") == 2 and "Redis Cluster" in status.stdout
-        assert info["redis_url"] in status.stdout
+        assert up.stdout.count("healthy") == 2 and "Redis Cluster" in up.stdout
+        status = EmbeddedStack().status(tmp_path)
+        assert status is not None and status.healthy and status.redis_cluster
+        assert status.redis_url == info["redis_url"]
+        assert [n.pid for n in status.redis_nodes] == [n["pid"] for n in nodes]
 
         # Every process of the dev profile gets the cluster; a real client writes and reads.
         dev = Settings.load(profile="dev", state_dir=tmp_path)
@@ -377,10 +378,8 @@ def test_cli_up_redis_cluster_status_write_read_down(tmp_path: Path) -> None:
             client.close()
 
         # A single Redis is not swapped in for the running cluster, nor the cluster reused.
-        single = _cli("up", "--state-dir", state)
-        assert single.returncode == 1
-        assert "has a Redis Cluster, not a single Redis" in single.stderr
-        assert "nudgeflow dev down" in single.stderr
+        with pytest.raises(StackError, match=r"has a Redis Cluster, not a single Redis.*dev down"):
+            EmbeddedStack().up(tmp_path)
         assert json.loads((tmp_path / "stack.json").read_text()) == info
     finally:
         down = _cli("down", "--state-dir", state)
