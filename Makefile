@@ -3,7 +3,7 @@
 #   make chaos [PYTEST_ARGS=...]  the fault-injection suite (~8 min; docs/chaos.md)
 #   make demo [DEMO_ARGS=...]     the whole pipeline on the embedded stack
 #   make compiled                 the mypyc build of the engine in build/compiled (make bench uses it)
-#   make lint | bench | clean | distclean
+#   make lint | bench | bench-redis-memory | clean | distclean
 #   make chromium | docs-images   headless browser for the report test; README pictures
 
 SHELL := /bin/bash
@@ -23,7 +23,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: .venv venv redis java kafka cc test chaos demo lint bench compiled clean distclean
+.PHONY: .venv venv redis java kafka cc test chaos demo lint bench bench-redis-memory compiled clean distclean
 
 # Apache Kafka for the embedded stack: the version deploy/kafka/pom.xml pins, its runtime jars
 # copied once by Maven into a per-user cache (override with NUDGEFLOW_KAFKA_LIBS).
@@ -156,6 +156,12 @@ $(PEERS_STAMP): bench/peers/requirements.txt | $(VENV)/bin/python
 bench: .venv $(PEERS_STAMP) redis kafka compiled
 	$(COMPILED_ENV) NUDGEFLOW_BENCH_PEERS_PYTHON=$(CURDIR)/$(PEERS_VENV)/bin/python \
 	  $(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+# Redis memory per contact on a single Redis and a local Redis Cluster (not in `make bench`:
+# minutes); REDIS_MEMORY_ARGS="--contacts 1000000 --backend single" for the full size.
+REDIS_MEMORY_ARGS ?= --contacts 100000
+bench-redis-memory: .venv redis
+	$(VENV)/bin/python bench/redis_memory.py $(REDIS_MEMORY_ARGS)
 
 # Stops a running dev stack first so no broker/redis is left without its state file.
 clean:

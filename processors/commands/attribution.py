@@ -11,6 +11,12 @@ it is attributed, so the outcome of a text sent just before a purchase is in eve
 outcomes topic lags the clickstream. With ``NUDGEFLOW_CLOCK=event`` (replays) conversions are
 attributed when end-of-input markers have been seen on every assigned partition of both topics.
 
+Keys: ``Pattr:u:<user>`` the user's state (JSON), ``Pattr:due`` the users by when their next
+pending conversion is due. On a Redis Cluster (``redis+cluster://``) both are split into
+``ATTR_SHARDS`` shards that keep a user's state and its due entry in one slot
+(``Pattr:{a<k>}:u:<user>``, ``Pattr:{a<k>}:due``, ``k`` = CRC32 of the user id modulo the
+shards), so one WATCH/MULTI transaction still updates both.
+
 Delivery: at least once, with deterministic ``conversion_id`` s. A settled conversion is kept in
 the user's state as *unsent* until it has been produced and flushed; offsets are committed after
 that. A crash in between re-produces it with the same id.
@@ -25,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +54,7 @@ from processors.core.events import ClickEvent, EventError
 from processors.core.outcome import OutcomeError, SmsOutcome
 from processors.kafka.control import FlushTracker, is_control
 from processors.redis import DEFAULT_PREFIX
+from processors.redis.client import Client, connect, is_cluster
 from processors.settings import Settings
 from schemas.codec import Codec, CodecError
 
@@ -55,6 +63,9 @@ log = logging.getLogger("nudgeflow.attribution")
 DEFAULT_GROUP = "nudgeflow-attribution"
 DEFAULT_SETTLE_S = 30.0
 DEFAULT_LINK_LIFETIME_MS = 30 * 86_400_000  # a click can come this long after the text
+ATTR_SHARDS = 16
+"""Shards of the users' state on a Redis Cluster. Fixed for a deployment: users of a shard a
+smaller count no longer names are not swept."""
 _WALL = SystemClock()
 
 
@@ -87,7 +98,7 @@ class Attributor:
         settings: Settings,
         campaigns: CampaignSet,
         *,
-        redis_client: redis.Redis | None = None,
+        redis_client: Client | None = None,
         key_prefix: str = DEFAULT_PREFIX,
         group_id: str = DEFAULT_GROUP,
         settle_s: float = DEFAULT_SETTLE_S,
@@ -99,9 +110,14 @@ class Attributor:
         self.settle_ms = int(settle_s * 1000)
         self.clock = clock
         self.codec = Codec(settings.schema_registry_url)
-        self.redis = redis_client or redis.Redis.from_url(settings.redis_url)
+        self.redis = redis_client or connect(settings.redis_url)
         self.prefix = f"{key_prefix}attr:"
-        self.due_key = f"{self.prefix}due"  # user id -> when its next pending event is due
+        if is_cluster(self.redis):
+            self._shards = [f"{self.prefix}{{a{k}}}:" for k in range(ATTR_SHARDS)]
+        else:
+            self._shards = [self.prefix]
+        # user id -> when its next pending event is due (one index per shard)
+        self.due_keys = [f"{shard}due" for shard in self._shards]
         link_ms = int(getattr(settings, "link_ttl_s", DEFAULT_LINK_LIFETIME_MS / 1000) * 1000)
         self.touch_keep_ms = max(
             self.rules.max_after_send_ms, link_ms + self.rules.max_after_click_ms
@@ -240,13 +256,23 @@ class Attributor:
 
     # ------------------------------------------------------------------ Redis state
 
-    def _key(self, user: str) -> str:
-        return f"{self.prefix}u:{user}"
+    def _shard(self, user: str) -> str:
+        shards = self._shards
+        if len(shards) == 1:
+            return shards[0]
+        return shards[zlib.crc32(user.encode()) % len(shards)]
+
+    def state_key(self, user: str) -> str:
+        """The key of ``user``'s state (its due entry is in ``due_key(user)``, same slot)."""
+        return f"{self._shard(user)}u:{user}"
+
+    def due_key(self, user: str) -> str:
+        return f"{self._shard(user)}due"
 
     def _transact(self, user: str, change: Callable[[UserState], None]) -> list[Conversion]:
         """Load, change and store one user's state atomically (WATCH/MULTI, retried)."""
-        key = self._key(user)
-        with self.redis.pipeline() as pipe:
+        key, due_key = self.state_key(user), self.due_key(user)
+        with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(key)
@@ -267,9 +293,9 @@ class Attributor:
                                  px=self.touch_keep_ms + 86_400_000)  # fmt: skip
                     due = 0 if state.unsent else state.next_due()
                     if due is None:
-                        pipe.zrem(self.due_key, user)
+                        pipe.zrem(due_key, user)
                     else:
-                        pipe.zadd(self.due_key, {user: due})
+                        pipe.zadd(due_key, {user: due})
                     pipe.execute()
                     return list(state.unsent)
                 except redis.WatchError:
@@ -304,12 +330,14 @@ class Attributor:
         state.prune(now if now is not None else self._max_event_ms, self.touch_keep_ms, self.rules)
 
     def _sweep(self, now: int | None) -> list[tuple[str, list[Conversion]]]:
-        """Users whose pending conversions are due (all of them at end of input)."""
+        """Users whose pending conversions are due (all of them at end of input), at most 1000
+        of each shard."""
         limit = "+inf" if now is None else now
         out = []
-        for raw in self.redis.zrangebyscore(self.due_key, "-inf", limit, start=0, num=1000):
-            user = raw.decode() if isinstance(raw, bytes) else str(raw)
-            out.append((user, self._transact(user, lambda s: self._settle(s, now))))
+        for due_key in self.due_keys:
+            for raw in self.redis.zrangebyscore(due_key, "-inf", limit, start=0, num=1000):
+                user = raw.decode() if isinstance(raw, bytes) else str(raw)
+                out.append((user, self._transact(user, lambda s: self._settle(s, now))))
         return out
 
     def _publish(self, produced: list[tuple[str, list[Conversion]]]) -> None:

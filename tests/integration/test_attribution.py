@@ -11,8 +11,8 @@ import uuid
 from typing import Any
 
 import pytest
-import redis
 from confluent_kafka import Consumer, Producer
+from redis.cluster import RedisCluster
 
 from processors.commands.attribution import Attributor
 from processors.core.attribution import (
@@ -30,6 +30,7 @@ from processors.core.campaign import CampaignError, parse_campaigns
 from processors.core.decision import Decision
 from processors.core.events import ClickEvent
 from processors.core.outcome import SmsOutcome
+from processors.redis.client import Client
 from processors.report.figures import compute
 from processors.report.sources import load_kafka
 from processors.settings import Settings
@@ -283,8 +284,9 @@ def _produce(settings: Settings, codec: Codec, items: list[tuple[str, str, dict]
 
 
 def test_live_shell_attributes_from_the_topics_with_state_in_redis(
-    settings: Settings, redis_client: redis.Redis
+    settings: Settings, any_redis: Client
 ) -> None:
+    """On a single Redis and on a Redis Cluster (a user's state and due entry share a slot)."""
     codec = Codec(settings.schema_registry_url)
     now = int(time.time() * 1000)
     cs = campaigns(cart={"holdout": "0%"})
@@ -299,7 +301,7 @@ def test_live_shell_attributes_from_the_topics_with_state_in_redis(
         return (c, "ClickEvent", ClickEvent(eid, user, kind, ts, None, props).to_record())
 
     prefix = f"t{uuid.uuid4().hex[:6]}:"
-    service = Attributor(settings, cs, redis_client=redis_client, key_prefix=prefix,
+    service = Attributor(settings, cs, redis_client=any_redis, key_prefix=prefix,
                          group_id=f"attr-{uuid.uuid4().hex[:8]}", settle_s=0.5)  # fmt: skip
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
@@ -333,9 +335,14 @@ def test_live_shell_attributes_from_the_topics_with_state_in_redis(
     }
     assert len(got) == 3  # the redelivered purchase was not counted twice
     assert service.stats.unattributed == 1  # u-dan's text was never sent
-    keys = {k.decode() for k in redis_client.scan_iter(f"{prefix}attr:u:*")}
-    assert f"{prefix}attr:u:u-ana" in keys
-    assert redis_client.zcard(f"{prefix}attr:due") == 0  # nothing pending, nothing unsent
+    assert any_redis.exists(service.state_key("u-ana"))
+    if isinstance(any_redis, RedisCluster):
+        slot = any_redis.keyslot
+        assert slot(service.state_key("u-ana")) == slot(service.due_key("u-ana"))
+    else:  # the names a single Redis always had
+        assert service.state_key("u-ana") == f"{prefix}attr:u:u-ana"
+        assert service.due_keys == [f"{prefix}attr:due"]
+    assert sum(any_redis.zcard(k) for k in service.due_keys) == 0  # nothing pending/unsent
 
     # `nudgeflow report --from-kafka` reads the same topics back
     _produce(settings, codec, [
