@@ -32,7 +32,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import redis
 
@@ -257,11 +256,11 @@ def measure(
         users = list(range(0, n, every)) if every else []
         started = time.monotonic()
         totals: dict[str, int] = {}
-        futures = [
+        days = [
             pool.submit(day_chunk, backend.url, users[a:b]) for a, b in chunks(len(users), CHUNK)
         ]
-        for f in futures:
-            for key, value in f.result().items():
+        for day in days:
+            for key, value in day.result().items():
                 totals[key] = totals.get(key, 0) + value
     say(
         f"{backend.label}: the day's decisions in {time.monotonic() - started:.0f} s: "
@@ -297,13 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    kinds = {"single": [SingleRedis], "cluster": [ClusterRedis]}.get(
-        args.backend, [SingleRedis, ClusterRedis]
-    )
+    kinds: list[type[SingleRedis] | type[ClusterRedis]] = [SingleRedis, ClusterRedis]
+    kinds = [k for k in kinds if args.backend in ("both", k.label)]
     lines: list[str] = [f"redis_memory_contacts={args.contacts}"]
     with tempfile.TemporaryDirectory(prefix="nudgeflow-redis-memory-") as tmp:
         for kind in kinds:
-            backend: Any = kind(Path(tmp) / kind.label)
+            backend = kind(Path(tmp) / kind.label)
             try:
                 r = measure(backend, args.contacts, args.decided, args.jobs, say)
             finally:
