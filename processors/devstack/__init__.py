@@ -1,4 +1,5 @@
-"""The embedded dev stack: an Apache Kafka broker and a redis-server on free loopback ports.
+"""The embedded dev stack: an Apache Kafka broker and a redis-server (or, with
+``redis_cluster=True``, a local Redis Cluster of 3 masters + 3 replicas) on free loopback ports.
 
 The broker is a single-node KRaft Kafka (:mod:`.broker`) whose log directory lives in the state
 dir and is wiped when a new stack starts. Both run as child processes in their own session (a
@@ -12,7 +13,7 @@ are :mod:`.info`, :mod:`.stack`, :mod:`.processes`, :mod:`.health`, :mod:`.topic
 """
 
 from processors.devstack.health import broker_healthy, redis_healthy
-from processors.devstack.info import StackError, StackInfo
+from processors.devstack.info import RedisNode, StackError, StackInfo
 from processors.devstack.stack import (
     BROKER_DIR,
     EmbeddedStack,
@@ -25,6 +26,7 @@ from processors.devstack.topics import create_topics, topic_specs
 __all__ = [
     "BROKER_DIR",
     "EmbeddedStack",
+    "RedisNode",
     "StackError",
     "StackInfo",
     "broker_healthy",
