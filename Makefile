@@ -124,6 +124,7 @@ demo: .venv redis kafka
 lint: .venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy processors streams schemas bench deploy
 
 # --- report in a browser: headless Chromium (Debian's package) and the README's pictures ---
 .PHONY: chromium docs-images

@@ -252,7 +252,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
             # What-if: the dispatcher's consumer with a shorter fetch wait (see the docs).
             conf = settings.consumer_conf(settings.dispatcher_group)
             conf["fetch.wait.max.ms"] = args.dispatcher_fetch_wait_ms
-            settings.__class__.consumer_conf = lambda _self, _group: dict(conf)  # type: ignore[method-assign]
+            settings.__class__.consumer_conf = lambda _self, _group: dict(conf)  # type: ignore[method-assign,assignment]
         dispatcher = Dispatcher(settings, load_campaigns(campaigns), gateway, rate_per_s=30.0)
         thread = threading.Thread(target=dispatcher.run, daemon=True)
         thread.start()

@@ -1,6 +1,7 @@
 """The dispatcher end to end: real Apache Kafka, real redis-server, the real vonage SDK against
 the local HTTPS fake (tests/fakes/vonage_fake.py). Dispatchers run in-process (a thread) or as
-``nudgeflow dispatcher`` child processes where a crash or two instances are the point."""
+``nudgeflow dispatcher`` child processes where a crash or two instances are the point. Tests on
+``any_vsettings`` run on a single Redis and on a local Redis Cluster."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from processors.core.outcome import SmsOutcome
 from processors.core.policy import RetryPolicy
 from processors.dispatcher import DLQ_REASON_HEADER, Dispatcher, make_gateway
 from processors.kafka.control import CONTROL_HEADER, FlushTracker, flush_headers
+from processors.redis.client import Client
 from processors.settings import Settings
 from schemas.codec import Codec
 from tests.fakes.vonage_fake import VonageFake
@@ -195,6 +197,12 @@ def vsettings(settings: Settings, fake: VonageFake, redis_client: redis.Redis) -
     )
 
 
+@pytest.fixture
+def any_vsettings(vsettings: Settings, any_redis_url: str, any_redis: Client) -> Settings:
+    """:func:`vsettings` on a single Redis, then on a Redis Cluster (emptied around the test)."""
+    return vsettings.model_copy(update={"redis_url": any_redis_url})
+
+
 @contextmanager
 def dispatching(
     settings: Settings, doc: dict[str, Any], gateway: Any, **kw: Any
@@ -285,9 +293,9 @@ def refs(fake: VonageFake) -> list[str]:
 
 
 def test_consent_and_caps_through_the_vonage_sdk(
-    vsettings: Settings, fake: VonageFake, tmp_path: Path
+    any_vsettings: Settings, fake: VonageFake, tmp_path: Path
 ) -> None:
-    settings = vsettings.model_copy(update={"clock": "event"})
+    settings = any_vsettings.model_copy(update={"clock": "event"})
     assert import_contacts(write_jsonl(tmp_path / "c.jsonl", contact_rows()), settings) == (6, 0)
     doc = campaign_doc(caps=[{"max": 1, "per": "4h"}], cart={"caps": [{"max": 1, "per": "72h"}]})
     items = [

@@ -3,7 +3,8 @@
 Integration tests drive it with real HTTP requests in Vonage's formats (form, JSON and query;
 signed with the vonage SDK's own signer, and unsigned), against the session's real redis-server
 and Apache Kafka, with the real dispatcher sending through the real vonage SDK to the local
-HTTPS fake (tests/fakes/vonage_fake.py).
+HTTPS fake (tests/fakes/vonage_fake.py). Tests on ``any_wsettings`` or ``any_redis`` run on a
+single Redis and on a local Redis Cluster.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from processors.core.links import (
 from processors.core.policy import Policy, RetryPolicy
 from processors.dispatcher import make_gateway
 from processors.redis import RedisStore
+from processors.redis.client import Client
 from processors.settings import Settings
 from processors.webhooks import (
     DELIVERY_PATH,
@@ -242,6 +244,12 @@ def wsettings(settings: Settings, fake: VonageFake, redis_client: redis.Redis) -
     return s
 
 
+@pytest.fixture
+def any_wsettings(wsettings: Settings, any_redis_url: str, any_redis: Client) -> Settings:
+    """:func:`wsettings` on a single Redis, then on a Redis Cluster (emptied around the test)."""
+    return wsettings.model_copy(update={"redis_url": any_redis_url})
+
+
 def contacts(tmp_path: Path, settings: Settings) -> None:
     rows = [
         {"user_id": "u-ana", "phone": ANA, "consent": "opted_in",
@@ -355,7 +363,7 @@ def wait_until(cond: Callable[[], bool], timeout_s: float = 15.0) -> None:
         time.sleep(0.05)
 
 
-def contacts_caught_up(settings: Settings, redis_client: redis.Redis, user: str) -> bool:
+def contacts_caught_up(settings: Settings, redis_client: Client, user: str) -> bool:
     """The dispatcher's stored profile of ``user`` is the last record of its partition."""
     offset = redis_client.hget(f"nudgeflow:{{{user}}}:contact", "o")
     consumer = Consumer({**settings.kafka_common(), "group.id": f"t-{uuid.uuid4().hex}"})
@@ -374,11 +382,11 @@ def contacts_caught_up(settings: Settings, redis_client: redis.Redis, user: str)
 
 
 def test_stop_is_in_force_at_once_confirmed_once_and_start_resumes(
-    wsettings: Settings, fake: VonageFake, tmp_path: Path, redis_client: redis.Redis
+    any_wsettings: Settings, fake: VonageFake, tmp_path: Path, any_redis: Client
 ) -> None:
-    settings = wsettings
+    settings = any_wsettings
     contacts(tmp_path, settings)
-    store = RedisStore(redis_client)
+    store = RedisStore(any_redis)
     outcomes = Reader(settings, settings.topic_outcomes)
     profiles = Topic(settings, settings.topic_contacts)
     server = serve(settings)
@@ -432,7 +440,7 @@ def test_stop_is_in_force_at_once_confirmed_once_and_start_resumes(
             server.call(server.service.wait_replies())
             wait_until(lambda: len(sent_to(fake, ANA)) == 3)
             assert sent_to(fake, ANA)[2]["text"] == START_TEXT
-            wait_until(lambda: contacts_caught_up(settings, redis_client, "u-ana"))
+            wait_until(lambda: contacts_caught_up(settings, any_redis, "u-ana"))
             Bus(settings).send(decision("d-3", "u-ana", "2024-03-15T17:00:00Z"))
             assert outcomes.wait_final({"d-3"})["d-3"].status == "sent"
             assert sent_to(fake, ANA)[3]["client-ref"] == "d-3"
@@ -443,10 +451,10 @@ def test_stop_is_in_force_at_once_confirmed_once_and_start_resumes(
 
 
 def test_stop_between_the_policy_check_and_the_gateway_call_cancels_the_text(
-    redis_client: redis.Redis,
+    any_redis: Client,
 ) -> None:
     """A send the policy approved just before the STOP never reaches the gateway."""
-    store = RedisStore(redis_client)
+    store = RedisStore(any_redis)
     ana = Contact("u-ana", ANA, "opted_in", timezone="America/Los_Angeles")
     store.put_contact("u-ana", ana.to_record(), 1)
     store.index_phone("u-ana", ANA)
@@ -466,11 +474,11 @@ def test_stop_between_the_policy_check_and_the_gateway_call_cancels_the_text(
 
 
 def test_an_unknown_number_stays_opted_out_when_a_profile_for_it_arrives_later(
-    redis_client: redis.Redis,
+    any_redis: Client,
 ) -> None:
     """A STOP from a number no profile has is kept by phone; a later import of a profile with
     that number (even one saying opted_in) cannot re-enable it, only a START from it can."""
-    store = RedisStore(redis_client)
+    store = RedisStore(any_redis)
     action = apply_inbound(store, "unsubscribe", BEN, 1_000)
     assert (action.kind, action.user_ids, action.contacts) == ("stop", [], [])
     assert action.reply is not None  # the number still gets its one confirmation
@@ -597,14 +605,14 @@ def test_forged_stale_unsigned_oversized_and_malformed_requests_change_nothing(
 
 
 def test_receipts_fold_to_sms_delivery_and_link_clicks_reach_the_clickstream(
-    wsettings: Settings, fake: VonageFake, tmp_path: Path, redis_client: redis.Redis
+    any_wsettings: Settings, fake: VonageFake, tmp_path: Path
 ) -> None:
-    contacts(tmp_path, wsettings)
-    server = serve(wsettings)
-    delivery = Topic(wsettings, wsettings.topic_delivery)
-    clicks = Topic(wsettings, wsettings.topic_clickstream)
+    contacts(tmp_path, any_wsettings)
+    server = serve(any_wsettings)
+    delivery = Topic(any_wsettings, any_wsettings.topic_delivery)
+    clicks = Topic(any_wsettings, any_wsettings.topic_clickstream)
     # The dispatcher shortens URLs against the webhook service's address.
-    settings = wsettings.model_copy(update={"link_base_url": server.url})
+    settings = any_wsettings.model_copy(update={"link_base_url": server.url})
     long_copy = "Your basket is still here and we kept the sizes you picked. " * 2
     doc = campaign_doc(
         cart={"message": {"template": long_copy + "Finish: {{ link | default('') }}"}}

@@ -18,6 +18,7 @@ import redis
 import requests
 
 from processors.redis import RedisStore
+from processors.redis.client import Client
 from processors.settings import Settings
 from processors.webhooks import (
     DELIVERY_PATH,
@@ -41,6 +42,7 @@ from tests.integration.test_webhooks import (
     vonage_now,
     wait_until,
 )
+from tests.integration.test_webhooks import any_wsettings as any_wsettings  # noqa: F401
 from tests.integration.test_webhooks import fake as fake  # noqa: F401  (fixtures, used by name)
 from tests.integration.test_webhooks import wsettings as wsettings  # noqa: F401
 
@@ -51,6 +53,19 @@ def server(
 ) -> Iterator[BackgroundServer]:
     contacts(tmp_path, wsettings)
     srv = serve(wsettings)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def any_server(
+    any_wsettings: Settings, fake: VonageFake, tmp_path: Path
+) -> Iterator[BackgroundServer]:
+    """:func:`server` on a single Redis, then on a Redis Cluster (``any_redis``)."""
+    contacts(tmp_path, any_wsettings)
+    srv = serve(any_wsettings)
     try:
         yield srv
     finally:
@@ -72,13 +87,13 @@ def _settle(server: BackgroundServer) -> None:
 
 
 def test_replayed_signed_requests_change_nothing(
-    server: BackgroundServer, fake: VonageFake, redis_client: redis.Redis
+    any_server: BackgroundServer, fake: VonageFake, any_redis: Client
 ) -> None:
     """Someone who captured signed requests replays them later: an old STOP after a newer
     START, an old START after a newer STOP, and a STOP with a new message id but the old
     signature. None changes the consent or sends a text."""
-    store = RedisStore(redis_client)
-    url = server.url + INBOUND_PATH
+    store = RedisStore(any_redis)
+    url = any_server.url + INBOUND_PATH
     stop = sign_params(
         inbound(ANA, "STOP", "MSG-R-STOP", **{"message-timestamp": vonage_now(-20)}), SECRET
     )
@@ -87,7 +102,7 @@ def test_replayed_signed_requests_change_nothing(
     )
     assert requests.post(url, data=stop, timeout=10).status_code == 200
     assert requests.post(url, data=start, timeout=10).status_code == 200
-    _settle(server)
+    _settle(any_server)
     wait_until(lambda: len(sent_to(fake, ANA)) == 2)  # the STOP and START confirmations
     assert store.contact("u-ana").consent == "opted_in"
     before = _consents(store)
@@ -100,18 +115,18 @@ def test_replayed_signed_requests_change_nothing(
     forged = {**stop, "messageId": "MSG-R-STOP-2"}
     answer = requests.post(url, data=forged, timeout=10)
     assert (answer.status_code, answer.json()["error"]) == (401, "bad_signature")
-    _settle(server)
+    _settle(any_server)
     assert _consents(store) == before
 
     # a newer STOP (signed by Vonage), then the captured START again
     newer = inbound(ANA, "STOP", "MSG-R-STOP-3")
-    assert call(server, INBOUND_PATH, newer).status_code == 200
+    assert call(any_server, INBOUND_PATH, newer).status_code == 200
     assert requests.post(url, data=start, timeout=10).status_code == 200
-    _settle(server)
+    _settle(any_server)
     wait_until(lambda: len(sent_to(fake, ANA)) == 3)
     assert store.contact("u-ana").consent == "opted_out"
     time.sleep(0.3)
-    _settle(server)
+    _settle(any_server)
     assert len(sent_to(fake, ANA)) == 3  # no confirmation for any replay
 
 

@@ -15,13 +15,17 @@ import base64
 import json
 import re
 import shlex
+import shutil
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import promql_parser
 import pytest
+import redis
 import yaml
 
 from processors import metrics
@@ -393,6 +397,100 @@ def test_k8s_workloads(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
         )
         assert svc["spec"]["selector"].items() <= pod_labels.items()
     assert worker["spec"]["serviceName"] == "nudgeflow-worker"
+
+
+def free_cluster_port() -> int:
+    """A free loopback port whose cluster bus port (+10000) is free too."""
+    while True:
+        with socket.socket() as s, socket.socket() as bus:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            if port + 10_000 > 65_535:
+                continue
+            try:
+                bus.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+            return port
+
+
+def redis_cluster_manifests() -> dict[tuple[str, str], dict[str, Any]]:
+    kustomization = yaml.safe_load((K8S / "redis-cluster" / "kustomization.yaml").read_text())
+    docs: dict[tuple[str, str], dict[str, Any]] = {}
+    for resource in kustomization["resources"]:
+        for doc in yaml.safe_load_all((K8S / "redis-cluster" / resource).read_text()):
+            docs[(doc["kind"], doc["metadata"]["name"])] = doc
+    return docs
+
+
+def test_k8s_redis_cluster_is_formed_and_found_by_nudgeflow(
+    k8s: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """The optional in-cluster Redis Cluster: 3 masters + 3 replicas, and the URL NudgeFlow's
+    pods read names its StatefulSet's pods through the headless Service."""
+    docs = redis_cluster_manifests()
+    sts = docs[("StatefulSet", "redis-cluster")]
+    svc = docs[("Service", "redis-cluster")]
+    assert sts["spec"]["serviceName"] == "redis-cluster" and svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    job_script = containers(docs[("Job", "redis-cluster-create")])[0]["args"][0]
+    replicas_per_master = int(re.search(r"--cluster-replicas (\d+)", job_script)[1])  # type: ignore[index]
+    (job,) = containers(docs[("Job", "redis-cluster-create")])
+    nodes = int(next(e["value"] for e in job["env"] if e["name"] == "NODES"))
+    assert nodes == sts["spec"]["replicas"]
+    assert nodes // (1 + replicas_per_master) >= 3, "a Redis Cluster needs 3 masters"
+    secret = docs[("Secret", "nudgeflow-redis")]["stringData"]
+    url = secret["NUDGEFLOW_REDIS_URL"]
+    assert url.startswith("redis+cluster://"), url
+    host = url.rsplit("@", 1)[-1].split(":")[0]
+    namespace = yaml.safe_load((K8S / "redis-cluster" / "kustomization.yaml").read_text())[
+        "namespace"
+    ]
+    assert host == f"redis-cluster-0.redis-cluster.{namespace}.svc"
+    assert secret["REDIS_PASSWORD"] in url
+    for kind, name in [("StatefulSet", "nudgeflow-worker"), ("Deployment", "nudgeflow-dispatcher"),
+                       ("Deployment", "nudgeflow-webhooks")]:  # fmt: skip
+        env_from = containers(k8s[(kind, name)])[0]["envFrom"]
+        refs = [e.get("configMapRef", e.get("secretRef"))["name"] for e in env_from]
+        assert refs == ["nudgeflow-env", "nudgeflow-redis"], f"{name}: the Secret must win"
+        assert env_from[1]["secretRef"]["optional"] is True
+
+
+def test_k8s_redis_cluster_config_starts_a_cluster_node(tmp_path: Path) -> None:
+    """The ConfigMap's redis.conf plus the pod's arguments start a real redis-server in cluster
+    mode (an unknown or misspelt directive makes redis-server refuse to start)."""
+    docs = redis_cluster_manifests()
+    conf = docs[("ConfigMap", "redis-cluster")]["data"]["redis.conf"]
+    (c,) = containers(docs[("StatefulSet", "redis-cluster")])
+    args = shlex.split(c["args"][0].replace("exec ", "", 1))
+    port = free_cluster_port()
+    conf = conf.replace("port 6379", f"port {port}").replace("/data", str(tmp_path))
+    (tmp_path / "redis.conf").write_text(conf + "bind 127.0.0.1\n")
+    env = {"POD_IP": "127.0.0.1", "POD_NAME": "redis-cluster-0", "POD_NAMESPACE": "nudgeflow",
+           "REDIS_PASSWORD": "pw"}  # fmt: skip
+    argv = [shutil.which("redis-server") or "redis-server", str(tmp_path / "redis.conf")]
+    argv += [re.sub(r"\$(\w+)", lambda m: env[m[1]], a) for a in args[2:]]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    client = redis.Redis(port=port, password="pw", socket_timeout=2)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                assert proc.poll() is None, proc.communicate()[0].decode()[-500:]
+                assert time.monotonic() < deadline, "redis-server did not answer"
+                time.sleep(0.05)
+        got = lambda key: client.config_get(key)[key]  # noqa: E731
+        assert got("cluster-enabled") == "yes"
+        assert got("cluster-preferred-endpoint-type") == "hostname"
+        assert got("cluster-announce-hostname") == "redis-cluster-0.redis-cluster.nudgeflow.svc"
+        assert got("appendonly") == "yes" and got("masterauth") == "pw"
+    finally:
+        client.close()
+        proc.terminate()
+        proc.communicate(timeout=10)
 
 
 def test_k8s_keda_pdb_and_campaigns(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
