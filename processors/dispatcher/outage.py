@@ -21,9 +21,8 @@ from redis.retry import Retry
 
 from processors import metrics
 from processors.redis import RedisStore
-from processors.redis.client import Client
+from processors.redis.client import Client, ping
 from processors.redis.client import connect as connect_url
-from processors.redis.client import ping
 from processors.settings import Settings
 
 log = logging.getLogger("nudgeflow.dispatcher")
