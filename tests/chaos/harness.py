@@ -777,6 +777,12 @@ class Pulse(threading.Thread):
                 best = max(best, hi - max(prev, lo))
         return best / 1000
 
+    def written(self, role: str, since: float) -> int:
+        """Records of ``role`` stamped after ``since`` (``time.time()`` seconds)."""
+        ms = int(since * 1000)
+        with self.lock:
+            return sum(1 for t in self.stamps[role] if t > ms)
+
     def halt(self) -> None:
         self._halt.set()
 
@@ -1069,7 +1075,9 @@ class Chaos:
         svc.start()
         self.services.append(svc)
         self.membership.append((time.time(), role, f"+{svc.name}"))
-        self.timeline.say(f"started {svc.name}: {len(self.active(role))} {role}(s)")
+        self.timeline.say(
+            f"started {svc.name}: {len(self.active(role))} {role}(s), {self.feeder.sent} events fed"
+        )
         if self.wait_rebalanced(role, before, timeout_s):
             self.timeline.say(f"{role} group rebalanced with {svc.name}")
         return svc
@@ -1083,7 +1091,7 @@ class Chaos:
         self.membership.append((t, svc.role, f"-{svc.name}"))
         self.timeline.say(
             f"stopped {svc.name} (SIGTERM, exit {code}, {time.time() - t:.1f}s): "
-            f"{len(self.active(svc.role))} {svc.role}(s)"
+            f"{len(self.active(svc.role))} {svc.role}(s), {self.feeder.sent} events fed"
         )
         if self.wait_rebalanced(svc.role, before, timeout_s):
             self.timeline.say(f"{svc.role} group rebalanced without {svc.name}")
@@ -1113,20 +1121,31 @@ class Chaos:
             out.append((what, self.pulse.longest_gap(role, t, end)))
         return out
 
-    def wait_output(self, role: str, min_s: float, timeout_s: float = 120.0) -> None:
-        """Until ``role``'s group has written for 5 s in a row without a gap over 2 s, at least
-        ``min_s`` from now: the pause of the last change is over before the next one."""
+    def wait_output(
+        self, role: str, min_s: float, records: int = 20, timeout_s: float = 180.0
+    ) -> None:
+        """Until ``min_s`` from now have passed and ``role``'s group has written ``records``
+        records since now: after :meth:`add` / :meth:`retire`, the group works again before
+        the next change."""
         assert self.pulse is not None
         start = time.time()
         deadline = start + timeout_s
         while True:
             self.check_threads()
             now = time.time()
-            if now - start >= min_s and self.pulse.longest_gap(role, now - 5, now) <= 2.0:
+            if now - start >= min_s and self.pulse.written(role, start) >= records:
+                return
+            if now - start >= min_s and self.feeder.done and self.idle(role):
+                self.timeline.say(f"the {role}s have nothing left to do")
                 return
             if now > deadline:
-                raise TimeoutError(f"the {role}s wrote nothing steady for {timeout_s:g}s")
+                raise TimeoutError(f"the {role}s wrote under {records} records in {timeout_s:g}s")
             time.sleep(0.5)
+
+    def idle(self, role: str) -> bool:
+        """Whether ``role``'s group has read everything (its lag is 0)."""
+        worker_lag, dispatcher_lag = self.lags()
+        return (worker_lag if role == "worker" else dispatcher_lag) == 0
 
     def fail_redis_master(self, key: str) -> float:
         """SIGKILL the Redis Cluster master serving ``key``; wait until its replica serves the
