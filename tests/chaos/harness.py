@@ -913,6 +913,7 @@ class Chaos:
         self.redis_failovers: list[float] = []  # seconds from a master's SIGKILL to takeover
         self.membership: list[tuple[float, str, str]] = []  # (time.time(), role, what)
         self.pulse: Pulse | None = None
+        self.idle_after: set[int] = set()  # membership changes after which a group ran dry
         self.kills = 0
         self.redis_restarts = 0
         self.broker_outages = 0
@@ -1113,20 +1114,22 @@ class Chaos:
     def rebalance_pauses(self, window_s: float = 60.0) -> list[tuple[str, float]]:
         """Per membership change (:meth:`add`, :meth:`retire`): the longest gap in its group's
         output (:meth:`Pulse.longest_gap`) from the change until the next change or
-        ``window_s`` later, in seconds."""
+        ``window_s`` later, in seconds. A change after which the group ran out of input is
+        named with ``(idle)``: its gap measures the input, not the rebalance."""
         assert self.pulse is not None
         out = []
         for i, (t, role, what) in enumerate(self.membership):
             end = min([t + window_s] + [u for u, _r, _w in self.membership[i + 1 :] if u > t])
-            out.append((what, self.pulse.longest_gap(role, t, end)))
+            name = f"{what} (idle)" if i in self.idle_after else what
+            out.append((name, self.pulse.longest_gap(role, t, end)))
         return out
 
     def wait_output(
         self, role: str, min_s: float, records: int = 20, timeout_s: float = 180.0
     ) -> None:
         """Until ``min_s`` from now have passed and ``role``'s group has written ``records``
-        records since now: after :meth:`add` / :meth:`retire`, the group works again before
-        the next change."""
+        records since now (or has read everything fed so far): after :meth:`add` /
+        :meth:`retire`, the group works again before the next change."""
         assert self.pulse is not None
         start = time.time()
         deadline = start + timeout_s
@@ -1135,8 +1138,9 @@ class Chaos:
             now = time.time()
             if now - start >= min_s and self.pulse.written(role, start) >= records:
                 return
-            if now - start >= min_s and self.feeder.done and self.idle(role):
+            if now - start >= min_s and self.feeder.sent >= self.feeder.limit and self.idle(role):
                 self.timeline.say(f"the {role}s have nothing left to do")
+                self.idle_after.add(len(self.membership) - 1)
                 return
             if now > deadline:
                 raise TimeoutError(f"the {role}s wrote under {records} records in {timeout_s:g}s")
