@@ -14,6 +14,11 @@ What runs (every piece real, nothing of ours mocked):
 * a feeder replaying a ``nudgeflow simulate`` stream at a controllable rate, an observer reading
   decisions, outcomes and the dead-letter topic, and a sampler of every process's RSS.
 
+Options: ``redis_cluster=True`` runs a local Redis Cluster instead of the single redis-server
+(:meth:`Chaos.fail_redis_master` kills the master of a key), ``partitions`` sets the topics'
+partition count, and :meth:`Chaos.add` / :meth:`Chaos.retire` start and SIGTERM workers and
+dispatchers at run time, each a rebalance whose pause :class:`Pulse` times.
+
 :meth:`Chaos.report` turns what happened into a :class:`Report` whose ``line`` is the summary
 ``kills=… lost=… duplicates=… redis_restarts=… broker_outages=… broker_crashes=…
 broker_freezes=… gateway_faults=… dlq=…``.
