@@ -1,6 +1,6 @@
 # NudgeFlow developer tasks (GNU make). Works on a fresh Debian/Ubuntu machine with Python >= 3.11.
 #   make test [PYTEST_ARGS=...]   unit + integration tests (embedded Apache Kafka + redis-server)
-#   make chaos [PYTEST_ARGS=...]  the fault-injection suite (~8 min; docs/chaos.md)
+#   make chaos [PYTEST_ARGS=...]  the fault-injection suite (~20 min; docs/chaos.md)
 #   make demo [DEMO_ARGS=...]     the whole pipeline on the embedded stack
 #   make compiled                 the mypyc build of the engine in build/compiled (make bench uses it)
 #   make lint | bench | bench-redis-memory | clean | distclean
@@ -116,7 +116,7 @@ cc:
 chaos: .venv redis kafka
 	@summary=$$(mktemp); \
 	NUDGEFLOW_CHAOS_SUMMARY=$$summary $(VENV)/bin/pytest -m chaos -s $(PYTEST_ARGS); rc=$$?; \
-	if [ -s $$summary ]; then echo; tail -n 1 $$summary; fi; rm -f $$summary; exit $$rc
+	if [ -s $$summary ]; then echo; grep '^kills=' $$summary; fi; rm -f $$summary; exit $$rc
 
 demo: .venv redis kafka
 	$(VENV)/bin/nudgeflow demo $(DEMO_ARGS)

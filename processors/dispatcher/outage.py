@@ -21,7 +21,7 @@ from redis.retry import Retry
 
 from processors import metrics
 from processors.redis import RedisStore
-from processors.redis.client import Client
+from processors.redis.client import Client, ping
 from processors.redis.client import connect as connect_url
 from processors.settings import Settings
 
@@ -76,7 +76,7 @@ class RedisWatch:
         """A send job met a Redis error: find out whether it is an outage (raises if so)."""
         if self.jobs_wait.is_set():
             self.jobs_wait.clear()
-            self.client.ping()
+            ping(self.client)
 
     def lost(self, exc: BaseException) -> None:
         """Stop taking records (group membership stays), remember to probe Redis."""
@@ -105,7 +105,7 @@ class RedisWatch:
         if time.monotonic() < self._probe_at:
             return False
         try:
-            self.client.ping()
+            ping(self.client)
         except REDIS_DOWN:
             self.backoff_s = min(PROBE_MAX_S, self.backoff_s * 2)
             self._probe_at = time.monotonic() + self.backoff_s

@@ -40,6 +40,7 @@ class ContactsFollower:
         self.codec = codec
         self.group = group
         self.applied = 0  # profiles read so far
+        self.read = 0  # records stored so far (profiles, tombstones, skipped ones)
         self.consumer: Consumer | None = None
         self._ends: dict[int, int] = {}  # partition -> its end when assigned, until reached
         self._buffer: deque[Message] = deque()
@@ -75,13 +76,20 @@ class ContactsFollower:
         return not self._ends
 
     def load(self, timeout_s: float = 30.0) -> int:
-        """:meth:`start`, then read to the end; returns the profiles read."""
+        """:meth:`start`, then read to the end; returns the profiles read. Raises when no
+        record arrives for ``timeout_s`` (the broker unreachable), however long a topic that
+        keeps coming takes."""
         self.start()
         deadline = time.monotonic() + timeout_s
         while not self.at_end and time.monotonic() < deadline:
+            read = self.read
             self.poll(0.5)
+            if self.read > read:
+                deadline = time.monotonic() + timeout_s
         if not self.at_end:
-            raise RuntimeError(f"could not read the contacts topic to its end in {timeout_s:.0f}s")
+            raise RuntimeError(
+                f"could not read the contacts topic to its end: nothing arrived in {timeout_s:.0f}s"
+            )
         log.info("contacts materialized: %d profiles", self.applied)
         return self.applied
 
@@ -95,6 +103,7 @@ class ContactsFollower:
             msg = self._buffer[0]
             if msg.error() is None:
                 self.apply(msg)
+                self.read += 1
                 partition, offset = msg.partition() or 0, msg.offset() or 0
                 if offset + 1 >= self._ends.get(partition, 0):
                     self._ends.pop(partition, None)

@@ -36,3 +36,13 @@ def connect(url: str, **kw: Any) -> Client:
 
 def is_cluster(client: object) -> bool:
     return isinstance(client, RedisCluster)
+
+
+def ping(client: Client) -> None:
+    """Raise unless Redis answers: a single server, or on a cluster every master of the
+    client's slot map (a PING to one node would answer while a dead master's slots are not
+    served, until its replica takes over)."""
+    if isinstance(client, RedisCluster):
+        client.ping(target_nodes=RedisCluster.PRIMARIES)
+    else:
+        client.ping()

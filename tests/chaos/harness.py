@@ -14,6 +14,11 @@ What runs (every piece real, nothing of ours mocked):
 * a feeder replaying a ``nudgeflow simulate`` stream at a controllable rate, an observer reading
   decisions, outcomes and the dead-letter topic, and a sampler of every process's RSS.
 
+Options: ``redis_cluster=True`` runs a local Redis Cluster instead of the single redis-server
+(:meth:`Chaos.fail_redis_master` kills the master of a key), ``partitions`` sets the topics'
+partition count, and :meth:`Chaos.add` / :meth:`Chaos.retire` start and SIGTERM workers and
+dispatchers at run time, each a rebalance whose pause :class:`Pulse` times.
+
 :meth:`Chaos.report` turns what happened into a :class:`Report` whose ``line`` is the summary
 ``kills=… lost=… duplicates=… redis_restarts=… broker_outages=… broker_crashes=…
 broker_freezes=… gateway_faults=… dlq=…``.
@@ -44,10 +49,13 @@ from pydantic import SecretStr
 from processors.commands.backtest import run_backtest
 from processors.commands.contacts import import_contacts
 from processors.commands.produce import send_flush
-from processors.core.campaign import load_campaigns
+from processors.core.campaign import CampaignSet, load_campaigns
+from processors.core.cap import GLOBAL_SCOPE
 from processors.core.decision import Decision
 from processors.core.events import ClickEvent
+from processors.core.quiet_hours import quiet_until
 from processors.devstack import broker_healthy, create_topics, redis_binary
+from processors.devstack.redis_cluster import ClusterNode, LocalRedisCluster
 from processors.dispatcher import DLQ_REASON_HEADER
 from processors.kafka.control import FlushTracker, is_control
 from processors.settings import REPO_ROOT, Settings
@@ -172,6 +180,40 @@ def max_in_window(times: Sequence[float], window_s: float = 1.0) -> int:
             lo += 1
         best = max(best, hi - lo + 1)
     return best
+
+
+def policy_breaches(
+    campaigns: CampaignSet, zones: dict[str, str], sends: Iterable[tuple[str, str, int]]
+) -> tuple[int, int]:
+    """Of ``sends`` (user id, campaign id, send time in ms), how many fell inside the
+    recipient's quiet hours (``zones``: user id -> time zone) and how many went past a cap of
+    the file (top-level or the campaign's): a rolling window ending at a send holding more
+    than ``max`` sends of the rule's scope."""
+    from zoneinfo import ZoneInfo
+
+    quiet = over = 0
+    by_user: dict[str, list[tuple[str, int]]] = {}
+    for user, campaign_id, at in sends:
+        by_user.setdefault(user, []).append((campaign_id, at))
+        campaign = campaigns.get(campaign_id)
+        qh = (campaign.quiet_hours if campaign else None) or campaigns.quiet_hours
+        quiet += int(quiet_until(qh, at, ZoneInfo(zones[user])) is not None)
+    for texts in by_user.values():
+        for campaign_id, at in texts:
+            campaign = campaigns.get(campaign_id)
+            rules = (*(campaigns.caps or ()), *(campaign.caps if campaign else ()))
+            over += int(
+                any(
+                    sum(
+                        1
+                        for c, t in texts
+                        if at - rule.per_ms < t <= at and rule.scope in (GLOBAL_SCOPE, c)
+                    )
+                    > rule.max
+                    for rule in rules
+                )
+            )
+    return quiet, over
 
 
 class CountingFake(VonageFake):
@@ -679,6 +721,77 @@ class RssSampler(threading.Thread):
         self._halt.set()
 
 
+class Pulse(threading.Thread):
+    """When the workers and the dispatchers wrote: the broker timestamps (ms, the producer's
+    clock, this machine's) of every record on the worker's outputs (its ``user_state``
+    changelog, the decisions) and the dispatchers' (the outcomes). A rebalance that stops a
+    group's processing shows as a gap in its output (:meth:`longest_gap`)."""
+
+    def __init__(self, settings: Settings, topics: dict[str, Sequence[str]]) -> None:
+        super().__init__(daemon=True, name="chaos-pulse")
+        self.settings = settings
+        self.topics = topics  # role -> topics
+        self.stamps: dict[str, list[int]] = {role: [] for role in topics}
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 - reported by the harness
+            self.error = exc
+
+    def _run(self) -> None:
+        s = self.settings
+        consumer = Consumer(
+            {**s.kafka_common(), "group.id": "chaos-pulse", "enable.auto.commit": False,
+             "log_level": 2}
+        )  # fmt: skip
+        role_of = {t: role for role, ts in self.topics.items() for t in ts}
+        consumer.assign(
+            [TopicPartition(t, p, OFFSET_BEGINNING) for t in role_of for p in range(s.partitions)]
+        )
+        try:
+            while not self._halt.is_set():
+                msgs = consumer.consume(2000, timeout=0.2)
+                with self.lock:
+                    for m in msgs:
+                        if m.error() is None:
+                            self.stamps[role_of[str(m.topic())]].append(m.timestamp()[1])
+        finally:
+            consumer.close()
+
+    def longest_gap(self, role: str, t0: float, t1: float) -> float:
+        """The longest stretch, in seconds, without a record of ``role`` that ends in
+        ``(t0, t1]`` (``time.time()`` seconds): it may start before ``t0``, at the last record
+        before it."""
+        with self.lock:
+            ms = sorted(self.stamps[role])
+        lo, hi = int(t0 * 1000), int(t1 * 1000)
+        best, prev = 0, None
+        for t in ms:
+            if t > hi:
+                best = max(best, hi - prev) if prev is not None else best
+                break
+            if prev is not None and t > lo:
+                best = max(best, t - max(prev, lo - 60_000))
+            prev = t
+        else:
+            if prev is not None and prev < hi:
+                best = max(best, hi - max(prev, lo))
+        return best / 1000
+
+    def written(self, role: str, since: float) -> int:
+        """Records of ``role`` stamped after ``since`` (``time.time()`` seconds)."""
+        ms = int(since * 1000)
+        with self.lock:
+            return sum(1 for t in self.stamps[role] if t > ms)
+
+    def halt(self) -> None:
+        self._halt.set()
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -721,9 +834,13 @@ class Report:
     exits_without_redis: int = 0  # dispatcher exits during a Redis outage (it should wait)
     connect_fault_s: float = 0.0
     handshake_resets: int = 0
+    in_quiet_hours: int = 0  # texts sent inside the recipient's quiet hours
+    over_cap: int = 0  # texts sent past a frequency cap
     rss: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
+    extra: dict[str, str] = field(default_factory=dict)  # run-specific fields, end of the line
+    notes: list[str] = field(default_factory=list)  # run-specific detail lines
 
     @property
     def line(self) -> str:
@@ -732,7 +849,7 @@ class Report:
             f"redis_restarts={self.redis_restarts} broker_outages={self.broker_outages} "
             f"broker_crashes={self.broker_crashes} broker_freezes={self.broker_freezes} "
             f"gateway_faults={self.gateway_faults} dlq={self.dlq}"
-        )
+        ) + "".join(f" {k}={v}" for k, v in self.extra.items())
 
     def details(self) -> str:
         rss = " ".join(f"{k}={v:.0f}MB" for k, v in sorted(self.rss.items()))
@@ -758,6 +875,9 @@ class Report:
                 f"dlq={self.dlq} (missing {self.dlq_missing}, unexpected {self.dlq_unexpected}) "
                 f"crash_restarts={self.crash_restarts} "
                 f"(dispatcher exits during Redis outages {self.exits_without_redis}) rss: {rss}",
+                f"policy: texts_in_quiet_hours={self.in_quiet_hours} "
+                f"texts_over_a_cap={self.over_cap}",
+                *self.notes,
                 f"took {self.seconds:.0f}s",
             ]
         )
@@ -777,6 +897,8 @@ class Chaos:
         dispatchers: int = 1,
         echo: bool = True,
         campaigns: Path = REPO_ROOT / "examples" / "campaigns.yaml",
+        partitions: int = 4,
+        redis_cluster: bool = False,
     ) -> None:
         from processors.simulate import generate
 
@@ -788,7 +910,15 @@ class Chaos:
         self.campaigns = campaigns
         self.users = users
         self.events = list(generate(users=users, events=events, seed=seed))
+        self.contacts = contacts_for(users, seed)
         self.n_workers, self.n_dispatchers = workers, dispatchers
+        self.partitions = partitions
+        self.use_cluster = redis_cluster
+        self.cluster: LocalRedisCluster | None = None
+        self.redis_failovers: list[float] = []  # seconds from a master's SIGKILL to takeover
+        self.membership: list[tuple[float, str, str]] = []  # (time.time(), role, what)
+        self.pulse: Pulse | None = None
+        self.idle_after: set[int] = set()  # membership changes after which a group ran dry
         self.kills = 0
         self.redis_restarts = 0
         self.broker_outages = 0
@@ -809,22 +939,27 @@ class Chaos:
         say = self.timeline.say
         self.broker = Broker(self.workdir)
         self.broker.start()
-        self.redis = RedisServer(self.workdir / "redis", free_ports(1)[0])
-        self.redis.start()
+        if self.use_cluster:
+            self.cluster = LocalRedisCluster(self.workdir / "redis-cluster").start()
+            redis_url, redis_what = self._cluster_url(), "a Redis Cluster (3 masters, 3 replicas)"
+        else:
+            self.redis = RedisServer(self.workdir / "redis", free_ports(1)[0])
+            self.redis.start()
+            redis_url, redis_what = self.redis.url, f"redis :{self.redis.port} (AOF, fsync always)"
         self.fake = CountingFake()
         self.fake.start()
         self.stall_watch = StallWatch()
         self.stall_watch.start()
         say(
             f"stack up: kafka :{self.broker.kafka_port} behind proxy :{self.broker.proxy_port}, "
-            f"redis :{self.redis.port} (AOF, fsync always), Vonage fake :{self.fake.port}"
+            f"{redis_what}, Vonage fake :{self.fake.port}"
         )
         self.settings = Settings.load(
             profile="dev",
             state_dir=self.workdir,
             bootstrap_servers=self.broker.bootstrap,
-            redis_url=self.redis.url,
-            partitions=4,
+            redis_url=redis_url,
+            partitions=self.partitions,
             clock="event",
             gateway="vonage",
             campaigns_file=self.campaigns,
@@ -838,27 +973,14 @@ class Chaos:
         )
         create_topics(self.broker.bootstrap, self.settings)
         contacts = self.workdir / "contacts.jsonl"
-        contacts.write_text(
-            "".join(json.dumps(r) + "\n" for r in contacts_for(self.users, self.seed))
-        )
+        contacts.write_text("".join(json.dumps(r) + "\n" for r in self.contacts))
         published, _bad = import_contacts(contacts, self.settings)
         say(f"{published} contacts imported; {len(self.events)} events to replay")
-        env = self._env()
-        run_dir = self.workdir / "run"
-        run_dir.mkdir(exist_ok=True)
-        exe = [sys.executable, "-m", "processors.commands.cli"]
-        worker_argv = [*exe, "worker", "--clock", "event"]
-        for i in range(self.n_workers):
-            self.services.append(
-                Service(f"worker-{i}", "worker", worker_argv, env, run_dir,
-                        self.workdir / f"worker-{i}.log")
-            )  # fmt: skip
-        for i in range(self.n_dispatchers):
-            argv = [*exe, "dispatcher", "--retry-base", "0.2", "--rate", str(RATE_PER_S)]
-            self.services.append(
-                Service(f"dispatcher-{i}", "dispatcher", argv, env, run_dir,
-                        self.workdir / f"dispatcher-{i}.log")
-            )  # fmt: skip
+        self.env = self._env()
+        for _ in range(self.n_workers):
+            self.services.append(self._service("worker"))
+        for _ in range(self.n_dispatchers):
+            self.services.append(self._service("dispatcher"))
         for svc in self.services:
             svc.start()
         self.supervisor = Supervisor(self.services, self.timeline)
@@ -871,6 +993,25 @@ class Chaos:
         self.feeder.start()
         self.wait_ready()
         say(f"{self.n_workers} worker(s) and {self.n_dispatchers} dispatcher(s) running")
+
+    def _cluster_url(self, avoid: Sequence[ClusterNode] = ()) -> str:
+        """The services' ``redis+cluster://`` URL, its seed a node not in ``avoid``."""
+        assert self.cluster is not None
+        seed = next(n for n in self.cluster.nodes if n not in avoid and n.proc.poll() is None)
+        return f"redis+cluster://{seed.address}"
+
+    def _service(self, role: str) -> Service:
+        """A new ``nudgeflow worker`` or ``dispatcher``, numbered after the others of its role."""
+        i = len(self.by_role(role))
+        exe = [sys.executable, "-m", "processors.commands.cli"]
+        if role == "worker":
+            argv = [*exe, "worker", "--clock", "event"]
+        else:
+            argv = [*exe, "dispatcher", "--retry-base", "0.2", "--rate", str(RATE_PER_S)]
+        run_dir = self.workdir / "run"
+        run_dir.mkdir(exist_ok=True)
+        return Service(f"{role}-{i}", role, argv, dict(self.env), run_dir,
+                       self.workdir / f"{role}-{i}.log")  # fmt: skip
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("NUDGEFLOW_")}
@@ -893,7 +1034,7 @@ class Chaos:
         """Until every dispatcher owns partitions (its log says so); the workers' progress is
         :meth:`wait_worker_progress`, once events flow."""
         deadline = time.monotonic() + timeout_s
-        for svc in self.by_role("dispatcher"):
+        for svc in self.active("dispatcher"):
             while not (svc.alive() and self.assigned(svc)):
                 self.check_threads()
                 if time.monotonic() > deadline:
@@ -901,8 +1042,8 @@ class Chaos:
                 time.sleep(0.2)
 
     def check_threads(self) -> None:
-        for thread in (self.feeder, self.observer):
-            if thread.error is not None:
+        for thread in (self.feeder, self.observer, self.pulse):
+            if thread is not None and thread.error is not None:
                 raise RuntimeError(f"{thread.name} failed: {thread.error!r}") from thread.error
 
     # ------------------------------------------------------------------ faults
@@ -910,9 +1051,138 @@ class Chaos:
     def by_role(self, role: str) -> list[Service]:
         return [s for s in self.services if s.role == role]
 
+    def active(self, role: str | None = None) -> list[Service]:
+        """The services not retired (:meth:`retire`), of ``role`` when given."""
+        return [s for s in self.services if not s.stopped and role in (None, s.role)]
+
+    @staticmethod
+    def assignments(svc: Service) -> int:
+        """How many assignments a worker or dispatcher has logged (each rebalance logs one)."""
+        return svc.log.read_text(errors="replace").count("assigned partitions [")
+
+    def wait_rebalanced(self, role: str, before: dict[str, int], timeout_s: float) -> bool:
+        """Until every active service of ``role`` has logged an assignment since ``before``
+        (name -> :meth:`assignments`); False (and said) when that takes over ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.check_threads()
+            if all(self.assignments(s) > before.get(s.name, 0) for s in self.active(role)):
+                return True
+            if time.monotonic() > deadline:
+                self.timeline.say(f"the {role} group did not log a new assignment everywhere")
+                return False
+            time.sleep(0.5)
+
+    def add(self, role: str, timeout_s: float = 120.0) -> Service:
+        """Start one more worker or dispatcher and wait until it joined its consumer group and
+        every member of the group logged its new assignment (the rebalance is done)."""
+        before = {s.name: self.assignments(s) for s in self.active(role)}
+        svc = self._service(role)
+        svc.start()
+        self.services.append(svc)
+        self.membership.append((time.time(), role, f"+{svc.name}"))
+        self.timeline.say(
+            f"started {svc.name}: {len(self.active(role))} {role}(s), {self.feeder.sent} events fed"
+        )
+        if self.wait_rebalanced(role, before, timeout_s):
+            self.timeline.say(f"{role} group rebalanced with {svc.name}")
+        return svc
+
+    def retire(self, svc: Service, timeout_s: float = 120.0) -> None:
+        """SIGTERM a service for good (it leaves its group, not restarted) and wait until the
+        other members logged their new assignment."""
+        before = {s.name: self.assignments(s) for s in self.active(svc.role) if s is not svc}
+        t = time.time()
+        code = svc.stop(timeout_s=60)
+        self.membership.append((t, svc.role, f"-{svc.name}"))
+        self.timeline.say(
+            f"stopped {svc.name} (SIGTERM, exit {code}, {time.time() - t:.1f}s): "
+            f"{len(self.active(svc.role))} {svc.role}(s), {self.feeder.sent} events fed"
+        )
+        if self.wait_rebalanced(svc.role, before, timeout_s):
+            self.timeline.say(f"{svc.role} group rebalanced without {svc.name}")
+
+    def start_pulse(self) -> None:
+        """Start timing the groups' output (:class:`Pulse`); the worker's changelog topic must
+        exist, so after :meth:`wait_worker_progress`."""
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({**self.settings.kafka_common(), "log_level": 2})
+        names = admin.list_topics(timeout=10).topics
+        changelogs = [n for n in names if n.endswith("user_state-changelog")]
+        s = self.settings
+        self.pulse = Pulse(
+            s, {"worker": [*changelogs, s.topic_decisions], "dispatcher": [s.topic_outcomes]}
+        )
+        self.pulse.start()
+
+    def rebalance_pauses(self, window_s: float = 60.0) -> list[tuple[str, float]]:
+        """Per membership change (:meth:`add`, :meth:`retire`): the longest gap in its group's
+        output (:meth:`Pulse.longest_gap`) from the change until the next change or
+        ``window_s`` later, in seconds. A change after which the group ran out of input is
+        named with ``(idle)``: its gap measures the input, not the rebalance."""
+        assert self.pulse is not None
+        out = []
+        for i, (t, role, what) in enumerate(self.membership):
+            end = min([t + window_s] + [u for u, _r, _w in self.membership[i + 1 :] if u > t])
+            name = f"{what} (idle)" if i in self.idle_after else what
+            out.append((name, self.pulse.longest_gap(role, t, end)))
+        return out
+
+    def wait_output(
+        self, role: str, min_s: float, records: int = 20, timeout_s: float = 180.0
+    ) -> None:
+        """Until ``min_s`` from now have passed and ``role``'s group has written ``records``
+        records since now (or has read everything fed so far): after :meth:`add` /
+        :meth:`retire`, the group works again before the next change."""
+        assert self.pulse is not None
+        start = time.time()
+        deadline = start + timeout_s
+        while True:
+            self.check_threads()
+            now = time.time()
+            if now - start >= min_s and self.pulse.written(role, start) >= records:
+                return
+            if now - start >= min_s and self.feeder.sent >= self.feeder.limit and self.idle(role):
+                self.timeline.say(f"the {role}s have nothing left to do")
+                self.idle_after.add(len(self.membership) - 1)
+                return
+            if now > deadline:
+                raise TimeoutError(f"the {role}s wrote under {records} records in {timeout_s:g}s")
+            time.sleep(0.5)
+
+    def idle(self, role: str) -> bool:
+        """Whether ``role``'s group has read everything (its lag is 0)."""
+        worker_lag, dispatcher_lag = self.lags()
+        return (worker_lag if role == "worker" else dispatcher_lag) == 0
+
+    def fail_redis_master(self, key: str) -> float:
+        """SIGKILL the Redis Cluster master serving ``key``; wait until its replica serves the
+        slot and the cluster is healthy. Returns the seconds from the kill to the takeover."""
+        assert self.cluster is not None
+        victim = self.cluster.master_of(key)
+        t0 = time.monotonic()
+        self.cluster.kill(victim)
+        self.timeline.say(f"redis master :{victim.port} (serves {key}) SIGKILLed")
+        deadline = t0 + 60
+        while True:
+            self.check_threads()
+            with contextlib.suppress(Exception):
+                if self.cluster.master_of(key) is not victim:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError("no replica took over the killed master's slots")
+            time.sleep(0.1)
+        took = time.monotonic() - t0
+        self.cluster.wait_healthy()
+        self.redis_failovers.append(took)
+        new = self.cluster.master_of(key)
+        self.timeline.say(f"its replica :{new.port} took over after {took:.1f}s; cluster ok")
+        return took
+
     def kill(self, svc: Service | None = None, restart_after_s: float = 0.0) -> Service:
         """SIGKILL a service (random when None) and start it again, at once or after a pause."""
-        svc = svc or self.rng.choice(self.services)
+        svc = svc or self.rng.choice(self.active())
         self.supervisor.kill_and_restart(svc, restart_after_s)
         self.kills += 1
         when = f"restarting in {restart_after_s:g}s" if restart_after_s > 0 else "restarted"
@@ -1058,7 +1328,7 @@ class Chaos:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the pipeline did not catch up; lags {self.lags()}")
             settled = all(
-                s.alive() and time.monotonic() - s.started_at > settle_s for s in self.services
+                s.alive() and time.monotonic() - s.started_at > settle_s for s in self.active()
             )
             lags = self.lags()
             if settled and lags == (0, 0) and self.feeder.sent >= self.feeder.limit:
@@ -1088,8 +1358,8 @@ class Chaos:
                 last_say = time.monotonic()
                 self.timeline.say(f"settling: lags worker/dispatcher {lags}")
             ok = (
-                all(s.alive() and time.monotonic() - s.started_at > settle_s for s in self.services)
-                and all(self.assigned(s) for s in self.by_role("dispatcher"))
+                all(s.alive() and time.monotonic() - s.started_at > settle_s for s in self.active())
+                and all(self.assigned(s) for s in self.active("dispatcher"))
                 and None not in lags
                 and max(x or 0 for x in lags) < max_lag
             )
@@ -1128,7 +1398,7 @@ class Chaos:
     # ------------------------------------------------------------------ the verdict
 
     def stop(self) -> None:
-        for thread in (getattr(self, "feeder", None), getattr(self, "rss", None)):
+        for thread in (getattr(self, "feeder", None), getattr(self, "rss", None), self.pulse):
             if thread is not None:
                 thread.halt()
         if hasattr(self, "supervisor"):
@@ -1141,12 +1411,16 @@ class Chaos:
             time.sleep(0.5)
             self.observer.halt()
             self.observer.join(10)
+        if self.pulse is not None:
+            self.pulse.join(10)
         if self.fake is not None:
             self.fake.stop()
         if hasattr(self, "stall_watch"):
             self.stall_watch.halt()
         if self.redis is not None:
             self.redis.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
         if self.broker is not None:
             self.broker.stop()
 
@@ -1238,6 +1512,13 @@ class Chaos:
                 r.misreported += 1
             elif o["status"] == "sent" and not took[did]:
                 r.misreported += 1
+        zones = {str(c["user_id"]): str(c["timezone"]) for c in self.contacts}
+        texts = [
+            (live_map[did].user_id, live_map[did].campaign_id, int(final[did]["at"]))
+            for did in live_map
+            if did in final and final[did]["status"] == "sent"
+        ]
+        r.in_quiet_hours, r.over_cap = policy_breaches(load_campaigns(self.campaigns), zones, texts)
         with self.observer.lock:
             dlq = list(self.observer.dlq)
         r.dlq = len({d for d, _reason in dlq})
@@ -1293,6 +1574,8 @@ class Chaos:
             f"{r.resent_after_ambiguous} requests resent after an answer was lost",
         )
         problem(r.dlq_missing > 0, f"{r.dlq_missing} gateway failures missing from sms-dlq")
+        problem(r.in_quiet_hours > 0, f"{r.in_quiet_hours} texts sent inside quiet hours")
+        problem(r.over_cap > 0, f"{r.over_cap} texts sent past a frequency cap")
         problem(r.dlq_unexpected > 0, f"{r.dlq_unexpected} sms-dlq records without a failure")
         if no_outcome or expected - live or live - expected:
             sample = {

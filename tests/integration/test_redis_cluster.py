@@ -106,3 +106,50 @@ def test_the_store_rides_through_a_failover(cluster: LocalRedisCluster) -> None:
         assert {client.hget(store.decision_key(u, f"a-{u}"), "e") for u in users} == {b"x"}
     finally:
         client.close()
+
+
+def test_the_dispatcher_waits_for_a_dead_master_until_its_replica_takes_over(
+    cluster: LocalRedisCluster,
+) -> None:
+    """A dispatcher that met a dead master (a Redis outage for its slots) probes Redis: "back"
+    only once the replica serves them, not at the first node that answers a PING."""
+    import threading
+
+    from confluent_kafka import Consumer
+
+    from processors.dispatcher.outage import RedisWatch, connect
+    from processors.settings import Settings
+
+    settings = Settings.load(profile="dev", redis_url=f"redis+cluster://{cluster.nodes[0].address}")
+    client = connect(settings)
+    consumer = Consumer({"bootstrap.servers": "127.0.0.1:9", "group.id": "probe", "log_level": 0})
+    try:
+        key = "{nudgeflow:ratelimit:gateway}"
+        victim = cluster.master_of(key)
+        if victim is cluster.nodes[0]:  # the seed stays up: kill the other master's slot
+            key = next(k for k in (f"{{k{i}}}" for i in range(100))
+                       if cluster.master_of(k) is not victim)  # fmt: skip
+            victim = cluster.master_of(key)
+        client.set(key, "1")
+        watch = RedisWatch(client, consumer, threading.Event())
+        cluster.kill(victim)
+        with pytest.raises(redis.ConnectionError):
+            client.set(key, "2")
+        watch.lost(redis.ConnectionError("master gone"))
+        probes_down = 0
+        deadline = time.monotonic() + 30
+        while cluster.master_of(key).port == victim.port:
+            assert time.monotonic() < deadline, "no replica took over the killed master's slots"
+            if time.monotonic() >= watch._probe_at:
+                assert not watch.probe(), "Redis reported back while a master was dead"
+                probes_down += 1
+            time.sleep(0.02)
+        assert probes_down >= 2 and watch.down
+        while not watch.probe():
+            assert time.monotonic() < deadline, "the probe never saw the promoted replica"
+            time.sleep(0.05)
+        client.set(key, "3")  # the slot is served again
+        assert client.get(key) == b"3"
+    finally:
+        consumer.close()
+        client.close()
