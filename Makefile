@@ -1,5 +1,6 @@
 # NudgeFlow developer tasks (GNU make). Works on a fresh Debian/Ubuntu machine with Python >= 3.11.
 #   make test [PYTEST_ARGS=...]   unit + integration tests (embedded Apache Kafka + redis-server)
+#   make test-long                the multi-process end-to-end runs (quick chaos, scaling; CI runs them)
 #   make chaos [PYTEST_ARGS=...]  the fault-injection suite (~18-20 min; docs/chaos.md)
 #   make demo [DEMO_ARGS=...]     the whole pipeline on the embedded stack
 #   make compiled                 the mypyc build of the engine in build/compiled (make bench uses it)
@@ -23,7 +24,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: .venv venv redis java kafka cc test chaos demo lint bench bench-redis-memory compiled clean distclean
+.PHONY: .venv venv redis java kafka cc test test-long chaos demo lint bench bench-redis-memory compiled clean distclean
 
 # Apache Kafka for the embedded stack: the version deploy/kafka/pom.xml pins, its runtime jars
 # copied once by Maven into a per-user cache (override with NUDGEFLOW_KAFKA_LIBS).
@@ -90,7 +91,11 @@ $(KAFKA_LIBS)/kafka_2.13-$(KAFKA_VERSION).jar: deploy/kafka/pom.xml | java
 # The interpreted source; with a compiled build (make compiled, as .ci/run does first),
 # tests/integration/test_compiled.py also runs the engine's checks on it.
 test: .venv redis kafka chromium
-	$(VENV)/bin/pytest -q -m "not chaos" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -m "not chaos and not long" $(PYTEST_ARGS)
+
+# The multi-process end-to-end runs make test leaves out (~2 min); CI runs them after make test.
+test-long: .venv redis kafka
+	$(VENV)/bin/pytest -q -m long $(PYTEST_ARGS)
 
 # mypyc build of the hot modules (deploy/compile.py), never beside the source; pure Python stays
 # the fallback. COMPILED_ENV runs a script on it (python -c or -m also need PYTHONSAFEPATH=1).

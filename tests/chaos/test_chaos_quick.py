@@ -44,6 +44,7 @@ from tests.integration.test_dispatcher import (
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
+@pytest.mark.long
 def test_quick_chaos_loses_nothing_and_sends_nothing_twice(tmp_path: Path) -> None:
     chaos = Chaos(tmp_path / "chaos", events=3_000, users=300, seed=11)
     failure: Exception | None = None

@@ -57,9 +57,7 @@ def test_the_oracle_and_property_checks_pass_on_the_compiled_build() -> None:
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=append",
          "tests/unit/core/test_engine_property.py", "tests/unit/core/test_engine.py",
          "tests/unit/core/test_engine_reuse.py",
-         "tests/unit/streams/test_state_format.py", "tests/integration/test_exits.py",
-         # the stores are not compiled: their Redis Cluster case adds nothing here
-         "-k", "not redis-cluster"],
+         "tests/unit/streams/test_state_format.py"],
         env=_compiled_env(), cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

@@ -66,7 +66,7 @@ from tests.conftest import isolated_settings
 from tests.integration.test_metrics import Samples, free_port, scrape
 from tests.integration.test_streams_smoke import NUDGEFLOW, worker_env
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 PARTITIONS = 8
 USERS, EVENTS, SEED = 1_000, 12_000, 7
