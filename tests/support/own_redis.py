@@ -18,6 +18,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_until_answers(
+    client: redis.Redis, proc: subprocess.Popen[bytes], timeout_s: float = 10.0
+) -> None:
+    """Until ``client`` gets an answer to PING; fails if ``proc`` exits or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.RedisError:
+            assert proc.poll() is None, "redis-server exited at start"
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+
 @contextmanager
 def own_redis() -> Iterator[str]:
     """Start redis-server without persistence, yield its URL, stop it (SIGTERM) on exit."""
@@ -31,15 +46,7 @@ def own_redis() -> Iterator[str]:
     try:
         client = redis.Redis.from_url(url)
         try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    client.ping()
-                    break
-                except redis.RedisError:
-                    assert proc.poll() is None, "redis-server exited at start"
-                    assert time.monotonic() < deadline, "redis-server did not start"
-                    time.sleep(0.05)
+            wait_until_answers(client, proc)
         finally:
             client.close()
         yield url

@@ -18,7 +18,6 @@ import shlex
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from processors.devstack import topic_specs
 from processors.devstack.broker import kafka_version
 from processors.settings import Settings
 from streams.reader import offsets_group
+from tests.support.own_redis import wait_until_answers
 
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"
@@ -470,18 +470,10 @@ def test_k8s_redis_cluster_config_starts_a_cluster_node(tmp_path: Path) -> None:
            "REDIS_PASSWORD": "pw"}  # fmt: skip
     argv = [shutil.which("redis-server") or "redis-server", str(tmp_path / "redis.conf")]
     argv += [re.sub(r"\$(\w+)", lambda m: env[m[1]], a) for a in args[2:]]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = redis.Redis(port=port, password="pw", socket_timeout=2)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.RedisError:
-                assert proc.poll() is None, proc.communicate()[0].decode()[-500:]
-                assert time.monotonic() < deadline, "redis-server did not answer"
-                time.sleep(0.05)
+        wait_until_answers(client, proc)
         got = lambda key: client.config_get(key)[key]  # noqa: E731
         assert got("cluster-enabled") == "yes"
         assert got("cluster-preferred-endpoint-type") == "hostname"
