@@ -5,9 +5,10 @@ Two stalls are caught, by a thread (so a blocked event loop cannot hide its own 
 * the event loop stopped running: :meth:`Watchdog.beat`, a timer task, has not run for the
   limit;
 * a rebalance or table recovery that neither ends nor moves: Faust reports ``rebalancing`` or
-  ``in_recovery`` for the limit while the recovery's offsets and the group's rebalance count
-  stay the same (Faust's recovery can hang after a broker restart; a restart recovers from the
-  changelog).
+  ``in_recovery``, or the group no longer knows the worker (its membership expired, e.g. after
+  a broker restart, and the rejoin does not complete), for the limit while the recovery's
+  offsets and the group's rebalance count stay the same (Faust's rejoin and recovery can hang
+  after a broker restart; a restart recovers from the changelog).
 
 A long recovery that is still reading the changelog is progress, not a stall. The exit code is
 75 (EX_TEMPFAIL), as for a failed last checkpoint: restart me.
@@ -22,6 +23,8 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
+
+from streams.app import membership_lost
 
 log = logging.getLogger("nudgeflow.worker")
 
@@ -49,8 +52,10 @@ class Stall:
         return now - self.since >= self.limit_s
 
 
-def faust_progress(app: Any) -> tuple[bool, Hashable]:
-    """(rebalancing or recovering, a value that changes while either moves on)."""
+def faust_progress(
+    app: Any, lost: Callable[[Any], bool] = membership_lost
+) -> tuple[bool, Hashable]:
+    """(rebalancing, recovering or out of the group, a value that changes while any moves on)."""
     recovery = getattr(getattr(app, "tables", None), "recovery", None)
     in_recovery = bool(getattr(recovery, "in_recovery", False))
     offsets: tuple[int, ...] = ()
@@ -59,7 +64,7 @@ def faust_progress(app: Any) -> tuple[bool, Hashable]:
             _total(getattr(recovery, "active_offsets", None)),
             _total(getattr(recovery, "standby_offsets", None)),
         )
-    busy = bool(getattr(app, "rebalancing", False)) or in_recovery
+    busy = bool(getattr(app, "rebalancing", False)) or in_recovery or lost(app)
     return busy, (getattr(app, "rebalancing_count", 0), *offsets)
 
 
@@ -109,7 +114,8 @@ class Watchdog:
             return f"the event loop has not run for {now - self._beat:.0f} s"
         busy, progress = self._progress(self.app)
         if self._stall.observe(now, busy, progress):
-            return f"a rebalance or table recovery has not moved for {self.limit_s:.0f} s"
+            limit = f"{self.limit_s:.0f} s"
+            return f"a rebalance, group rejoin or table recovery has not moved for {limit}"
         return None
 
     def _run(self) -> None:

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import redis
 from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from processors.devstack.redis_cluster import LocalRedisCluster
+from processors.redis.client import connect
+from tests.support.own_redis import _free_port
 
 pytestmark = pytest.mark.integration
 
@@ -152,4 +155,23 @@ def test_the_dispatcher_waits_for_a_dead_master_until_its_replica_takes_over(
         assert client.get(key) == b"3"
     finally:
         consumer.close()
+        client.close()
+
+
+def test_a_process_starts_while_its_first_seed_node_is_down(
+    redis_cluster: LocalRedisCluster,
+) -> None:
+    """Several seeds in the URL: the client skips one that does not answer."""
+    dead = _free_port()  # nothing listens there
+    live = redis_cluster.nodes[1].address
+    with pytest.raises(RedisClusterException, match="reachable"):
+        connect(f"redis+cluster://127.0.0.1:{dead}", socket_connect_timeout=1)
+    client = connect(f"redis+cluster://127.0.0.1:{dead},{live}", socket_connect_timeout=1)
+    try:
+        assert isinstance(client, RedisCluster)
+        for i in range(32):  # keys on every master
+            client.set(f"seed-test:{i}", i)
+        assert [int(client.get(f"seed-test:{i}")) for i in range(32)] == list(range(32))  # type: ignore[arg-type]
+        client.delete(*(f"seed-test:{i}" for i in range(32)))
+    finally:
         client.close()

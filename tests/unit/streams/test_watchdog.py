@@ -117,6 +117,28 @@ def test_reads_faust_rebalance_state() -> None:
     assert faust_progress(app)[1][1] == 48
 
 
+def test_a_worker_the_group_no_longer_knows_is_busy_until_it_is_back() -> None:
+    """After a broker restart expired its membership, a rejoin that never completes is a
+    stall like a rebalance that does not move (the worker logged 'partitions lost' and was
+    never assigned again)."""
+    app = faust.App("watchdog-test", broker="kafka://127.0.0.1:9", store="memory://")
+    out = {"lost": True}
+    busy, progress = faust_progress(app, lost=lambda a: out["lost"])
+    assert busy
+    clock = Clock()
+    dog = Watchdog(app, 90, clock=clock, exit=lambda code: None,
+                   progress=lambda a: faust_progress(a, lost=lambda _: out["lost"]))  # fmt: skip
+    for t in range(0, 100, 5):
+        clock.now = t
+        asyncio.run(dog.beat())
+        why = dog.check()
+        assert (why is not None) == (t >= 90), (t, why)
+    assert why is not None and "rejoin" in why
+    out["lost"] = False
+    assert dog.check() is None and not faust_progress(app, lost=lambda a: False)[0]
+    dog.stop()
+
+
 def test_a_check_that_raises_does_not_end_the_watchdog(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(watchdog, "CHECK_INTERVAL_S", 0.02)
     looks: list[int] = []
