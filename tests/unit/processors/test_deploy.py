@@ -442,11 +442,15 @@ def test_k8s_redis_cluster_is_formed_and_found_by_nudgeflow(
     secret = docs[("Secret", "nudgeflow-redis")]["stringData"]
     url = secret["NUDGEFLOW_REDIS_URL"]
     assert url.startswith("redis+cluster://"), url
-    host = url.rsplit("@", 1)[-1].split(":")[0]
+    seeds = [h.split(":")[0] for h in url.rsplit("@", 1)[-1].split(",")]
     namespace = yaml.safe_load((K8S / "redis-cluster" / "kustomization.yaml").read_text())[
         "namespace"
     ]
-    assert host == f"redis-cluster-0.redis-cluster.{namespace}.svc"
+    assert len(seeds) >= 2, "one seed down must not stop a process from starting"
+    for seed in seeds:  # pods of the StatefulSet, through its headless Service
+        pod, svc_name, ns, suffix = seed.split(".")
+        assert pod.rsplit("-", 1)[0] == "redis-cluster" and int(pod.rsplit("-", 1)[1]) < nodes
+        assert (svc_name, ns, suffix) == ("redis-cluster", namespace, "svc")
     assert secret["REDIS_PASSWORD"] in url
     for kind, name in [("StatefulSet", "nudgeflow-worker"), ("Deployment", "nudgeflow-dispatcher"),
                        ("Deployment", "nudgeflow-webhooks")]:  # fmt: skip
