@@ -424,6 +424,12 @@ def test_three_workers_two_dispatchers_rebalance_mid_stream(
 
         mid = {p.name: check_exposition(p, "worker", settings) for p in workers}
         for d in dispatchers:
+            # The worker group's commit does not wait for the texts: a dispatcher sends its
+            # first ones (30 a second, shared) a moment later.
+            def has_sent(d: Proc = d) -> bool:
+                return any(n == "nudgeflow_sms_sent_total" for n, _ls in d.scrape()[1])
+
+            wait_until(has_sent, f"{d.name}'s first text", 60)
             check_exposition(d, "dispatcher", settings)
         open_now = {
             name: sum(per_label([s], "nudgeflow_open_episodes", "campaign").values())
