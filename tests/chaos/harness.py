@@ -531,20 +531,40 @@ class Broker:
 # --------------------------------------------------------------------------- feeder, observer
 
 
-class Feeder(threading.Thread):
+class _Loop(threading.Thread):
+    """A daemon thread whose ``_run`` error is kept in ``error`` for the harness to report, and
+    that stops when :meth:`halt` sets ``_halt``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(daemon=True, name=name)
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 - reported by the harness
+            self.error = exc
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def halt(self) -> None:
+        self._halt.set()
+
+
+class Feeder(_Loop):
     """Produces the events in order (keyed by user) at ``rate`` per second, up to ``limit``."""
 
     def __init__(self, settings: Settings, events: list[ClickEvent]) -> None:
-        super().__init__(daemon=True, name="chaos-feeder")
+        super().__init__("chaos-feeder")
         self.settings = settings
         self.events = events
         self.sent = 0
         self.limit = 0
         self.rate = 1.0
-        self.error: BaseException | None = None
         self._seg = (time.monotonic(), 0)
         self._lock = threading.Lock()
-        self._halt = threading.Event()
         self.failures: list[str] = []
 
     def feed(self, rate: float, limit: int) -> None:
@@ -555,12 +575,6 @@ class Feeder(threading.Thread):
     @property
     def done(self) -> bool:
         return self.sent >= len(self.events)
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:  # noqa: BLE001 - reported by the harness
-            self.error = exc
 
     def _run(self) -> None:
         codec = Codec(self.settings.schema_registry_url)
@@ -605,15 +619,12 @@ class Feeder(threading.Thread):
             if self._halt.is_set():
                 break
 
-    def halt(self) -> None:
-        self._halt.set()
 
-
-class Observer(threading.Thread):
+class Observer(_Loop):
     """Reads decisions, outcomes and sms-dlq from the beginning, through the proxy like the rest."""
 
     def __init__(self, settings: Settings) -> None:
-        super().__init__(daemon=True, name="chaos-observer")
+        super().__init__("chaos-observer")
         self.settings = settings
         self.decisions: dict[str, Decision] = {}
         self.withdrawn: set[str] = set()
@@ -621,15 +632,7 @@ class Observer(threading.Thread):
         self.dlq: list[tuple[str, str]] = []  # (decision id, reason header)
         self.outcome_flushes = FlushTracker(partitions=set(range(settings.partitions)))
         self.decision_flushes = FlushTracker(partitions=set(range(settings.partitions)))
-        self.error: BaseException | None = None
-        self._halt = threading.Event()
         self.lock = threading.Lock()
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:  # noqa: BLE001 - reported by the harness
-            self.error = exc
 
     def _run(self) -> None:
         s = self.settings
@@ -686,9 +689,6 @@ class Observer(threading.Thread):
         with self.lock:
             return {k: d for k, d in self.decisions.items() if k not in self.withdrawn}
 
-    def halt(self) -> None:
-        self._halt.set()
-
 
 class RssSampler(threading.Thread):
     """Every 0.5 s: the RSS of every service process, tagged with the current phase."""
@@ -721,26 +721,18 @@ class RssSampler(threading.Thread):
         self._halt.set()
 
 
-class Pulse(threading.Thread):
+class Pulse(_Loop):
     """When the workers and the dispatchers wrote: the broker timestamps (ms, the producer's
     clock, this machine's) of every record on the worker's outputs (its ``user_state``
     changelog, the decisions) and the dispatchers' (the outcomes). A rebalance that stops a
     group's processing shows as a gap in its output (:meth:`longest_gap`)."""
 
     def __init__(self, settings: Settings, topics: dict[str, Sequence[str]]) -> None:
-        super().__init__(daemon=True, name="chaos-pulse")
+        super().__init__("chaos-pulse")
         self.settings = settings
         self.topics = topics  # role -> topics
         self.stamps: dict[str, list[int]] = {role: [] for role in topics}
-        self.error: BaseException | None = None
-        self._halt = threading.Event()
         self.lock = threading.Lock()
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:  # noqa: BLE001 - reported by the harness
-            self.error = exc
 
     def _run(self) -> None:
         s = self.settings
@@ -787,9 +779,6 @@ class Pulse(threading.Thread):
         ms = int(since * 1000)
         with self.lock:
             return sum(1 for t in self.stamps[role] if t > ms)
-
-    def halt(self) -> None:
-        self._halt.set()
 
 
 # --------------------------------------------------------------------------- the run
