@@ -29,7 +29,7 @@ from streams.steps import Steps
 
 log = logging.getLogger(__name__)
 
-TICK_INTERVAL_S = 0.5  # a due timer waits at most this long for its tick (lateness p99 <= 1 s)
+TICK_INTERVAL_S = 0.1  # a due timer waits at most this long for its tick
 YIELD_EVERY = 1000  # users between turns given to the event loop (heartbeats)
 _TICK = struct.Struct(">q")
 

@@ -34,10 +34,11 @@ group) for lag monitoring and autoscaling only; nothing reads them back.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from faust.stores.memory import Store as MemoryStore
 from faust.types import TP
@@ -47,6 +48,7 @@ from streams.output import Output
 POSITION_PREFIX = b"\x00nudgeflow:position:"
 """Keys of position records; user ids never start with NUL (streams.intake rejects them)."""
 _POSITION = struct.Struct(">q")
+ENCODE_CHUNK = 256  # states encoded or sent per turn of the event loop while a checkpoint runs
 
 
 def position_key(partition: int) -> bytes:
@@ -145,7 +147,12 @@ class Checkpointer:
             return dirty[key]
         writing = self._writing.get(partition)
         if writing is not None and key in writing:
-            return writing[key]
+            value = writing[key]
+            if value is not None and type(value) is not bytes:
+                # Taken but not encoded yet (:meth:`encode_taken`): encode it before the
+                # caller's step changes the state in place.
+                value = writing[key] = cast(Deferred, value).encode()
+            return value
         return self._read(key)
 
     def put(self, partition: int, key: bytes, value: Value) -> None:
@@ -193,24 +200,28 @@ class Checkpointer:
 
     # -------------------------------------------------------------- the checkpoint
 
-    def take(self) -> tuple[dict[int, dict[bytes, bytes | None]], dict[int, int], int] | None:
+    def take(
+        self, *, encode: bool = True
+    ) -> tuple[dict[int, dict[bytes, bytes | None]], dict[int, int], int] | None:
         """Start a checkpoint: the buffer, the positions it covers and the output barrier of
-        everything produced so far; None when there is nothing to write."""
+        everything produced so far; None when there is nothing to write.
+
+        ``encode=False``: the states are encoded later, by :meth:`encode_taken` (a few hundred
+        between turns of the event loop) or by :meth:`get` when a step reads one first, so
+        what is written is still each state as it was when taken, and taking stops processing
+        for a dict swap instead of every encode."""
         if not self._dirty and not self._positions:
             return None
         if self._writing:
             raise RuntimeError("a checkpoint is already being written")
-        batch: dict[int, dict[bytes, bytes | None]] = {}
-        get = self._read
-        for p, items in self._dirty.items():
-            encoded: dict[bytes, bytes | None] = {}
-            for key, value in items.items():
-                deferred = value is not None and type(value) is not bytes
-                value = _encoded(value)
-                if deferred and value == get(key):
-                    continue  # e.g. a tick that changed nothing
-                encoded[key] = value
-            batch[p] = encoded
+        batch: dict[int, dict[bytes, bytes | None]]
+        if encode:
+            batch = {}
+            for p, items in self._dirty.items():
+                batch[p] = items  # type: ignore[assignment]
+                self._encode_items(items)  # type: ignore[arg-type]
+        else:
+            batch = self._dirty  # type: ignore[assignment]
         positions = self._positions
         self._dirty, self._positions = {}, {}
         self._writing = batch
@@ -222,6 +233,35 @@ class Checkpointer:
                 if last is not None:
                     positions[p] = last
         return batch, positions, self.output.barrier()
+
+    def _encode_items(self, items: dict[bytes, Value], keys: Iterable[bytes] | None = None) -> None:
+        """Encode the deferred values of ``items`` (of ``keys``: all by default) in place; a
+        state equal to the stored value is not written again (e.g. a tick that changed
+        nothing)."""
+        get = self._read
+        unchanged: list[bytes] = []
+        for key in items if keys is None else keys:
+            value = items[key]
+            if value is None or type(value) is bytes:
+                continue
+            encoded = items[key] = value.encode()  # type: ignore[union-attr]
+            if encoded == get(key):
+                unchanged.append(key)
+        for key in unchanged:
+            del items[key]
+
+    async def encode_taken(
+        self,
+        taken: tuple[dict[int, dict[bytes, bytes | None]], dict[int, int], int],
+        chunk: int = ENCODE_CHUNK,
+    ) -> None:
+        """Encode what ``take(encode=False)`` took, ``chunk`` states per turn of the event loop
+        (steps go on meanwhile; one that reads a taken state encodes it first, :meth:`get`)."""
+        for items in taken[0].values():
+            keys = list(items)
+            for start in range(0, len(keys), chunk):
+                self._encode_items(items, keys[start : start + chunk])  # type: ignore[arg-type]
+                await asyncio.sleep(0)
 
     def put_back(
         self, taken: tuple[dict[int, dict[bytes, bytes | None]], dict[int, int], int]
@@ -244,9 +284,14 @@ class Checkpointer:
         batch, positions, barrier = taken
         try:
             await self.output.wait(barrier)  # 1. what the states presume is on its topics
+            await self.encode_taken(taken)  # a no-op when take() encoded them
+            sent = 0
             for p, items in batch.items():
-                for key, value in items.items():
+                for key, value in list(items.items()):
                     self.output.send(self.changelog_topic, value, key, partition=p)
+                    sent += 1
+                    if sent % ENCODE_CHUNK == 0:
+                        await asyncio.sleep(0)  # steps go on between chunks
             delivered: dict[int, int] = {}
 
             def on_delivery(err: Any, msg: Any) -> None:
@@ -266,7 +311,7 @@ class Checkpointer:
         except BaseException:
             self.put_back(taken)  # the caller normally stops the worker
             raise
-        records: list[_Record] = []
+        records: list[_Record] = []  # applied at once: reads of these keys must see them
         for p in set(batch) | set(positions):
             tp = TP(self.changelog_topic, p)
             offset = delivered.get(p, 0)

@@ -57,7 +57,7 @@ class CheckpointWriter:
         """Take the buffer and write it in the background (at most one checkpoint at a time)."""
         if self._writer is not None and not self._writer.done():
             return
-        taken = self.clients.checkpointer.take()
+        taken = self.clients.checkpointer.take(encode=False)  # encoded while steps go on
         self._last = time.monotonic()
         if taken is not None:
             self._writer = asyncio.ensure_future(self._write(taken))

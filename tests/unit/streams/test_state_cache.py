@@ -99,6 +99,41 @@ def test_a_checkpoint_encodes_each_user_once_as_it_was_when_taken(
     assert cache.state(b"u1", written) is state  # the cache learned the written value
 
 
+def test_a_checkpoint_encoding_while_steps_go_on_writes_each_state_as_taken(
+    checkpointer: tuple[Checkpointer, dict[bytes, bytes]],
+) -> None:
+    """The worker's checkpoints take the buffer without encoding it and encode it a chunk at a
+    time while steps go on: a step that reads a taken state first encodes it, so the change it
+    makes goes to the next checkpoint, never into this one."""
+    import asyncio
+
+    ck, store = checkpointer
+    cache = StateCache()
+    unchanged = UserState("u0", seq=2)
+    store[b"u0"] = value_of(unchanged)
+    ck.put(0, b"u0", LiveState(cache, b"u0", 0, unchanged, None, store[b"u0"]))
+    states = {f"u{i}".encode(): UserState(f"u{i}", seq=1) for i in range(1, 600)}
+    for key, state in states.items():
+        ck.put(0, key, LiveState(cache, key, 0, state, None, None))
+    taken = ck.take(encode=False)
+    assert taken is not None
+    raw = ck.get(0, b"u7")  # a step reads u7 before its chunk is encoded...
+    assert isinstance(raw, bytes)
+    state = cache.state(b"u7", raw)
+    assert state is states[b"u7"]
+    state.seq = 9  # ...and changes it in place
+    ck.put(0, b"u7", LiveState(cache, b"u7", 0, state, None, raw))
+    asyncio.run(ck.encode_taken(taken, chunk=100))
+    written = taken[0][0]
+    assert b"u0" not in written  # equal to the stored value: not written again
+    assert len(written) == len(states)
+    for key, value in written.items():
+        assert isinstance(value, bytes)
+        assert UserState.from_bytes(unpack_state(value).state).seq == 1
+    live = ck.get(0, b"u7")
+    assert isinstance(live, LiveState) and live.state.seq == 9  # the next checkpoint's
+
+
 def test_a_state_equal_to_the_stored_one_is_not_written_again(
     checkpointer: tuple[Checkpointer, dict[bytes, bytes]],
 ) -> None:
