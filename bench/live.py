@@ -29,12 +29,14 @@ it, so the latency figures include that wait).
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from _common import (
     DecisionWatcher,
@@ -53,7 +55,17 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
-from trigger_throughput import BenchError, Worker, run_main, say
+from trigger_throughput import (
+    BenchError,
+    Sample,
+    Worker,
+    consumed_window,
+    events_consumed,
+    free_port,
+    process_cpu_s,
+    run_main,
+    say,
+)
 
 from processors.commands.contacts import import_contacts
 from processors.core.campaign import load_campaigns
@@ -67,12 +79,17 @@ from streams.reader import offsets_group
 LATENESS_S = 2.0
 TTL_MS = 10_000
 SETTLE_TIMEOUT_S = 120.0
+ABSENCE_MARGIN_S = 5.0  # phase 2's window past its opening time (default --absence-s)
 
 
-def absence_campaign(after_s: float) -> dict[str, Any]:
-    """The timers phase's campaign: ``bench_start`` opens an episode that fires after_s later."""
+MEASURED = "bench-absence"
+HELD_S = 3600.0  # the held episodes' window: none is due before the benchmark ends
+
+
+def absence_campaign(after_s: float, campaign_id: str = MEASURED) -> dict[str, Any]:
+    """The timers phase's campaigns: ``bench_start`` opens an episode that fires after_s later."""
     return {
-        "id": "bench-absence",
+        "id": campaign_id,
         "trigger": {"type": "absence", "start": ["bench_start"], "cancel": ["bench_stop"],
                     "after": f"{after_s:g}s"},
         "message": {"template": "Come back!"},
@@ -81,6 +98,19 @@ def absence_campaign(after_s: float) -> dict[str, Any]:
 
 IMMEDIATE = ("signup-confirm", "loyalty-gold")
 LINGER_MS = 5
+TEXTS_PER_S = 10  # phase 1's texted signups: well under the dispatcher's 30/s gateway limit
+RETURNING = 50_000
+
+
+def mix(i: int, rng: random.Random, prefix: str) -> tuple[str, str, dict[str, str]]:
+    """Event ``i`` of phases 0-1 (user, type, properties): 1% signups and 4% gold points of
+    users without contacts (decided at once, then suppressed by the dispatcher), 95% page views
+    of a pool of returning users."""
+    if i % 100 == 0:
+        return f"{prefix}s{i:07d}", "event_signup", {"event_name": "bench night"}
+    if i % 100 < 5:
+        return f"{prefix}l{i:07d}", "points_earned", {"tier": "gold", "points": "50"}
+    return f"r{rng.randrange(RETURNING):05d}", "page_view", {"page": "/"}
 
 
 def now_ms() -> int:
@@ -96,10 +126,16 @@ class Events:
         self.producer = Producer({**settings.kafka_common(), "linger.ms": linger_ms})
         self.n = 0
 
-    def send(self, user: str, event_type: str, props: dict[str, str] | None = None) -> None:
+    def encode(self, user: str, event_type: str, props: dict[str, str] | None = None) -> bytes:
         self.n += 1
         ev = ClickEvent(f"b-{self.n}", user, event_type, now_ms(), f"{user}-s", props or {})
-        value = self.codec.encode("ClickEvent", ev.to_record())
+        return self.codec.encode("ClickEvent", ev.to_record())
+
+    def send(self, user: str, event_type: str, props: dict[str, str] | None = None) -> None:
+        self.produce(user, self.encode(user, event_type, props))
+
+    def produce(self, user: str, value: bytes) -> None:
+        """Produce an event :meth:`encode` made (counted in ``n`` then)."""
         while True:
             try:
                 self.producer.produce(self.topic, key=user.encode(), value=value)
@@ -127,6 +163,57 @@ def paced(rate: float, seconds: float, emit: Any) -> int:
         if i < total:
             time.sleep(max(0.0, min(0.01, start + i / rate - time.monotonic())))
     return total
+
+
+def max_rate_on_mix(
+    port: int, events: Events, worker: Worker, rng: random.Random, n: int
+) -> tuple[float, float]:
+    """Phase 0: a backlog of ``n`` events of phase 1's mix, produced at once; the worker's rate
+    (and per CPU-second) while it drains it, from its own ``nudgeflow_events_consumed_total``
+    sampled every 0.25 s (its first batch left out, as in ``trigger_throughput.py``)."""
+    base = events_consumed(port)
+    if base is None:
+        raise BenchError("the worker's /metrics did not answer")
+    values = [(user, events.encode(user, kind, props)) for user, kind, props in
+              (mix(i, rng, "m") for i in range(n))]  # fmt: skip
+    for user, value in values:
+        events.produce(user, value)
+    events.flush()
+    samples: list[Sample] = []
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while True:
+        consumed = events_consumed(port)
+        t = time.monotonic()
+        if consumed is not None:
+            samples.append(Sample(t, 0, process_cpu_s(worker.pid), consumed - base))
+            if consumed - base >= n:
+                break
+        worker.check_alive()
+        if t > deadline:
+            raise BenchError(f"the worker did not drain phase 0's {n} events")
+        time.sleep(0.25)
+    window = consumed_window(samples, n)
+    if window is None:
+        raise BenchError("phase 0 was drained too fast to measure; use more --max-events")
+    first, last = window
+    done = float(cast(int, last.consumed) - cast(int, first.consumed))
+    cpu = last.cpu - first.cpu
+    return done / (last.t - first.t), (done / cpu if cpu > 0 else math.nan)
+
+
+def open_episodes_on(port: int, prefix: str) -> int:
+    """The worker's ``nudgeflow_open_episodes``, summed over the campaigns named ``prefix*``
+    (-1 when its ``/metrics`` does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2.0) as answer:
+            text = answer.read().decode()
+    except (OSError, ValueError):
+        return -1
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(f'nudgeflow_open_episodes{{campaign="{prefix}'):
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
 
 
 def wait_for(what: str, check: Any, timeout_s: float, worker: Worker, describe: Any = None) -> None:
@@ -237,12 +324,23 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
     watcher: DecisionWatcher | None = None
     thread: threading.Thread | None = None
     try:
-        campaigns = write_campaigns(tmp / "campaigns.yaml", [absence_campaign(args.absence_s)])
+        per_user = args.episode_campaigns
+        if per_user < 1 or args.episodes % per_user:
+            raise BenchError("--episodes must be a multiple of --episode-campaigns (>= 1)")
+        timer_users = args.episodes // per_user
+        opening_s = timer_users / args.episode_rate
+        absence_s = args.absence_s if args.absence_s is not None else opening_s + ABSENCE_MARGIN_S
+        if opening_s >= absence_s:
+            raise BenchError(f"phase 2 opens its episodes over {opening_s:g} s: --absence-s must "
+                             f"be longer (all open when the first fires)")  # fmt: skip
+        held = [absence_campaign(HELD_S, f"{MEASURED}-held-{j}") for j in range(1, per_user)]
+        campaigns = write_campaigns(tmp / "campaigns.yaml", [absence_campaign(absence_s), *held])
         settings = bench_settings(
             state_dir, clock="live", campaigns_file=campaigns, allowed_lateness_s=LATENESS_S
         )
         create_topics(info.bootstrap_servers, settings)
-        signups = [f"s{i:05d}" for i in range(int(args.rate * args.latency_s * 0.01) + 10)]
+        texted_max = int(TEXTS_PER_S * args.latency_s) + 10
+        signups = [f"s{i:05d}" for i in range(texted_max)]
         import_contacts(
             write_contacts(tmp / "contacts.jsonl", signups), settings, echo_errors=False
         )
@@ -256,38 +354,52 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         dispatcher = Dispatcher(settings, load_campaigns(campaigns), gateway, rate_per_s=30.0)
         thread = threading.Thread(target=dispatcher.run, daemon=True)
         thread.start()
+        metrics_port = free_port()
         env = {
             "NUDGEFLOW_ALLOWED_LATENESS_S": str(LATENESS_S),
             "NUDGEFLOW_STATE_TTL_S": str(TTL_MS / 1000),
+            "NUDGEFLOW_METRICS_PORT": str(metrics_port),
         }
         worker = Worker(settings, tmp, env=env)
         events = Events(settings)
         events.send("warm-up", "points_earned", {"tier": "gold", "points": "1"})
         events.flush()
         wait_for("the worker's first decision", lambda: watcher.snapshot(), 90, worker)
-        say(f"worker live (pid {worker.pid}); phase 1: {args.rate:.0f} events/s")
+        progress = Progress(settings)
+        rng = random.Random(7)
+
+        # ---- phase 0: the worker's maximum rate on phase 1's mix
+        max_rate = math.nan
+        if args.rate is None:
+            max_rate, cpu_rate = max_rate_on_mix(metrics_port, events, worker, rng, args.max_events)
+            rate = args.load * max_rate
+            say(
+                f"phase 0: the worker drained {args.max_events} events at {max_rate:,.0f} "
+                f"events/s ({cpu_rate:,.0f} per CPU-second); phase 1 at {args.load:.0%}: "
+                f"{rate:,.0f} events/s"
+            )
+            wait_for("the worker to catch up", lambda: progress.committed() >= events.n, 60, worker)
+        else:
+            rate = args.rate
+            say(f"worker live (pid {worker.pid}); phase 1: {rate:.0f} events/s (given)")
 
         # ---- phase 1: latency
-        rng = random.Random(7)
-        returning = [f"r{i:05d}" for i in range(50_000)]
         signup_iter = iter(signups)
         texted: list[str] = []
+        text_every = max(100, int(rate / TEXTS_PER_S))  # texts stay under the gateway limit
         t1 = now_ms()
 
         def emit(i: int) -> None:
-            if i % 100 == 0:
+            if i % text_every == 0:
                 user = next(signup_iter)
                 texted.append(user)
                 events.send(user, "event_signup", {"event_name": "bench night"})
-            elif i % 100 < 5:
-                events.send(f"l{i:07d}", "points_earned", {"tier": "gold", "points": "50"})
             else:
-                events.send(rng.choice(returning), "page_view", {"page": "/"})
+                events.send(*mix(i, rng, "p"))
 
-        paced(args.rate, args.latency_s, emit)
+        paced(rate, args.latency_s, emit)
         events.flush()
         t1_end = now_ms()
-        progress = Progress(settings)
         wait_for("the worker to catch up", lambda: progress.committed() >= events.n, 180, worker)
         caught_up_s = (now_ms() - t1_end) / 1000
         wait_for("the phase-1 texts", lambda: len(gateway.arrivals) >= len(texted), 60, worker)
@@ -302,6 +414,15 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
             for did, wall in gateway.arrivals
             if did in decided
         ]
+        by_second: dict[int, list[float]] = {}
+        for r, created in decided.values():
+            by_second.setdefault((r["trigger_ts"] - t1) // 1000, []).append(
+                created - r["trigger_ts"]
+            )
+        say(
+            "phase 1: p99 ms by second "
+            + " ".join(f"{percentile(v, 99):.0f}" for _k, v in sorted(by_second.items()))
+        )
         say(
             f"phase 1: {len(decision_ms)} immediate decisions, p50 "
             f"{percentile(decision_ms, 50):.0f} ms p99 {percentile(decision_ms, 99):.0f} ms; "
@@ -315,39 +436,41 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         thread.join(30)
 
         # ---- phase 2: timers
-        opening_s = args.episodes / args.episode_rate
-        if opening_s >= args.absence_s:
-            raise BenchError(
-                f"--episodes / --episode-rate must open them within --absence-s {args.absence_s:g}"
-            )
         say(
-            f"phase 2: {args.episodes} absence episodes of {args.absence_s:g} s opened over "
-            f"{opening_s:.0f} s (all open when the first fires)"
+            f"phase 2: {args.episodes} absence episodes ({timer_users} users x {per_user} "
+            f"campaigns) opened over {opening_s:.0f} s; {timer_users} due {absence_s:g} s after "
+            f"opening, the rest held"
         )
         produced_at = time.monotonic()
         events.flush()
-        paced(args.episode_rate, opening_s, lambda i: events.send(f"b{i:06d}", "bench_start"))
+        paced(args.episode_rate, opening_s, lambda i: events.send(f"b{i:07d}", "bench_start"))
         events.flush()
+        first_due = produced_at + absence_s
+        while progress.committed() < events.n and time.monotonic() < first_due:
+            worker.check_alive()  # caught up before the first is due (else: counted so far)
+            time.sleep(0.2)
+        open_episodes = open_episodes_on(metrics_port, MEASURED)
+        say(f"phase 2: the worker counts {open_episodes} open episodes before the first is due")
 
         def fired() -> list[tuple[dict[str, Any], int]]:
-            return [(r, c) for r, c in watcher.snapshot() if r["campaign_id"] == "bench-absence"]
+            return [(r, c) for r, c in watcher.snapshot() if r["campaign_id"] == MEASURED]
 
-        # Every timer is due --absence-s after its episode opened; give them --timer-grace s
+        # Every timer is due absence_s after its episode opened; give them --timer-grace s
         # more, then count the ones that did not fire as missing rather than failing the run.
-        give_up = time.monotonic() + args.absence_s + LATENESS_S + args.timer_grace
-        while len(fired()) < args.episodes and time.monotonic() < give_up:
+        give_up = produced_at + absence_s + opening_s + LATENESS_S + args.timer_grace
+        while len(fired()) < timer_users and time.monotonic() < give_up:
             worker.check_alive()
             time.sleep(0.2)
         done = fired()  # one snapshot: timers keep firing while this is reported
-        missing = args.episodes - len(done)
+        missing = timer_users - len(done)
         if missing:
-            on_topic = decisions_on_topic(settings, "bench-absence")
+            on_topic = decisions_on_topic(settings, MEASURED)
             seen = {r["user_id"] for r, _c in done}
-            absent = [f"b{i:06d}" for i in range(args.episodes) if f"b{i:06d}" not in seen]
+            absent = [f"b{i:07d}" for i in range(timer_users) if f"b{i:07d}" not in seen]
             say(
-                f"phase 2: {missing} of {args.episodes} timers had not fired "
+                f"phase 2: {missing} of {timer_users} timers had not fired "
                 f"{args.timer_grace:.0f} s after due "
-                f"({on_topic} bench-absence decisions on the topic; e.g. {absent[:3]}; "
+                f"({on_topic} {MEASURED} decisions on the topic; e.g. {absent[:3]}; "
                 f"{absent[0]}: {stored_state(settings, absent[0])})"
             )
         lateness_s = [(c - (r["fire_at"] + LATENESS_S * 1000)) / 1000 for r, c in done]
@@ -388,7 +511,8 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
             )
         )
         return [
-            ("latency_rate_per_s", f"{args.rate:.0f}"),
+            ("max_rate_per_s", f"{max_rate:.0f}"),
+            ("latency_rate_per_s", f"{rate:.0f}"),
             ("decisions_measured", str(len(decision_ms))),
             ("decision_p50_ms", f"{percentile(decision_ms, 50):.0f}"),
             ("decision_p99_ms", f"{percentile(decision_ms, 99):.0f}"),
@@ -396,6 +520,8 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
             ("send_p50_ms", f"{percentile(send_ms, 50):.0f}"),
             ("send_p99_ms", f"{percentile(send_ms, 99):.0f}"),
             ("timer_episodes", str(args.episodes)),
+            ("timer_open_episodes", str(open_episodes)),
+            ("timer_fired", str(len(lateness_s))),
             ("timer_missing", str(missing)),
             ("timer_lateness_p50_s", f"{percentile(lateness_s, 50):.2f}"),
             ("timer_lateness_p99_s", f"{percentile(lateness_s, 99):.2f}"),
@@ -419,14 +545,31 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--rate", type=float, default=1000.0, help="phase 1 events/s (1000)")
-    parser.add_argument("--latency-s", type=float, default=10.0, help="phase 1 seconds (10)")
-    parser.add_argument("--episodes", type=int, default=100_000, help="open timers (100000)")
     parser.add_argument(
-        "--episode-rate", type=float, default=2000.0, help="episodes opened per s (2000)"
+        "--rate", type=float, default=None, help="phase 1 events/s (default: --load x phase 0's)"
     )
     parser.add_argument(
-        "--absence-s", type=float, default=60.0, help="the episodes' absence window, s (60)"
+        "--load", type=float, default=0.8, help="phase 1's share of the measured maximum (0.8)"
+    )
+    parser.add_argument(
+        "--max-events", type=int, default=60_000, help="phase 0's backlog, events (60000)"
+    )
+    parser.add_argument("--latency-s", type=float, default=10.0, help="phase 1 seconds (10)")
+    parser.add_argument("--episodes", type=int, default=1_000_000, help="open episodes (1000000)")
+    parser.add_argument(
+        "--episode-campaigns",
+        type=int,
+        default=10,
+        help="absence campaigns each bench_start opens; one fires, the others are held (10)",
+    )
+    parser.add_argument(
+        "--episode-rate", type=float, default=2000.0, help="users opening episodes per s (2000)"
+    )
+    parser.add_argument(
+        "--absence-s",
+        type=float,
+        default=None,
+        help=f"the measured episodes' window, s (default: the opening time + {ABSENCE_MARGIN_S:g})",
     )
     parser.add_argument(
         "--timer-grace", type=float, default=20.0, help="s to wait past the last deadline (20)"
