@@ -1,26 +1,34 @@
 """Live-clock figures of the trigger worker: decision and send latency, timer lateness, memory.
 
-One embedded stack, one worker (live clock, every example campaign plus an absence campaign of
-``--absence-s``, changelog on, allowed lateness 2 s, state TTL 10 s via
-``NUDGEFLOW_STATE_TTL_S``) and one in-process dispatcher whose gateway answers after 20 ms
-(``_common.FakeGateway``). Three phases, each waiting for the worker to catch up (committed
-offsets) before the next:
+One embedded stack, one worker (live clock, every example campaign plus phase 2's absence
+campaigns, changelog on, allowed lateness 2 s, state TTL 10 s via ``NUDGEFLOW_STATE_TTL_S``) and
+one in-process dispatcher whose gateway answers after 20 ms (``_common.FakeGateway``). Four
+phases, each waiting for the worker to catch up (committed offsets) before the next:
 
-1. **Latency** (``--rate`` events/s for ``--latency-s``, default 1,000/s for 10 s): page views
-   of returning users, ``points_earned`` (gold) of users without contacts (decided, then
-   suppressed by the dispatcher) and ``event_signup`` of opted-in users (decided and texted).
-   ``decision_p99_ms``: the decision's Kafka CreateTime minus the event time (events are stamped
-   when produced). ``send_p99_ms``: the fake gateway's arrival time minus the event time, for the
-   texted signups (1% of the events, well under the 30/s gateway limit).
-2. **Timers** (``--episodes`` at ``--episode-rate`` with a ``--absence-s`` window, default
-   100,000 at 2,000/s with 60 s): ``bench_start`` events of distinct users, each opening an
-   absence timer; the window is longer than the opening, so all are open when the first fires,
-   and they then come due at the rate they were opened.
+0. **Maximum rate** (``--max-events``, default 60,000): a backlog of phase 1's mix produced at
+   once; the worker's rate while it drains it, from its own ``nudgeflow_events_consumed_total``
+   (as ``trigger_throughput.py``). The drain outlasts the 10 s TTL, so the expiry of the users
+   it created is in the rate, as it is at a steady load.
+1. **Latency** (``--load`` x that rate, default 80%, for ``--latency-s`` 10 s; ``--rate`` gives
+   a fixed rate instead): page views of returning users, ``points_earned`` (gold, 4%) and
+   ``event_signup`` (1%) of users without contacts (decided, then suppressed by the dispatcher),
+   and ``event_signup`` of opted-in users at 10/s (decided and texted, under the 30/s gateway
+   limit). ``decision_p99_ms``: the decision's Kafka CreateTime minus the event time (events
+   are stamped when produced). ``send_p99_ms``: the fake gateway's arrival time minus the event
+   time, for the texted signups.
+2. **Timers** (``--episodes`` open episodes, default 1,000,000): ``bench_start`` events of
+   100,000 distinct users at ``--episode-rate`` (2,000/s), each opening an episode in each of
+   ``--episode-campaigns`` (10) absence campaigns: one with a window longer than the opening
+   (``--absence-s``, default the opening time + 5 s), so all are open when the first fires and
+   they come due at the rate they were opened, and nine held for an hour. The worker's own
+   ``nudgeflow_open_episodes`` is read before the first is due (``timer_open_episodes``); the
+   measured firings happen while 1,000,000 down to 900,000 are open.
    ``timer_lateness_p99_s``: the decision's CreateTime minus (deadline + allowed lateness).
 3. **Soak** (``--soak-rate`` new users/s for ``--soak-s``, default 5,000/s for 200 s = 1,000,000
-   users): one page view per new user; with the 10 s TTL the number of live users levels off.
-   ``rss_growth``: the worker's RSS at the end over its RSS a third into the soak;
-   ``soak_lag_events``: soak events the worker had not checkpointed when the soak ended.
+   users): one page view per new user; with the 10 s TTL the number of live users levels off
+   (phase 2's held episodes stay, unchanged, throughout). ``rss_growth``: the worker's RSS at
+   the end over its RSS a third into the soak; ``soak_lag_events``: soak events the worker had
+   not checkpointed when the soak ended.
 
 Every phase produces with librdkafka's default 5 ms linger (the event time is stamped before
 it, so the latency figures include that wait).
@@ -79,6 +87,7 @@ from streams.reader import offsets_group
 LATENESS_S = 2.0
 TTL_MS = 10_000
 SETTLE_TIMEOUT_S = 120.0
+PHASE0_SETTLE_S = 3.0
 ABSENCE_MARGIN_S = 5.0  # phase 2's window past its opening time (default --absence-s)
 
 
@@ -379,6 +388,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
                 f"{rate:,.0f} events/s"
             )
             wait_for("the worker to catch up", lambda: progress.committed() >= events.n, 60, worker)
+            time.sleep(PHASE0_SETTLE_S)  # the dispatcher's share of phase 0, expiries
         else:
             rate = args.rate
             say(f"worker live (pid {worker.pid}); phase 1: {rate:.0f} events/s (given)")
