@@ -95,11 +95,14 @@ MEASURED = "bench-absence"
 HELD_S = 3600.0  # the held episodes' window: none is due before the benchmark ends
 
 
-def absence_campaign(after_s: float, campaign_id: str = MEASURED) -> dict[str, Any]:
-    """The timers phase's campaigns: ``bench_start`` opens an episode that fires after_s later."""
+def absence_campaign(
+    after_s: float, campaign_id: str = MEASURED, start: tuple[str, ...] = ("bench_start",)
+) -> dict[str, Any]:
+    """The timers phase's campaigns: a ``start`` event opens an episode that fires after_s
+    later."""
     return {
         "id": campaign_id,
-        "trigger": {"type": "absence", "start": ["bench_start"], "cancel": ["bench_stop"],
+        "trigger": {"type": "absence", "start": list(start), "cancel": ["bench_stop"],
                     "after": f"{after_s:g}s"},
         "message": {"template": "Come back!"},
     }  # fmt: skip
@@ -333,16 +336,18 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
     watcher: DecisionWatcher | None = None
     thread: threading.Thread | None = None
     try:
-        per_user = args.episode_campaigns
-        if per_user < 1 or args.episodes % per_user:
-            raise BenchError("--episodes must be a multiple of --episode-campaigns (>= 1)")
-        timer_users = args.episodes // per_user
+        timer_users, every = args.timer_users, args.measured_every
+        measured_users = len(range(0, timer_users, every))
+        episodes = timer_users * args.held_campaigns + measured_users
         opening_s = timer_users / args.episode_rate
         absence_s = args.absence_s if args.absence_s is not None else opening_s + ABSENCE_MARGIN_S
         if opening_s >= absence_s:
             raise BenchError(f"phase 2 opens its episodes over {opening_s:g} s: --absence-s must "
                              f"be longer (all open when the first fires)")  # fmt: skip
-        held = [absence_campaign(HELD_S, f"{MEASURED}-held-{j}") for j in range(1, per_user)]
+        held = [
+            absence_campaign(HELD_S, f"{MEASURED}-held-{j}", ("bench_start", "bench_hold"))
+            for j in range(1, args.held_campaigns + 1)
+        ]
         campaigns = write_campaigns(tmp / "campaigns.yaml", [absence_campaign(absence_s), *held])
         settings = bench_settings(
             state_dir, clock="live", campaigns_file=campaigns, allowed_lateness_s=LATENESS_S
@@ -447,13 +452,18 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
 
         # ---- phase 2: timers
         say(
-            f"phase 2: {args.episodes} absence episodes ({timer_users} users x {per_user} "
-            f"campaigns) opened over {opening_s:.0f} s; {timer_users} due {absence_s:g} s after "
+            f"phase 2: {episodes} absence episodes ({timer_users} users x {args.held_campaigns} "
+            f"held campaigns + 1 in {every} of them in the measured one) opened over "
+            f"{opening_s:.0f} s; {measured_users} due {absence_s:g} s after "
             f"opening, the rest held"
         )
         produced_at = time.monotonic()
         events.flush()
-        paced(args.episode_rate, opening_s, lambda i: events.send(f"b{i:07d}", "bench_start"))
+        paced(
+            args.episode_rate,
+            opening_s,
+            lambda i: events.send(f"b{i:07d}", "bench_hold" if i % every else "bench_start"),
+        )
         events.flush()
         first_due = produced_at + absence_s
         while progress.committed() < events.n and time.monotonic() < first_due:
@@ -468,17 +478,17 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         # Every timer is due absence_s after its episode opened; give them --timer-grace s
         # more, then count the ones that did not fire as missing rather than failing the run.
         give_up = produced_at + absence_s + opening_s + LATENESS_S + args.timer_grace
-        while len(fired()) < timer_users and time.monotonic() < give_up:
+        while len(fired()) < measured_users and time.monotonic() < give_up:
             worker.check_alive()
             time.sleep(0.2)
         done = fired()  # one snapshot: timers keep firing while this is reported
-        missing = timer_users - len(done)
+        missing = measured_users - len(done)
         if missing:
             on_topic = decisions_on_topic(settings, MEASURED)
             seen = {r["user_id"] for r, _c in done}
-            absent = [f"b{i:07d}" for i in range(timer_users) if f"b{i:07d}" not in seen]
+            absent = [f"b{i:07d}" for i in range(0, timer_users, every) if f"b{i:07d}" not in seen]
             say(
-                f"phase 2: {missing} of {timer_users} timers had not fired "
+                f"phase 2: {missing} of {measured_users} timers had not fired "
                 f"{args.timer_grace:.0f} s after due "
                 f"({on_topic} {MEASURED} decisions on the topic; e.g. {absent[:3]}; "
                 f"{absent[0]}: {stored_state(settings, absent[0])})"
@@ -529,7 +539,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
             ("sends_measured", str(len(send_ms))),
             ("send_p50_ms", f"{percentile(send_ms, 50):.0f}"),
             ("send_p99_ms", f"{percentile(send_ms, 99):.0f}"),
-            ("timer_episodes", str(args.episodes)),
+            ("timer_episodes", str(episodes)),
             ("timer_open_episodes", str(open_episodes)),
             ("timer_fired", str(len(lateness_s))),
             ("timer_missing", str(missing)),
@@ -565,12 +575,20 @@ def main(argv: list[str] | None = None) -> int:
         "--max-events", type=int, default=60_000, help="phase 0's backlog, events (60000)"
     )
     parser.add_argument("--latency-s", type=float, default=10.0, help="phase 1 seconds (10)")
-    parser.add_argument("--episodes", type=int, default=1_000_000, help="open episodes (1000000)")
     parser.add_argument(
-        "--episode-campaigns",
+        "--timer-users", type=int, default=100_000, help="users opening episodes (100000)"
+    )
+    parser.add_argument(
+        "--held-campaigns",
         type=int,
         default=10,
-        help="absence campaigns each bench_start opens; one fires, the others are held (10)",
+        help="absence campaigns held for an hour, opened by every such user (10)",
+    )
+    parser.add_argument(
+        "--measured-every",
+        type=int,
+        default=2,
+        help="every n-th such user also opens the measured episode (2)",
     )
     parser.add_argument(
         "--episode-rate", type=float, default=2000.0, help="users opening episodes per s (2000)"
@@ -582,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"the measured episodes' window, s (default: the opening time + {ABSENCE_MARGIN_S:g})",
     )
     parser.add_argument(
-        "--timer-grace", type=float, default=20.0, help="s to wait past the last deadline (20)"
+        "--timer-grace", type=float, default=10.0, help="s to wait past the last deadline (10)"
     )
     parser.add_argument(
         "--dispatcher-fetch-wait-ms",
