@@ -16,14 +16,15 @@ phases, each waiting for the worker to catch up (committed offsets) before the n
    limit). ``decision_p99_ms``: the decision's Kafka CreateTime minus the event time (events
    are stamped when produced). ``send_p99_ms``: the fake gateway's arrival time minus the event
    time, for the texted signups.
-2. **Timers** (``--episodes`` open episodes, default 1,000,000): ``bench_start`` events of
-   100,000 distinct users at ``--episode-rate`` (2,000/s), each opening an episode in each of
-   ``--episode-campaigns`` (10) absence campaigns: one with a window longer than the opening
-   (``--absence-s``, default the opening time + 5 s), so all are open when the first fires and
-   they come due at the rate they were opened, and nine held for an hour. The worker's own
-   ``nudgeflow_open_episodes`` is read before the first is due (``timer_open_episodes``); the
-   measured firings happen while 1,000,000 down to 900,000 are open.
-   ``timer_lateness_p99_s``: the decision's CreateTime minus (deadline + allowed lateness).
+2. **Timers** (about 1,000,000 open episodes): ``--timer-users`` distinct users (100,000) at
+   ``--episode-rate`` (2,000/s) each open an episode in each of ``--held-campaigns`` (10)
+   absence campaigns held for an hour, and 1 in ``--measured-every`` (2) of them also one in
+   the measured campaign, whose window is longer than the opening (``--absence-s``, default the
+   opening time + 5 s): all are open when the first fires, and the 50,000 measured ones come
+   due at the rate they were opened (1,000/s) while 1,050,000 down to 1,000,000 are open. The
+   worker's own ``nudgeflow_open_episodes`` is read before the first is due
+   (``timer_open_episodes``). ``timer_lateness_p99_s``: the decision's CreateTime minus
+   (deadline + allowed lateness).
 3. **Soak** (``--soak-rate`` new users/s for ``--soak-s``, default 5,000/s for 200 s = 1,000,000
    users): one page view per new user; with the 10 s TTL the number of live users levels off
    (phase 2's held episodes stay, unchanged, throughout). ``rss_growth``: the worker's RSS at
