@@ -22,8 +22,11 @@ same deterministic ids.
 
 States are encoded when a checkpoint takes them, not at every change (:class:`Deferred`): a
 user with several events between two checkpoints is encoded once (the worker's per-event cost,
-docs/performance.md). ``take`` encodes synchronously, while the caller holds the worker's lock,
-so what is written is exactly the state at the positions taken.
+docs/performance.md). What is written is exactly each state as it was at the positions taken:
+``take`` either encodes the buffer at once (while the caller holds the worker's lock) or, for
+the worker's checkpoints, only swaps it out (``encode=False``); the taken states are then
+encoded a chunk per turn of the event loop, and a step that reads one before its turn encodes
+it first (:meth:`Checkpointer.get`), before it can change it in place.
 
 A committed group offset, by contrast, can be ahead of the restored state, and then
 events are lost; that is the failure the chaos suite found with Faust's own commits.

@@ -127,7 +127,7 @@ def test_a_checkpoint_encoding_while_steps_go_on_writes_each_state_as_taken(
     written = taken[0][0]
     assert b"u0" not in written  # equal to the stored value: not written again
     assert len(written) == len(states)
-    for key, value in written.items():
+    for value in written.values():
         assert isinstance(value, bytes)
         assert UserState.from_bytes(unpack_state(value).state).seq == 1
     live = ck.get(0, b"u7")
