@@ -155,21 +155,19 @@ def _share(
 
 @contextmanager
 def _long_lived_heap() -> Iterator[None]:
-    """Fewer garbage collections while the states grow: what is loaded before (modules, the
-    campaigns) is frozen out of them, and the young generation is collected every
-    :data:`_YOUNG_COLLECTION` allocations instead of 700 (the states hold no reference cycles;
-    ADR 0034)."""
-    threshold = gc.get_threshold()
+    """No garbage collection while the states grow: the backtest makes no reference cycles
+    (``tests/unit/processors/test_backtest_gc.py``), so a collection would only walk the
+    states, again and again, to free nothing. What is loaded before (modules, the campaigns) is
+    frozen out of the collections that follow (ADR 0034)."""
+    enabled = gc.isenabled()
     gc.freeze()
-    gc.set_threshold(_YOUNG_COLLECTION, *threshold[1:])
+    gc.disable()
     try:
         yield
     finally:
-        gc.set_threshold(*threshold)
+        if enabled:
+            gc.enable()
         gc.unfreeze()
-
-
-_YOUNG_COLLECTION = 50_000
 
 
 def _owned(
