@@ -27,8 +27,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from processors.core.campaign import CampaignError, CampaignSet, load_campaigns
 from processors.core.decision import Decision, DecisionCancelled
 from processors.core.engine import Engine, UserState, flush_all
@@ -142,6 +140,8 @@ def _share(
     unreadable = errors if index == 0 else LineErrors(str(path), echo=None)
     rows: Iterable[tuple[int, dict[str, Any]]] = read_rows(path, unreadable)
     if progress and index == 0:
+        from tqdm import tqdm  # only for a terminal: not imported otherwise
+
         rows = tqdm(rows, desc="backtest", unit="line", file=sys.stderr)
     with _long_lived_heap():
         result = run_backtest(
