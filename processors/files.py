@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,29 +53,20 @@ def _is_utf8(*texts: str) -> bool:
     return True
 
 
-def _loads(text: str) -> Any:
-    """``json.loads``, the fast way: orjson first; whatever orjson refuses or would read
-    differently (bad JSON, NaN, integers beyond 64 bits, deep nesting) goes to ``json.loads``,
-    so results and error messages are the standard library's."""
-    try:
-        obj = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
-    # orjson reads an integer beyond 64 bits as a float; any float is read again (rare in events)
-    return json.loads(text) if _has_float(obj) else obj
-
-
 def _has_float(value: Any) -> bool:
-    if type(value) is dict:
-        return any(
-            type(v) is float or (type(v) in _NESTED and _has_float(v)) for v in value.values()
-        )
-    if type(value) is list:
-        return any(type(v) is float or (type(v) in _NESTED and _has_float(v)) for v in value)
-    return type(value) is float
-
-
-_NESTED = (dict, list)
+    """Does ``value`` hold a float, at any depth? (A loop, not ``any()``: once per line.)"""
+    kind = type(value)
+    if kind is dict:
+        items: Iterable[Any] = value.values()
+    elif kind is list:
+        items = value
+    else:
+        return kind is float
+    for item in items:
+        kind = type(item)
+        if kind is float or ((kind is dict or kind is list) and _has_float(item)):
+            return True
+    return False
 
 
 def read_rows(path: Path, errors: LineErrors) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -104,17 +95,28 @@ def read_rows(path: Path, errors: LineErrors) -> Iterator[tuple[int, dict[str, A
             text = raw.strip()
             if not text or text.startswith("#"):
                 continue
-            if not _is_utf8(text):
-                errors.add(number, "not valid UTF-8")
-                continue
+            # orjson first: it refuses text that is not UTF-8 (surrogate escapes), so its success
+            # spares that check. What it refuses or would read differently (bad JSON, NaN,
+            # integers beyond 64 bits, read as floats) the standard library reads, after the
+            # UTF-8 check: the same results and error messages as json.loads alone.
+            obj: Any = None
             try:
-                obj = _loads(text)
-            except json.JSONDecodeError as exc:
-                errors.add(number, f"not valid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            except RecursionError:
-                errors.add(number, "not valid JSON (nested too deeply)")
-                continue
+                obj = orjson.loads(text)
+                exact = not _has_float(obj)  # floats are rare in events: read them again
+            except orjson.JSONDecodeError:
+                exact = False
+                if not _is_utf8(text):
+                    errors.add(number, "not valid UTF-8")
+                    continue
+            if not exact:
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    errors.add(number, f"not valid JSON ({exc.msg} at column {exc.colno})")
+                    continue
+                except RecursionError:
+                    errors.add(number, "not valid JSON (nested too deeply)")
+                    continue
             if not isinstance(obj, dict):
                 errors.add(number, "not a JSON object")
                 continue

@@ -12,6 +12,7 @@ results: the same answers as one process, in the same order.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing
 import os
@@ -20,12 +21,11 @@ import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-from tqdm import tqdm
 
 from processors.core.campaign import CampaignError, CampaignSet, load_campaigns
 from processors.core.decision import Decision, DecisionCancelled
@@ -140,14 +140,34 @@ def _share(
     unreadable = errors if index == 0 else LineErrors(str(path), echo=None)
     rows: Iterable[tuple[int, dict[str, Any]]] = read_rows(path, unreadable)
     if progress and index == 0:
+        from tqdm import tqdm  # only for a terminal: not imported otherwise
+
         rows = tqdm(rows, desc="backtest", unit="line", file=sys.stderr)
-    result = run_backtest(
-        _owned(rows, is_csv(path), index, workers, errors),
-        campaigns,
-        allowed_lateness_ms=lateness_ms,
-    )
+    with _long_lived_heap():
+        result = run_backtest(
+            _owned(rows, is_csv(path), index, workers, errors),
+            campaigns,
+            allowed_lateness_ms=lateness_ms,
+        )
     result.bad = sorted(errors.errors)
     return result
+
+
+@contextmanager
+def _long_lived_heap() -> Iterator[None]:
+    """No garbage collection while the states grow: the backtest makes no reference cycles
+    (``tests/unit/processors/test_backtest_gc.py``), so a collection would only walk the
+    states, again and again, to free nothing. What is loaded before (modules, the campaigns) is
+    frozen out of the collections that follow (ADR 0034)."""
+    enabled = gc.isenabled()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        gc.unfreeze()
 
 
 def _owned(
@@ -221,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
         args.campaigns,
         allowed_lateness_ms=int(settings.allowed_lateness_s * 1000),
         workers=args.workers or default_workers(),
-        progress=True,
+        progress=sys.stderr.isatty(),  # a bar is for a person watching, not for a log file
     )
     if args.out:
         with args.out.open("w", encoding="utf-8") as fh:

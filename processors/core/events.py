@@ -198,7 +198,19 @@ def _properties(raw: Any) -> dict[str, str]:
 
 
 def parse_event(obj: Any) -> ClickEvent:
-    """Canonical JSON object -> validated ``ClickEvent`` (raises ``EventError``)."""
+    """Canonical JSON object -> validated ``ClickEvent`` (raises ``EventError``). The same
+    result or error as :func:`parse_any_event`, whose shortcut for the commonest records it
+    takes first (``tests/unit/core/test_event_parsing.py``)."""
+    if type(obj) is dict:
+        event = _plain_event(obj)
+        if event is not None:
+            return validate(event)
+    return parse_any_event(obj)
+
+
+def parse_any_event(obj: Any) -> ClickEvent:
+    """The reference reading of a record: every accepted form (numbers as ids, epoch or ISO
+    ``ts`` with any zone, number and boolean properties, a derived ``event_id``)."""
     if not isinstance(obj, dict):
         raise EventError("not_an_object", "each line must be a JSON object")
     ts_raw = obj.get("ts")
@@ -214,6 +226,54 @@ def parse_event(obj: Any) -> ClickEvent:
         properties=_properties(obj.get("properties")),
     )
     return validate(event)
+
+
+def _plain_event(obj: dict[str, Any]) -> ClickEvent | None:
+    """The event of the commonest record (string ids, ISO ``...Z`` or integer ``ts``, string
+    properties), unvalidated, as :func:`parse_event`'s general path would build it; None for
+    any other record, which that path then reads (and rejects with its reason)."""
+    event_id = obj.get("event_id")
+    user_id = obj.get("user_id")
+    event_type = obj.get("event_type")
+    session_id = obj.get("session_id")
+    ts_raw = obj.get("ts")
+    raw = obj.get("properties")
+    if not (
+        type(event_id) is str
+        and event_id
+        and type(user_id) is str
+        and user_id
+        and type(event_type) is str
+        and event_type
+    ):
+        return None
+    if session_id == "":
+        session_id = None
+    elif session_id is not None and type(session_id) is not str:
+        return None
+    properties: dict[str, str]
+    if raw is None:
+        properties = {}
+    elif type(raw) is dict:
+        for key, value in raw.items():
+            if type(value) is not str or type(key) is not str:
+                return None
+        properties = dict(raw)
+    else:
+        return None
+    if type(ts_raw) is int:
+        ts = ts_raw
+    elif type(ts_raw) is str and ts_raw.endswith("Z"):
+        try:
+            dt = datetime.fromisoformat(ts_raw.strip()[:-1] + "+00:00")
+        except ValueError:
+            return None
+        if dt.tzinfo is None:
+            return None
+        ts = round(dt.timestamp() * 1000)
+    else:
+        return None
+    return make_event(event_id, user_id, event_type, ts, session_id, properties)
 
 
 CSV_COLUMNS = ("event_id", "user_id", "event_type", "ts", "session_id")

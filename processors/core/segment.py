@@ -27,15 +27,19 @@ DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class HourCount:
     """Events in one hour (epoch hours)."""
 
     hour: int
     count: int
 
+    def __init__(self, hour: int, count: int) -> None:
+        self.hour = hour
+        self.count = count
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class Facts:
     """The journey facts of one user, folded from every event (:func:`observe`)."""
 
@@ -46,6 +50,24 @@ class Facts:
     recent: list[HourCount] = field(default_factory=list)  # the last 24 h, oldest first
     session_id: str | None = None
     session_intent: int = 0  # intent events in that session
+
+    def __init__(
+        self,
+        purchases: int = 0,
+        first_seen: int | None = None,
+        last_seen: int | None = None,
+        last_purchase: int | None = None,
+        recent: list[HourCount] | None = None,
+        session_id: str | None = None,
+        session_intent: int = 0,
+    ) -> None:
+        self.purchases = purchases
+        self.first_seen = first_seen
+        self.last_seen = last_seen
+        self.last_purchase = last_purchase
+        self.recent = [] if recent is None else recent
+        self.session_id = session_id
+        self.session_intent = session_intent
 
     def clone(self) -> Facts:
         return Facts(

@@ -33,7 +33,7 @@ MAX_TRIGGER_IDS = 10  # trigger_event_ids kept per decision: the first and the m
 MAX_GROUPS = 64  # repeat: distinct group_by values tracked per user and campaign
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Episode:
     """An absence trigger's open episode: the first start event, the deadline, the most recent
     event ids (:data:`MAX_TRIGGER_IDS`), the properties of the most recent start event (never
@@ -45,6 +45,22 @@ class Episode:
     ids: list[str]
     props: dict[str, str]
     gap: int | None
+
+    def __init__(
+        self,
+        first_id: str,
+        first_ts: int,
+        deadline: int,
+        ids: list[str],
+        props: dict[str, str],
+        gap: int | None,
+    ) -> None:
+        self.first_id = first_id
+        self.first_ts = first_ts
+        self.deadline = deadline
+        self.ids = ids
+        self.props = props
+        self.gap = gap
 
     def clone(self) -> Episode:
         return Episode(self.first_id, self.first_ts, self.deadline, list(self.ids), self.props,
@@ -79,7 +95,7 @@ class Sighting:
     event_id: str
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class CampaignState:
     """One user's state for one campaign; each machine uses its own fields, the others stay empty.
 
@@ -94,6 +110,22 @@ class CampaignState:
     group_fired: dict[str, int] = field(default_factory=dict)
     last_scheduled: int | None = None
     pending: list[Pending] = field(default_factory=list)
+
+    def __init__(
+        self,
+        episode: Episode | None = None,
+        fired: list[Fired] | None = None,
+        groups: dict[str, list[Sighting]] | None = None,
+        group_fired: dict[str, int] | None = None,
+        last_scheduled: int | None = None,
+        pending: list[Pending] | None = None,
+    ) -> None:
+        self.episode = episode
+        self.fired = [] if fired is None else fired
+        self.groups = {} if groups is None else groups
+        self.group_fired = {} if group_fired is None else group_fired
+        self.last_scheduled = last_scheduled
+        self.pending = [] if pending is None else pending
 
     def clone(self) -> CampaignState:
         """A copy sharing only immutable parts."""
@@ -132,7 +164,7 @@ class CampaignState:
         return first
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Fire:
     """A trigger firing; the engine turns it into a ``Decision``."""
 
@@ -144,6 +176,26 @@ class Fire:
     gap_ms: int | None = None  # inactivity before the triggering event (journey stage)
     immediate: bool = False  # decided by an event at its own ts (not by a timer)
     extra: dict[str, str] = field(default_factory=dict)
+
+    def __init__(
+        self,
+        key_event_id: str,
+        fire_at: int,
+        trigger_ts: int,
+        event_ids: list[str],
+        properties: dict[str, str],
+        gap_ms: int | None = None,
+        immediate: bool = False,
+        extra: dict[str, str] | None = None,
+    ) -> None:
+        self.key_event_id = key_event_id
+        self.fire_at = fire_at
+        self.trigger_ts = trigger_ts
+        self.event_ids = event_ids
+        self.properties = properties
+        self.gap_ms = gap_ms
+        self.immediate = immediate
+        self.extra = {} if extra is None else extra
 
 
 def _matches(where: dict[str, str], event: ClickEvent) -> bool:

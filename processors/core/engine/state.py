@@ -19,7 +19,7 @@ from processors.core.trigger import CampaignState
 NEVER = -(2**62)  # a watermark or timestamp before every event
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Core:
     """Journey facts, the state of every campaign that holds any, and each campaign's next
     timer (``deadlines``, kept equal to ``CampaignState.next_deadline`` so timers are found
@@ -28,6 +28,16 @@ class Core:
     facts: Facts = field(default_factory=Facts)
     campaigns: dict[str, CampaignState] = field(default_factory=dict)
     deadlines: dict[str, int] = field(default_factory=dict)
+
+    def __init__(
+        self,
+        facts: Facts | None = None,
+        campaigns: dict[str, CampaignState] | None = None,
+        deadlines: dict[str, int] | None = None,
+    ) -> None:
+        self.facts = Facts() if facts is None else facts
+        self.campaigns = {} if campaigns is None else campaigns
+        self.deadlines = {} if deadlines is None else deadlines
 
     def clone(self) -> Core:
         """A deep copy (immutable parts shared)."""
@@ -42,7 +52,7 @@ class Core:
         return self.facts.last_seen is None and not self.campaigns and not self.deadlines
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class TailEntry:
     """An accepted event not yet committed; ``seq`` orders events of equal ts by arrival."""
 
@@ -50,8 +60,13 @@ class TailEntry:
     seq: int
     event: ClickEvent
 
+    def __init__(self, ts: int, seq: int, event: ClickEvent) -> None:
+        self.ts = ts
+        self.seq = seq
+        self.event = event
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class Speculation:
     """A decision (or exit) emitted from the head and not yet committed: its campaign, and the
     decision's trigger ts (the exit's ts)."""
@@ -59,8 +74,12 @@ class Speculation:
     campaign_id: str
     at: int
 
+    def __init__(self, campaign_id: str, at: int) -> None:
+        self.campaign_id = campaign_id
+        self.at = at
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class UserState:
     user_id: str
     wm: int = NEVER  # committed watermark
@@ -78,6 +97,30 @@ class UserState:
     # a cancellation, an audience filter), so committing the whole tail can take the head
     # instead of replaying the tail (Engine._commit).
     quiet: bool = field(default=False, compare=False, repr=False)
+
+    def __init__(
+        self,
+        user_id: str,
+        wm: int = NEVER,
+        max_ts: int = NEVER,
+        seq: int = 0,
+        committed: Core | None = None,
+        head: Core | None = None,
+        tail: list[TailEntry] | None = None,
+        seen: dict[str, int] | None = None,
+        spec: dict[str, Speculation] | None = None,
+        quiet: bool = False,
+    ) -> None:
+        self.user_id = user_id
+        self.wm = wm
+        self.max_ts = max_ts
+        self.seq = seq
+        self.committed = Core() if committed is None else committed
+        self.head = head
+        self.tail = [] if tail is None else tail
+        self.seen = {} if seen is None else seen
+        self.spec = {} if spec is None else spec
+        self.quiet = quiet
 
     def open_campaigns(self) -> list[str]:
         """Campaigns with a pending timer (an open episode or a delayed firing) once the tail is
@@ -99,7 +142,7 @@ class UserState:
         return decode_state(data)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Step:
     """What one engine call produced. ``state`` None means: delete the user's state."""
 
@@ -109,3 +152,19 @@ class Step:
     rejected: list[tuple[ClickEvent, str]] = field(default_factory=list)
     filtered: list[tuple[str, str]] = field(default_factory=list)  # (campaign, reason)
     wake_at: int | None = None
+
+    def __init__(
+        self,
+        state: UserState | None,
+        decisions: list[Decision] | None = None,
+        cancellations: list[DecisionCancelled] | None = None,
+        rejected: list[tuple[ClickEvent, str]] | None = None,
+        filtered: list[tuple[str, str]] | None = None,
+        wake_at: int | None = None,
+    ) -> None:
+        self.state = state
+        self.decisions = [] if decisions is None else decisions
+        self.cancellations = [] if cancellations is None else cancellations
+        self.rejected = [] if rejected is None else rejected
+        self.filtered = [] if filtered is None else filtered
+        self.wake_at = wake_at

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from processors.core.events import parse_event
-from processors.files import LineErrors, read_events
+from processors.files import LineErrors, read_events, read_rows
 
 
 def test_jsonl_bad_lines_are_reported_by_number_and_skipped(tmp_path: Path) -> None:
@@ -63,3 +68,82 @@ def test_missing_event_id_is_derived_stably_from_content() -> None:
     c = parse_event({"user_id": "u1", "event_type": "v", "ts": 1710325412001, "properties": {}})
     assert a.event_id == b.event_id != c.event_id
     assert a.event_id.startswith("h-")
+
+
+def reference_rows(path: Path) -> tuple[list[tuple[int, Any]], list[tuple[int, str]]]:
+    """JSON Lines read with the standard library alone: what ``read_rows`` must yield."""
+    rows: list[tuple[int, Any]] = []
+    bad: list[tuple[int, str]] = []
+    with path.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        for number, raw in enumerate(fh, start=1):
+            text = raw.strip()
+            if not text or text.startswith("#"):
+                continue
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                bad.append((number, "not valid UTF-8"))
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                bad.append((number, f"not valid JSON ({exc.msg} at column {exc.colno})"))
+                continue
+            except RecursionError:
+                bad.append((number, "not valid JSON (nested too deeply)"))
+                continue
+            if not isinstance(obj, dict):
+                bad.append((number, "not a JSON object"))
+                continue
+            rows.append((number, obj))
+    return rows, bad
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(max_size=4)
+    | st.sampled_from(["2024-03-13T10:23:32.617Z", "\u2028", "\ufeff"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=8,
+)
+LINES = st.one_of(
+    JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+    st.dictionaries(st.text(max_size=3), JSON_VALUES, max_size=4).map(
+        lambda v: json.dumps(v, ensure_ascii=False).encode()
+    ),
+    st.sampled_from(
+        [
+            b"{not json",
+            b'{"a": NaN}',
+            b'{"a": 1e400}',
+            b'{"a": "\xff\xfe"}',
+            b'{"a": "\xff"}',
+            b'{"a": 1} x',
+            b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]"
+            b"]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]",
+            b'{"a": 123456789012345678901234567890}',
+            b'{"a": 1.0, "b": {"c": [2.5]}}',
+            b"# a comment",
+            b"   ",
+            b"\xef\xbb\xbf{}",
+            b'{"a": "x"}\r',
+        ]
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(LINES, max_size=6))
+def test_json_lines_are_read_as_the_standard_library_reads_them(lines: list[bytes]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "events.jsonl"
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        errors = LineErrors(str(path), echo=None)
+        rows = list(read_rows(path, errors))
+        expected, bad = reference_rows(path)
+        assert errors.errors == bad
+        # the same values of the same types (an integer is not read as a float; NaN is NaN)
+        assert [(n, repr(obj)) for n, obj in rows] == [(n, repr(obj)) for n, obj in expected]
