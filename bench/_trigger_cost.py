@@ -1,7 +1,7 @@
 """CPU per clickstream event of the trigger worker's parts, in process (no broker, no Redis).
 
-``python bench/_trigger_cost.py [--events N] [--users N] [--reps N]`` prints ``key=value`` lines,
-each the best of ``--reps`` CPU times per event over the same simulated records
+``python bench/_trigger_cost.py [--events N] [--users N] [--reps N] [--only NAMES]`` prints
+``key=value`` lines, each the best of ``--reps`` CPU times per event over the same simulated records
 (``processors.simulate.generate``, encoded in the wire format):
 
 * ``decode_us``: ``Codec.decode`` alone: what the raw baseline of ``trigger_throughput.py`` pays
@@ -13,6 +13,8 @@ each the best of ``--reps`` CPU times per event over the same simulated records
   applied) every ``--checkpoint-every`` records, the producer a no-op;
 * ``floor_us``: the same with ``Engine.on_event`` replaced by a stand-in that keeps an empty state:
   what the worker costs besides the engine and the engine's state;
+* ``worker_checkpoint_us``, ``floor_checkpoint_us``: the part of the last replay's CPU spent in
+  the checkpoints (taking the buffer, encoding the states, writing, applying to the store);
 * ``engine_share``: ``1 - floor_us / worker_us``.
 
 Why this exists (docs/performance.md "What bounds the ratio"): the throughput target compares
@@ -36,7 +38,7 @@ from typing import Any
 # appended: a compiled build on PYTHONPATH (make bench) comes first
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 
-from processors.core.engine import Engine, Step, UserState  # noqa: E402
+from processors.core.engine import Step, UserState  # noqa: E402
 from processors.core.events import ClickEvent  # noqa: E402
 from processors.settings import Settings  # noqa: E402
 from processors.simulate import generate  # noqa: E402
@@ -100,15 +102,20 @@ class OwnedPartitions:
         return None
 
 
-def _stand_in(self: Engine, state: UserState | None, event: ClickEvent, *_: Any) -> Step:
-    """``Engine.on_event`` for ``floor_us``: keeps an (almost) empty state, decides nothing."""
-    st = state if state is not None else UserState(event.user_id)
-    st.seq += 1
-    if event.ts > st.max_ts:
-        st.max_ts = event.ts
-    step = Step(st)
-    step.wake_at = st.max_ts + 1
-    return step
+class StandIn:
+    """``Engine`` for ``floor_us``: keeps an (almost) empty state, decides nothing."""
+
+    def on_event(self, state: UserState | None, event: ClickEvent, *_: Any) -> Step:
+        st = state if state is not None else UserState(event.user_id)
+        st.seq += 1
+        if event.ts > st.max_ts:
+            st.max_ts = event.ts
+        step = Step(st)
+        step.wake_at = st.max_ts + 1
+        return step
+
+    def on_time(self, state: UserState, watermark_ms: int) -> Step:
+        return Step(state)
 
 
 def best_cpu_us(run: Callable[[], object], events: int, reps: int) -> float:
@@ -126,6 +133,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--checkpoint-every", type=int, default=8_000)
+    parser.add_argument(
+        "--only", default="", help="comma-separated figures to measure (default: all)"
+    )
     args = parser.parse_args(None if argv is None else list(argv))
 
     from streams.worker import build
@@ -151,15 +161,23 @@ def main(argv: Iterable[str] | None = None) -> int:
         reader.owned = set(range(PARTITIONS))
         reader.positions = dict.fromkeys(range(PARTITIONS), 0)
 
+    spent = [0.0]  # CPU seconds in checkpoints during the last replay
+
+    async def checkpoint() -> None:
+        started = time.process_time()
+        await checkpointer.checkpoint()
+        spent[0] += time.process_time() - started
+
     async def replay() -> None:
         since = 0
+        spent[0] = 0.0
         for start in range(0, len(records), BATCH):
             await shell.pipeline.process(records[start : start + BATCH])  # type: ignore[arg-type]
             since += BATCH
             if since >= args.checkpoint_every:
                 since = 0
-                await checkpointer.checkpoint()
-        await checkpointer.checkpoint()
+                await checkpoint()
+        await checkpoint()
 
     loop = asyncio.new_event_loop()
 
@@ -190,26 +208,35 @@ def main(argv: Iterable[str] | None = None) -> int:
             else:
                 states[click.user_id] = step.state
 
+    from streams.pipeline import GC_THRESHOLDS
+
     gc.collect()
     gc.freeze()  # as the worker does after start-up (streams/pipeline.py)
+    gc.set_threshold(*GC_THRESHOLDS)
     n = len(records)
-    figures = {
-        "decode_us": best_cpu_us(decode_all, n, args.reps),
-        "intake_us": best_cpu_us(intake_all, n, args.reps),
-        "engine_us": best_cpu_us(engine_all, n, args.reps),
-        "worker_us": best_cpu_us(worker, n, args.reps),
-    }
+    only = set(filter(None, args.only.split(",")))
+    runs = {"decode_us": decode_all, "intake_us": intake_all, "engine_us": engine_all}
+    runs["worker_us"] = worker
+    figures: dict[str, float] = {}
+    for name, run in runs.items():
+        if not only or name.removesuffix("_us") in only:
+            figures[name] = best_cpu_us(run, n, args.reps)
+            if name == "worker_us":
+                figures["worker_checkpoint_us"] = spent[0] / n * 1e6
     decisions = shell.stats.decisions
-    real_on_event = Engine.on_event
-    Engine.on_event = _stand_in  # type: ignore[method-assign,assignment]
-    try:
-        figures["floor_us"] = best_cpu_us(worker, n, args.reps)
-    finally:
-        Engine.on_event = real_on_event  # type: ignore[method-assign]
+    if not only or "floor" in only:
+        shell.steps.engine = StandIn()
+        try:
+            figures["floor_us"] = best_cpu_us(worker, n, args.reps)
+            figures["floor_checkpoint_us"] = spent[0] / n * 1e6
+        finally:
+            shell.steps.engine = engine
     for key, value in figures.items():
         print(f"{key}={value:.1f}")
-    print(f"engine_share={1 - figures['floor_us'] / figures['worker_us']:.2f}")
+    if "floor_us" in figures and "worker_us" in figures:
+        print(f"engine_share={1 - figures['floor_us'] / figures['worker_us']:.2f}")
     print(f"events={n} decisions_per_replay={decisions // args.reps}")
+    print(f"cache_hits={shell.users.cache.hits} cache_misses={shell.users.cache.misses}")
     return 0
 
 

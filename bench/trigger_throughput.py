@@ -559,12 +559,15 @@ def peer_rate(
         "--state-dir", str(workdir / "state"), "--partitions", str(settings.partitions),
         "--result", str(workdir / "result.json"),
     ]  # fmt: skip
+    # A peer imports its neighbour module (bench/peers/shared.py) from the script's directory,
+    # which PYTHONSAFEPATH (make bench's compiled build) would keep off its path.
+    peer_env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
     log = workdir / "peer.log"
     with log.open("wb") as err:
         try:
             subprocess.run(
                 argv, cwd=workdir, stdout=err, stderr=subprocess.STDOUT, timeout=timeout_s,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL, env=peer_env,
             )  # fmt: skip
         except subprocess.TimeoutExpired:
             raise BenchError(f"peer {name} did not finish in {timeout_s:.0f} s") from None

@@ -30,6 +30,12 @@ MODULES = [
     "processors/core/trigger.py",
     "processors/core/segment.py",
     "streams/intake.py",
+    "streams/pipeline.py",
+    "streams/steps.py",
+    "streams/episodes.py",
+    "streams/state/users.py",
+    "streams/state/cache.py",
+    "streams/state/checkpoint.py",
 ]
 PACKAGES = ["processors", "streams", "schemas"]
 LINKED = ["examples", "deploy"]  # read through REPO_ROOT (campaigns, the broker's pom)

@@ -328,6 +328,18 @@ class PartitionedGauge:
             if owned:
                 self._publish(old ^ new)
 
+    def add(self, partition: int, deltas: Mapping[str, int]) -> None:
+        """Add ``deltas`` (label -> users in minus users out) to ``partition``'s counts: many
+        :meth:`change` calls in one update."""
+        with self._lock:
+            counts = self.counts.get(partition)
+            if counts is None:
+                counts = self.counts[partition] = Tally()
+            counts.update(deltas)
+            if partition in self.owned:
+                self._totals.update(deltas)
+                self._publish([label for label, n in deltas.items() if n])
+
     def value(self, label: str) -> int:
         return self._totals[label]
 

@@ -138,7 +138,12 @@ class TriggerShell:
         app.timer(RECONCILE_INTERVAL_S, name="nudgeflow.reconcile")(self.assignment.reconcile)
         self.watchdog = Watchdog(app, settings.worker_stall_timeout_s)
         app.timer(BEAT_INTERVAL_S, name="nudgeflow.watchdog")(self.watchdog.beat)
-        app.task(self.pipeline.run)
+        pipeline = self.pipeline
+
+        async def read() -> None:  # a plain function: Faust reads the signature of a task,
+            await pipeline.run()  # which a compiled method does not have
+
+        app.task(read)
         app.on_rebalance_complete.connect(self.assignment.on_rebalance_complete)  # type: ignore[arg-type]
         hooks = getattr(app, "nudgeflow_hooks", None)
         if hooks is not None:  # streams.app.WorkerApp: run before Faust's own revoke/stop

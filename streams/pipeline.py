@@ -106,16 +106,18 @@ class Pipeline:
 
     async def process(self, msgs: list[Message]) -> None:
         """One batch, in order (the caller holds the worker's lock). The hot path of the worker:
-        locals instead of attribute lookups, positions handed to the checkpointer once per
-        partition per batch (no checkpoint can start while the caller holds the lock)."""
+        locals instead of attribute lookups; per batch, not per record, the count of events by
+        type (metric labels) and the positions handed to the checkpointer (no checkpoint can
+        start while the caller holds the lock); the reader's positions are up to date at every
+        ``await``."""
         reader = self.clients.reader
         owned, positions = reader.owned, reader.positions
-        consumed: dict[str, int] = {}
-        vocabulary = self.vocabulary
+        by_type: dict[str, int] = {}  # event type -> events (the label is chosen per batch)
+        ends: dict[int, int] = {}  # partition -> next offset, not yet in ``positions``
         codec = self.codec
-        send, dead, on_click = self.emitter.send, self.emitter.dead, self.steps.on_click
-        stats = self.stats
+        send, dead, steps = self.emitter.send, self.emitter.dead, self.steps
         touched: set[int] = set()
+        events = 0
         countdown = YIELD_EVERY
         try:
             for msg in msgs:
@@ -126,45 +128,59 @@ class Pipeline:
                 if partition not in owned:
                     continue  # fetched just before the partition was released
                 offset: int = msg.offset() or 0
-                if offset < (positions.get(partition) or 0):
+                end = ends.get(partition)
+                if end is None:
+                    end = positions.get(partition) or 0
+                if offset < end:
                     continue  # already applied (a replaced reader's last batch)
                 key, value, headers = msg.key(), msg.value() or b"", msg.headers()
                 try:
                     got = intake(codec, key, value, headers)
                 except Exception:  # a registry outage, never bad data: wait for it
+                    positions.update(ends)
                     got = await self._intake(key, value, headers)
                 if type(got) is ClickEvent:
-                    stats.events += 1
+                    events += 1
                     event_type = got.event_type
-                    label = event_type if event_type in vocabulary else metrics.OTHER
-                    consumed[label] = consumed.get(label, 0) + 1
-                    out = on_click(got, key, value, Where(partition, offset))
+                    by_type[event_type] = by_type.get(event_type, 0) + 1
+                    # ``key`` is ``got.user_id`` encoded (intake checked it)
+                    out = steps.on_click(got, key, value, partition, offset)  # type: ignore[arg-type]
                     if out:
                         send(out)
                 elif isinstance(got, EndOfInput):
+                    positions.update(ends)
                     await self.ticks.flush_partition(partition)
                 elif isinstance(got, Rejected):
                     where = Where(partition, offset)
                     if not got.control:
-                        stats.events += 1
+                        events += 1
                         click = got.event
-                        label = metrics.OTHER
-                        if click is not None:
-                            label = metrics.event_type_label(click.event_type, vocabulary)
-                        consumed[label] = consumed.get(label, 0) + 1
+                        label = metrics.OTHER if click is None else click.event_type
+                        by_type[label] = by_type.get(label, 0) + 1
                     send([dead(key, value, got.reason, got.detail, where)])
-                positions[partition] = offset + 1
-                touched.add(partition)
+                ends[partition] = offset + 1
                 countdown -= 1
                 if not countdown:
                     countdown = YIELD_EVERY
+                    positions.update(ends)
+                    touched.update(ends)
+                    ends.clear()
                     await asyncio.sleep(0)
         finally:
+            positions.update(ends)
+            touched.update(ends)
+            self.stats.events += events
             advance = self.clients.checkpointer.advance
             for partition in touched:
                 advance(partition, positions[partition] or 0)  # set above: never None
+            consumed: dict[str, int] = {}
+            vocabulary = self.vocabulary
+            for event_type, n in by_type.items():
+                label = metrics.event_type_label(event_type, vocabulary)
+                consumed[label] = consumed.get(label, 0) + n
             for label, n in consumed.items():
                 metrics.EVENTS_CONSUMED.labels(label).inc(n)
+            steps.episodes.publish()
 
     async def _intake(self, key: bytes | None, value: bytes | None, headers: Any) -> Intake:
         """:func:`streams.intake.intake`; bad data comes back as ``Rejected``, so whatever it

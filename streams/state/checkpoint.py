@@ -314,20 +314,43 @@ class Checkpointer:
         except BaseException:
             self.put_back(taken)  # the caller normally stops the worker
             raise
-        records: list[_Record] = []  # applied at once: reads of these keys must see them
+        applied: dict[int, dict[bytes, bytes | None]] = {}
         for p in set(batch) | set(positions):
-            tp = TP(self.changelog_topic, p)
-            offset = delivered.get(p, 0)
-            items_p = list(batch.get(p, {}).items())
+            items_p = dict(batch.get(p, {}))
             if p in positions:
-                items_p.append((position_key(p), encode_position(positions[p])))
+                items_p[position_key(p)] = encode_position(positions[p])
                 self._last[p] = positions[p]
-            records.extend(_Record(k, v, p, offset, tp) for k, v in items_p)
+            applied[p] = items_p
             self.records_written += len(items_p)
-        self.store.apply_changelog_batch(records, _same, _same)  # 4.
+        self._apply(applied, delivered)  # 4.
         self._writing = {}
         self.checkpoints += 1
         return positions
+
+    def _apply(
+        self, applied: dict[int, dict[bytes, bytes | None]], delivered: dict[int, int]
+    ) -> None:
+        """Apply written records to the store as Faust's recovery would (None deletes). Faust's
+        in-memory store is a dict plus a key -> partition map: updated in bulk, not through one
+        changelog event object per record."""
+        store = self.store
+        data = getattr(store, "data", None)
+        key_partition = getattr(store, "_key_partition", None)
+        if isinstance(store, MemoryStore) and type(data) is dict and type(key_partition) is dict:
+            for p, items in applied.items():
+                data.update(items)
+                key_partition.update(dict.fromkeys(items, p))
+                for key, value in items.items():
+                    if value is None:
+                        del data[key]
+                        del key_partition[key]
+            return
+        records: list[_Record] = []
+        for p, items in applied.items():
+            tp = TP(self.changelog_topic, p)
+            offset = delivered.get(p, 0)
+            records.extend(_Record(k, v, p, offset, tp) for k, v in items.items())
+        store.apply_changelog_batch(records, _same, _same)
 
     async def checkpoint(self) -> dict[int, int]:
         """:meth:`take` + :meth:`write` in one go (the caller keeps processing stopped)."""

@@ -54,11 +54,24 @@ class UserStates:
         partition: int,
         step: Step,
         previous: Any,
+        *,
+        indexed: bool = False,
     ) -> None:
         """Buffer the user's new state (None = delete) as a :class:`LiveState`, encoded by the
-        next checkpoint (``previous``: what the buffer or store held before the step)."""
-        timers = self.timers.partition(partition)  # build the index before changing the table
+        next checkpoint (``previous``: what the buffer or store held before the step).
+        ``indexed``: the timer index still holds the user's wake-up from before the step (an
+        event; not a move of time, which takes the user out of it): when the state was already
+        buffered with that same wake-up, nothing is left to do."""
         state = step.state
+        if (
+            indexed
+            and type(previous) is LiveState
+            and previous.state is state
+            and previous.wake_at == step.wake_at
+            and self.timers.built
+        ):
+            return
+        timers = self.timers.partition(partition)  # build the index before changing the table
         if state is None:
             if previous is not None:
                 self.clients.checkpointer.put(partition, user_key, None)

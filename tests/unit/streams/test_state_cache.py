@@ -175,7 +175,6 @@ def test_a_checkpoint_not_written_keeps_every_change_for_reads_and_the_next_one(
 def test_a_failed_step_puts_the_user_back_at_the_last_checkpoint(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch, bootstrap: str
 ) -> None:
-    from streams.steps import Where
     from streams.worker import build
 
     settings = Settings.load(
@@ -194,7 +193,7 @@ def test_a_failed_step_puts_the_user_back_at_the_last_checkpoint(
         return ClickEvent(eid, "u1", "page_view", ts, "s1", {})
 
     def send(ev: ClickEvent, offset: int) -> Any:
-        return shell.steps.on_click(ev, b"u1", b"raw", Where(0, offset))
+        return shell.steps.on_click(ev, b"u1", b"raw", 0, offset)
 
     send(click("e1", T0), 0)
     taken = shell.clients.checkpointer.take()  # a checkpoint: e1 is in the store
