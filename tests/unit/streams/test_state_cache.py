@@ -221,6 +221,7 @@ def test_a_failed_step_puts_the_user_back_at_the_last_checkpoint(
     send(click("e3", T0 + 2000), 3)  # the next event starts from there
     state = shell.users.load(b"u1", shell.clients.checkpointer.get(0, b"u1"))
     assert state is not None and set(state.seen) == {"e1", "e3"}
-    shell.clients.reader.close()
-    # The Faust app keeps the shell: drop its producer.
+    shell.clients.close()  # the reader stops; what the producer holds is delivered
+    # The Faust app keeps the shell: drop its producer (the steps hold the checkpointer too).
     shell.clients._output = shell.clients._checkpointer = None
+    shell.steps._checkpointer = None
