@@ -1,6 +1,6 @@
 # NudgeFlow developer tasks (GNU make). Works on a fresh Debian/Ubuntu machine with Python >= 3.11.
 #   make test [PYTEST_ARGS=...]   unit + integration tests (embedded Apache Kafka + redis-server)
-#   make test-long                the multi-process end-to-end runs (quick chaos, scaling; CI runs them)
+#   make test-long                multi-process end-to-end runs and compiled-build checks (CI runs them)
 #   make chaos [PYTEST_ARGS=...]  the fault-injection suite (~18-20 min; docs/chaos.md)
 #   make demo [DEMO_ARGS=...]     the whole pipeline on the embedded stack
 #   make compiled                 the mypyc build of the engine in build/compiled (make bench uses it)

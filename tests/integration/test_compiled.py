@@ -60,6 +60,7 @@ def test_the_compiled_modules_are_the_ones_imported() -> None:
     assert all(p.suffix == ".so" and COMPILED in p.parents for p in paths), paths
 
 
+@pytest.mark.long  # ~30 s / ~10 s: make test-long (CI runs it after make test)
 def test_the_oracle_and_property_checks_pass_on_the_compiled_build() -> None:
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=append",
@@ -96,6 +97,7 @@ def test_compiled_and_interpreted_builds_agree() -> None:
     assert compiled["states"] == interpreted["states"]
 
 
+@pytest.mark.long  # ~30 s / ~10 s: make test-long (CI runs it after make test)
 def test_the_compiled_worker_path_produces_what_the_interpreted_one_does() -> None:
     script = (
         "import json, sys; sys.path.append(sys.argv[1]); "
