@@ -79,10 +79,13 @@ class Deferred(Protocol):
 
 
 Value = bytes | Deferred | None  # None: delete the key
+Taken = tuple[dict[int, dict[bytes, Value]], dict[int, int], int]
+"""What :meth:`Checkpointer.take` took: values by partition (deferred ones until
+:meth:`Checkpointer.encode_taken`), positions, the output barrier."""
 
 
 def _encoded(value: Value) -> bytes | None:
-    return value if value is None or type(value) is bytes else value.encode()  # type: ignore[union-attr]
+    return value if value is None or type(value) is bytes else cast(Deferred, value).encode()
 
 
 @dataclass(slots=True)
@@ -119,7 +122,7 @@ class Checkpointer:
         self.output = output
         self.changelog_topic = changelog_topic
         self._dirty: dict[int, dict[bytes, Value]] = {}
-        self._writing: dict[int, dict[bytes, bytes | None]] = {}
+        self._writing: dict[int, dict[bytes, Value]] = {}
         self._positions: dict[int, int] = {}  # partition -> next offset, not yet checkpointed
         self._last: dict[int, int] = {}  # partition -> last position written
         self.checkpoints = 0
@@ -180,7 +183,7 @@ class Checkpointer:
 
     def buffered(self) -> Iterator[tuple[bytes, bytes | None]]:
         """Every buffered value, oldest layer first (for scans that must see them)."""
-        layers: tuple[dict[int, dict[bytes, Value]], ...] = (self._writing, self._dirty)  # type: ignore[assignment]
+        layers: tuple[dict[int, dict[bytes, Value]], ...] = (self._writing, self._dirty)
         for layer in layers:
             for dirty in list(layer.values()):
                 for key, value in list(dirty.items()):
@@ -203,9 +206,7 @@ class Checkpointer:
 
     # -------------------------------------------------------------- the checkpoint
 
-    def take(
-        self, *, encode: bool = True
-    ) -> tuple[dict[int, dict[bytes, bytes | None]], dict[int, int], int] | None:
+    def take(self, *, encode: bool = True) -> Taken | None:
         """Start a checkpoint: the buffer, the positions it covers and the output barrier of
         everything produced so far; None when there is nothing to write.
 
@@ -217,14 +218,10 @@ class Checkpointer:
             return None
         if self._writing:
             raise RuntimeError("a checkpoint is already being written")
-        batch: dict[int, dict[bytes, bytes | None]]
+        batch = self._dirty
         if encode:
-            batch = {}
-            for p, items in self._dirty.items():
-                batch[p] = items  # type: ignore[assignment]
-                self._encode_items(items)  # type: ignore[arg-type]
-        else:
-            batch = self._dirty  # type: ignore[assignment]
+            for items in batch.values():
+                self._encode_items(items)
         positions = self._positions
         self._dirty, self._positions = {}, {}
         self._writing = batch
@@ -247,7 +244,7 @@ class Checkpointer:
             value = items[key]
             if value is None or type(value) is bytes:
                 continue
-            encoded = items[key] = value.encode()  # type: ignore[union-attr]
+            encoded = items[key] = cast(Deferred, value).encode()
             if encoded == get(key):
                 unchanged.append(key)
         for key in unchanged:
@@ -255,7 +252,7 @@ class Checkpointer:
 
     async def encode_taken(
         self,
-        taken: tuple[dict[int, dict[bytes, bytes | None]], dict[int, int], int],
+        taken: Taken,
         chunk: int = ENCODE_CHUNK,
     ) -> None:
         """Encode what ``take(encode=False)`` took, ``chunk`` states per turn of the event loop
@@ -263,25 +260,21 @@ class Checkpointer:
         for items in taken[0].values():
             keys = list(items)
             for start in range(0, len(keys), chunk):
-                self._encode_items(items, keys[start : start + chunk])  # type: ignore[arg-type]
+                self._encode_items(items, keys[start : start + chunk])
                 await asyncio.sleep(0)
 
-    def put_back(
-        self, taken: tuple[dict[int, dict[bytes, bytes | None]], dict[int, int], int]
-    ) -> None:
+    def put_back(self, taken: Taken) -> None:
         """A checkpoint :meth:`take` started is not written: its values and positions go back
         into the buffer under anything newer, so reads and the next checkpoint still see them."""
         batch, positions, _barrier = taken
         for p, items in batch.items():
             newer = self._dirty.get(p, {})
-            self._dirty[p] = {**items, **newer}  # type: ignore[dict-item]
+            self._dirty[p] = {**items, **newer}
         for p, offset in positions.items():
             self._positions.setdefault(p, offset)
         self._writing = {}
 
-    async def write(
-        self, taken: tuple[dict[int, dict[bytes, bytes | None]], dict[int, int], int]
-    ) -> dict[int, int]:
+    async def write(self, taken: Taken) -> dict[int, int]:
         """Finish the checkpoint :meth:`take` started (module docstring); returns the positions
         it recorded. Processing may go on meanwhile (it writes into a fresh buffer)."""
         batch, positions, barrier = taken
@@ -291,7 +284,7 @@ class Checkpointer:
             sent = 0
             for p, items in batch.items():
                 for key, value in list(items.items()):
-                    self.output.send(self.changelog_topic, value, key, partition=p)
+                    self.output.send(self.changelog_topic, _encoded(value), key, partition=p)
                     sent += 1
                     if sent % ENCODE_CHUNK == 0:
                         await asyncio.sleep(0)  # steps go on between chunks
@@ -316,7 +309,7 @@ class Checkpointer:
             raise
         applied: dict[int, dict[bytes, bytes | None]] = {}
         for p in set(batch) | set(positions):
-            items_p = dict(batch.get(p, {}))
+            items_p = cast("dict[bytes, bytes | None]", dict(batch.get(p, {})))  # encoded above
             if p in positions:
                 items_p[position_key(p)] = encode_position(positions[p])
                 self._last[p] = positions[p]
