@@ -160,14 +160,17 @@ def _long_lived_heap() -> Iterator[None]:
     states, again and again, to free nothing. What is loaded before (modules, the campaigns) is
     frozen out of the collections that follow (ADR 0034)."""
     enabled = gc.isenabled()
-    gc.freeze()
+    ours = gc.get_freeze_count() == 0  # a caller's own frozen objects stay frozen
+    if ours:
+        gc.freeze()
     gc.disable()
     try:
         yield
     finally:
         if enabled:
             gc.enable()
-        gc.unfreeze()
+        if ours:
+            gc.unfreeze()
 
 
 def _owned(
