@@ -698,6 +698,8 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         if peers:
             fastest = max(peers.values(), key=lambda p: p.rate)
             lines.append(("peer_ratio", f"{result.rate / fastest.rate:.2f}"))
+            if fastest.cpu_rate > 0:
+                lines.append(("peer_cpu_ratio", f"{result.cpu_rate / fastest.cpu_rate:.2f}"))
         try:
             per_user, users = state_bytes_per_user(settings)
             lines += [("state_users", str(users)), ("state_bytes_per_user", f"{per_user:.0f}")]
