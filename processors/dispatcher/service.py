@@ -41,8 +41,9 @@ from schemas.codec import Codec
 log = logging.getLogger("nudgeflow.dispatcher")
 
 DEFAULT_RATE_PER_S = 30.0
-CONSUME_MAX = 500
-"""Most records taken from the consumer at once."""
+CONSUME_MAX = 1024
+"""Most records taken from the consumer at once (the inbox is refilled once empty): with a
+backlog, a run of as many decisions; each run waits for its first two Redis round trips."""
 RUN_MAX = 1024
 """Most consecutive decisions taken from the inbox at once (decided batch after batch)."""
 GC_THRESHOLDS = (20_000, 20, 20)
