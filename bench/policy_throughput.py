@@ -31,6 +31,7 @@ from processors.core.campaign import load_campaigns
 from processors.core.decision import Decision
 from processors.devstack import EmbeddedStack, create_topics
 from processors.dispatcher import Dispatcher
+from processors.dispatcher.service import settle_collector
 from schemas.codec import Codec
 
 
@@ -41,6 +42,21 @@ def _cpu_s(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _thread_cpu_s() -> dict[str, float]:
+    """CPU seconds so far of this process's threads, summed by kind: ``kafka`` (librdkafka's
+    ``rdk:*`` threads) and ``python`` (the dispatcher's and the benchmark's own)."""
+    out = {"kafka": 0.0, "python": 0.0}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        out["kafka" if name.startswith("rdk:") else "python"] += cpu
+    return out
 
 
 def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
@@ -76,6 +92,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         for user in users:  # use up each user's global cap (max 1 per 4 h)
             seed = Decision(f"seed-{user}", "signup-confirm", user, now, ("seed",), now)
             dispatcher.store.check_caps(seed, dispatcher.policy.global_rules, now, True)
+        settle_collector()  # as `nudgeflow dispatcher` does before it runs
         say(f"{total} decisions for {args.users} capped users; dispatching")
         errors: list[BaseException] = []
 
@@ -102,19 +119,33 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
                     marks[f"{name}_n"] = seen
                     marks[f"{name}_cpu"] = time.process_time()
                     marks[f"{name}_redis"] = _cpu_s(info.redis_pid)
+                    marks[f"{name}_broker"] = _cpu_s(info.broker_pid)
+                    threads = _thread_cpu_s()
+                    marks[f"{name}_kafka"], marks[f"{name}_py"] = (
+                        threads["kafka"],
+                        threads["python"],
+                    )
             time.sleep(0.01)
         if "hi" not in marks:
             marks["hi"], marks["hi_n"] = time.perf_counter(), dispatcher.stats.decisions
             marks["hi_cpu"], marks["hi_redis"] = time.process_time(), _cpu_s(info.redis_pid)
+            marks["hi_broker"] = _cpu_s(info.broker_pid)
+            threads = _thread_cpu_s()
+            marks["hi_kafka"], marks["hi_py"] = threads["kafka"], threads["python"]
         decided = max(1.0, marks["hi_n"] - marks["lo_n"])
         rate = decided / max(1e-9, marks["hi"] - marks["lo"])
         cpu_us = (marks["hi_cpu"] - marks["lo_cpu"]) / decided * 1e6
         redis_us = (marks["hi_redis"] - marks["lo_redis"]) / decided * 1e6
+        broker_us = (marks["hi_broker"] - marks["lo_broker"]) / decided * 1e6
+        kafka_us = (marks["hi_kafka"] - marks["lo_kafka"]) / decided * 1e6
+        py_us = (marks["hi_py"] - marks["lo_py"]) / decided * 1e6
         outcomes = dispatcher.stats.outcomes
         capped = outcomes.get("suppressed:frequency_cap", 0)
         say(
             f"{rate:,.0f} decisions/s; CPU per decision {cpu_us:.0f} us here, {redis_us:.0f} us "
-            f"in redis-server; outcomes {dict(outcomes)}"
+            f"in redis-server, {broker_us:.0f} us in the broker; of this process's, "
+            f"{py_us:.0f} us in Python threads, {kafka_us:.0f} us in librdkafka's; "
+            f"outcomes {dict(outcomes)}"
         )
         if args.redis_stats:  # where redis-server's time goes (per decision, whole run)
             stats = dispatcher.redis.info("commandstats")
@@ -128,6 +159,9 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
             ("policy_per_s", f"{rate:.0f}"),
             ("policy_cpu_us", f"{cpu_us:.0f}"),
             ("policy_redis_cpu_us", f"{redis_us:.0f}"),
+            ("policy_py_cpu_us", f"{py_us:.0f}"),
+            ("policy_librdkafka_cpu_us", f"{kafka_us:.0f}"),
+            ("policy_broker_cpu_us", f"{broker_us:.0f}"),
         ]
     finally:
         if dispatcher is not None:

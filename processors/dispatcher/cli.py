@@ -12,7 +12,7 @@ from processors import arguments, metrics
 from processors.core.campaign import CampaignError, load_campaigns
 from processors.core.policy import RetryPolicy
 from processors.dispatcher.gateway import make_gateway
-from processors.dispatcher.service import DEFAULT_RATE_PER_S, Dispatcher
+from processors.dispatcher.service import DEFAULT_RATE_PER_S, Dispatcher, settle_collector
 from processors.redis import DEFAULT_PREFIX
 from processors.settings import Settings
 
@@ -82,5 +82,6 @@ def run(args: argparse.Namespace) -> int:
         gateway.name,
         settings.clock,
     )
+    settle_collector()
     dispatcher.run()
     return 1 if dispatcher.error is not None else 0

