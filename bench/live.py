@@ -229,6 +229,52 @@ def open_episodes_on(port: int, prefix: str) -> int:
     return int(total)
 
 
+def scrape(port: int) -> dict[str, float]:
+    """The worker's ``/metrics`` samples (``name{labels}`` -> value; empty if it does not
+    answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2.0) as answer:
+            text = answer.read().decode()
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("nudgeflow_"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def stalls(before: dict[str, float], after: dict[str, float]) -> str:
+    """What stopped the worker between two :func:`scrape` s: its GC passes by generation
+    (count, total and the longest bucket reached) and its ticks' delay (p99 bucket)."""
+
+    def grown(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    parts = []
+    for gen in "012":
+        n = grown(f'nudgeflow_gc_pause_seconds_count{{generation="{gen}"}}')
+        total = grown(f'nudgeflow_gc_pause_seconds_sum{{generation="{gen}"}}')
+        buckets = sorted(
+            (float(k.split('le="')[1].rstrip('"}')), grown(k))
+            for k in after
+            if k.startswith(f'nudgeflow_gc_pause_seconds_bucket{{generation="{gen}"')
+            and "+Inf" not in k
+        )
+        longest = next((le for le, c in buckets if c >= n), math.inf) if n else 0.0
+        parts.append(f"gen{gen} {n:.0f} passes {total:.2f} s (longest <= {longest:g} s)")
+    ticks = grown("nudgeflow_tick_delay_seconds_count")
+    tick_buckets = sorted(
+        (float(k.split('le="')[1].rstrip('"}')), grown(k))
+        for k in after
+        if k.startswith("nudgeflow_tick_delay_seconds_bucket") and "+Inf" not in k
+    )
+    p99 = next((le for le, c in tick_buckets if c >= 0.99 * ticks), math.inf) if ticks else 0.0
+    parts.append(f"{ticks:.0f} ticks, p99 delay <= {p99:g} s")
+    return "; ".join(parts)
+
+
 def wait_for(what: str, check: Any, timeout_s: float, worker: Worker, describe: Any = None) -> None:
     """Poll ``check()`` until true; on a timeout the error says ``describe()`` (progress)."""
     deadline = time.monotonic() + timeout_s
@@ -404,6 +450,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         texted: list[str] = []
         text_every = max(100, int(rate / TEXTS_PER_S))  # texts stay under the gateway limit
         t1 = now_ms()
+        scraped = scrape(metrics_port)
 
         def emit(i: int) -> None:
             if i % text_every == 0:
@@ -418,6 +465,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         t1_end = now_ms()
         wait_for("the worker to catch up", lambda: progress.committed() >= events.n, 180, worker)
         caught_up_s = (now_ms() - t1_end) / 1000
+        say(f"phase 1 stalls: {stalls(scraped, scrape(metrics_port))}")
         wait_for("the phase-1 texts", lambda: len(gateway.arrivals) >= len(texted), 60, worker)
         decided = {
             r["decision_id"]: (r, created)
@@ -459,6 +507,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
             f"opening, the rest held"
         )
         produced_at = time.monotonic()
+        scraped = scrape(metrics_port)
         events.flush()
         paced(
             args.episode_rate,
@@ -496,6 +545,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
             )
         lateness_s = [(c - (r["fire_at"] + LATENESS_S * 1000)) / 1000 for r, c in done]
         ingest_s = time.monotonic() - produced_at
+        say(f"phase 2 stalls: {stalls(scraped, scrape(metrics_port))}")
         wait_for("the worker to catch up", lambda: progress.committed() >= events.n, 60, worker)
         say(
             f"phase 2: {len(lateness_s)} timers fired within {ingest_s:.0f} s; lateness p50 "
@@ -507,6 +557,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         events.flush()
         say(f"phase 3: {args.soak_rate:.0f} new users/s for {args.soak_s:.0f} s (TTL 10 s)")
         samples: list[tuple[float, int]] = []
+        scraped = scrape(metrics_port)
         start = time.monotonic()
         last_sample = [0.0]
 
@@ -521,6 +572,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         events.flush()
         samples.append((time.monotonic() - start, rss_bytes(worker.pid)))
         soak_lag = events.n - progress.committed()
+        say(f"phase 3 stalls: {stalls(scraped, scrape(metrics_port))}")
         progress.close()
         settled = [rss for t, rss in samples if t >= args.soak_s / 3]
         base, end = settled[0], settled[-1]

@@ -17,6 +17,7 @@ import struct
 
 import faust
 
+from processors import metrics
 from processors.core.clock import Clock
 from processors.core.engine import FLUSH_MS
 from processors.kafka.control import flush_headers
@@ -73,7 +74,9 @@ class Ticks:
         self.lateness_ms = int(settings.allowed_lateness_s * 1000)
 
     async def agent(self, stream: faust.StreamT) -> None:
-        """The ticks agent: each tick of a partition this worker reads moves its watermark."""
+        """The ticks agent: each tick of a partition this worker reads moves its watermark
+        (``nudgeflow_tick_delay_seconds``: how late it does so)."""
+        delay = metrics.TICK_DELAY
         async for event in stream.events():
             if not self.live:
                 continue  # the event clock moves with the events and flush records only
@@ -87,6 +90,7 @@ class Ticks:
             async with self.busy:
                 if not self.clients.reading or partition not in self.clients.reader.owned:
                     continue  # not (yet) ours on the clickstream side
+                delay.observe(max(0, self.clock.now_ms() - now_ms) / 1000)
                 await self.advance_partition(partition, now_ms - self.lateness_ms)
 
     async def send(self) -> None:
