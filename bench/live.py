@@ -451,6 +451,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         text_every = max(100, int(rate / TEXTS_PER_S))  # texts stay under the gateway limit
         t1 = now_ms()
         scraped = scrape(metrics_port)
+        p1_start = (time.monotonic(), process_cpu_s(worker.pid), events_consumed(metrics_port))
 
         def emit(i: int) -> None:
             if i % text_every == 0:
@@ -463,6 +464,14 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         paced(rate, args.latency_s, emit)
         events.flush()
         t1_end = now_ms()
+        p1_end = (time.monotonic(), process_cpu_s(worker.pid), events_consumed(metrics_port))
+        p1_s, p1_cpu = p1_end[0] - p1_start[0], p1_end[1] - p1_start[1]
+        p1_done = (p1_end[2] or 0) - (p1_start[2] or 0)
+        say(
+            f"phase 1: while producing, the worker consumed {p1_done / p1_s:,.0f} events/s on "
+            f"{p1_cpu / p1_s:.2f} of a core ({p1_done / p1_cpu if p1_cpu > 0 else math.nan:,.0f} "
+            f"per CPU-second)"
+        )
         wait_for("the worker to catch up", lambda: progress.committed() >= events.n, 180, worker)
         caught_up_s = (now_ms() - t1_end) / 1000
         say(f"phase 1 stalls: {stalls(scraped, scrape(metrics_port))}")

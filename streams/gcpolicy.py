@@ -33,6 +33,7 @@ class GcPolicy:
         self._started = 0.0
         self._installed = False
         self._previous: tuple[int, int, int] | None = None
+        self._unfreeze = False
         self._pauses = [metrics.GC_PAUSE.labels(str(g)) for g in range(3)]
 
     def install(self) -> None:
@@ -41,13 +42,15 @@ class GcPolicy:
             return
         self._installed = True
         self._previous = gc.get_threshold()
+        self._unfreeze = gc.get_freeze_count() == 0  # a caller's own frozen objects stay so
         gc.collect()
         gc.freeze()
         gc.set_threshold(*self.thresholds)
         gc.callbacks.append(self._on_gc)
 
     def uninstall(self) -> None:
-        """Stop timing passes and restore the previous thresholds (frozen objects stay frozen)."""
+        """Stop timing passes, restore the previous thresholds and, unless something was frozen
+        before :meth:`install`, unfreeze (the next full pass scans everything again)."""
         if not self._installed:
             return
         self._installed = False
@@ -55,6 +58,8 @@ class GcPolicy:
             gc.callbacks.remove(self._on_gc)
         if self._previous is not None:
             gc.set_threshold(*self._previous)
+        if self._unfreeze:
+            gc.unfreeze()
 
     def settle(self) -> None:
         """Freeze every tracked object alive now: later passes no longer scan them."""

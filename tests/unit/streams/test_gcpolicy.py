@@ -19,7 +19,6 @@ def _passes(generation: int) -> float:
 
 @pytest.fixture
 def policy() -> Iterator[GcPolicy]:
-    ours = gc.get_freeze_count() == 0
     thresholds = gc.get_threshold()
     policy = GcPolicy()
     try:
@@ -27,8 +26,6 @@ def policy() -> Iterator[GcPolicy]:
     finally:
         policy.uninstall()
         gc.enable()
-        if ours:
-            gc.unfreeze()  # the rest of the test session collects as before
         gc.set_threshold(*thresholds)
 
 
@@ -51,6 +48,7 @@ def test_every_pass_is_timed_by_generation(policy: GcPolicy) -> None:
 
 def test_settle_freezes_survivors_and_uninstall_stops_timing(policy: GcPolicy) -> None:
     thresholds = gc.get_threshold()
+    ours = gc.get_freeze_count() == 0
     policy.install()
     frozen = gc.get_freeze_count()
     survivors = [[i] for i in range(1000)]  # tracked containers made after install
@@ -62,3 +60,5 @@ def test_settle_freezes_survivors_and_uninstall_stops_timing(policy: GcPolicy) -
     gc.collect(0)
     assert policy.passes == passes  # no longer timed
     assert gc.get_threshold() == thresholds
+    if ours:  # nothing was frozen before install: everything is scanned again
+        assert gc.get_freeze_count() == 0
