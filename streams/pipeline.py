@@ -5,7 +5,9 @@ lock (:meth:`Pipeline.process`): every record is classified by :func:`streams.in
 (bad data is dead-lettered byte for byte with a reason; a registry outage is waited out, never
 dead-lettered), events go to :meth:`streams.steps.Steps.on_click`, end-of-input records to
 :meth:`streams.ticks.Ticks.flush_partition`, and the partition's position advances past the
-record. Checkpoints are started between batches (:mod:`streams.state.writer`).
+record. Batches are processed in slices of :data:`SLICE` records; between slices the live
+clock's newest ticks move time (:meth:`streams.ticks.Ticks.apply`) and the lock is let go.
+Checkpoints are started between batches (:mod:`streams.state.writer`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from streams.ticks import Ticks
 log = logging.getLogger(__name__)
 
 YIELD_EVERY = 1000  # records between turns given to the event loop (heartbeats)
-SLICE = 1000  # records processed per hold of the worker's lock (a tick waits at most this)
+SLICE = 1000  # records per hold of the worker's lock: a due timer waits for at most one slice
 _REGISTRY_RETRY_MAX_S = 30.0
 
 
@@ -81,18 +83,20 @@ class Pipeline:
             self.gc.uninstall()
 
     async def _loop(self) -> None:
-        writer, busy = self.writer, self.busy
+        writer, busy, ticks = self.writer, self.busy, self.ticks
         while self.running:
             try:
                 msgs = await self.clients.reader.poll()
                 if writer.full():
                     await writer.finish()  # backpressure: memory stays bounded
-                # The lock is let go between slices of a batch: a tick waiting for it (timers
-                # due, expiries) goes in after at most one slice, not after the whole batch.
+                # Time moves between slices of a batch: a due timer or expiry waits for at most
+                # one slice, and the lock is let go between them (rebalances, flushes).
                 for start in range(0, len(msgs), SLICE):
                     async with busy:
                         await self.process(msgs[start : start + SLICE])
+                        await ticks.apply()
                 async with busy:
+                    await ticks.apply()
                     if writer.due():
                         writer.start()
                         self.gc.settle()

@@ -2,9 +2,12 @@
 
 Live clock: the group leader writes the wall clock to every partition of the ticks topic every
 :data:`TICK_INTERVAL_S` (:meth:`Ticks.send`); the ticks agent (:meth:`Ticks.agent`, a Faust
-agent: the ticks topic carries the partition assignment) receives the tick of a partition this
-worker reads and moves that partition's watermark to ``tick - allowed lateness``: every user
-whose timer is due takes a step (:meth:`streams.steps.Steps.on_time`). The event clock ignores
+agent: the ticks topic carries the partition assignment) keeps the newest tick of each partition
+and the read loop applies them between slices of its batches and between polls
+(:meth:`Ticks.apply`): a partition this worker reads moves its watermark to ``tick - allowed
+lateness`` and every user whose timer is due takes a step (:meth:`streams.steps.Steps.on_time`).
+Only the newest tick of a partition matters, so ticks that queued up while the worker was busy
+cost one move of time, not one wait for the worker's lock each. The event clock ignores
 tick values. End of input (a flush control record) commits every pending timer of the
 partition's users and forwards the marker to every ``sms-decisions`` partition.
 """
@@ -72,11 +75,12 @@ class Ticks:
         self.clock = clock
         self.live = settings.clock == "live"
         self.lateness_ms = int(settings.allowed_lateness_s * 1000)
+        self.pending: dict[int, int] = {}
+        """Partition -> its newest tick not yet applied (epoch ms)."""
 
     async def agent(self, stream: faust.StreamT) -> None:
-        """The ticks agent: each tick of a partition this worker reads moves its watermark
-        (``nudgeflow_tick_delay_seconds``: how late it does so)."""
-        delay = metrics.TICK_DELAY
+        """The ticks agent: keeps each partition's newest tick for :meth:`apply`."""
+        pending = self.pending
         async for event in stream.events():
             if not self.live:
                 continue  # the event clock moves with the events and flush records only
@@ -87,11 +91,23 @@ class Ticks:
                 log.warning("ignoring a malformed tick on partition %d", partition)
                 continue
             self.stats.ticks += 1
-            async with self.busy:
-                if not self.clients.reading or partition not in self.clients.reader.owned:
-                    continue  # not (yet) ours on the clickstream side
-                delay.observe(max(0, self.clock.now_ms() - now_ms) / 1000)
-                await self.advance_partition(partition, now_ms - self.lateness_ms)
+            if now_ms > pending.get(partition, -1):
+                pending[partition] = now_ms
+
+    async def apply(self) -> None:
+        """Move time with the ticks kept since the last call (the caller holds the worker's
+        lock); ``nudgeflow_tick_delay_seconds``: how long after its own time each tick moved
+        its partition."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, {}
+        if not self.clients.reading:
+            return
+        owned, now, delay = self.clients.reader.owned, self.clock.now_ms(), metrics.TICK_DELAY
+        for partition, tick_ms in pending.items():
+            if partition in owned:  # else: not (yet) ours on the clickstream side
+                delay.observe(max(0, now - tick_ms) / 1000)
+                await self.advance_partition(partition, tick_ms - self.lateness_ms)
 
     async def send(self) -> None:
         """Leader only: one tick per partition of the ticks topic (co-partitioned)."""
