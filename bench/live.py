@@ -83,7 +83,7 @@ from processors.devstack import EmbeddedStack, create_topics
 from processors.dispatcher import Dispatcher
 from processors.settings import Settings
 from schemas.codec import Codec
-from streams.reader import offsets_group
+from streams.reader import BATCH_MAX, offsets_group
 
 LATENESS_S = 2.0
 TTL_MS = 10_000
@@ -212,6 +212,43 @@ def max_rate_on_mix(
     done = float(cast(int, last.consumed) - cast(int, first.consumed))
     cpu = last.cpu - first.cpu
     return done / (last.t - first.t), (done / cpu if cpu > 0 else math.nan)
+
+
+def max_rate_overloaded(
+    port: int, events: Events, worker: Worker, rng: random.Random, rate: float, seconds: float
+) -> tuple[float, float, bool]:
+    """Phase 0b: phase 1's mix produced live at ``rate`` (above what the worker drains) for
+    ``seconds`` while the dispatcher runs, as in phase 1; the worker's rate (and per CPU-second)
+    from its own ``nudgeflow_events_consumed_total`` sampled every 0.25 s while the producer
+    runs (its first batch left out). Also whether it had a backlog to the end (if not, the rate
+    is only a lower bound of its maximum)."""
+    base = events_consumed(port)
+    if base is None:
+        raise BenchError("the worker's /metrics did not answer")
+    total = int(rate * seconds)
+    values = [(user, events.encode(user, kind, props)) for user, kind, props in
+              (mix(i, rng, "o") for i in range(total))]  # fmt: skip
+    samples: list[Sample] = []  # ``committed``: events produced so far
+    last = [0.0]
+
+    def emit(i: int) -> None:
+        events.produce(*values[i])
+        t = time.monotonic()
+        if t - last[0] >= 0.25:
+            last[0] = t
+            consumed = events_consumed(port)
+            if consumed is not None:
+                samples.append(Sample(t, i + 1, process_cpu_s(worker.pid), consumed - base))
+
+    paced(rate, seconds, emit)
+    busy = [s for s in samples if s.consumed]
+    if len(busy) < 2 or busy[-1].t - busy[0].t < 1.0:
+        raise BenchError("phase 0b was too short to measure; use more --overload-s")
+    first, final = busy[0], busy[-1]
+    done = float(cast(int, final.consumed) - cast(int, first.consumed))
+    cpu = final.cpu - first.cpu
+    backlog = final.committed - cast(int, final.consumed) > BATCH_MAX
+    return done / (final.t - first.t), (done / cpu if cpu > 0 else math.nan), backlog
 
 
 def open_episodes_on(port: int, prefix: str) -> int:
@@ -430,17 +467,33 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         rng = random.Random(7)
 
         # ---- phase 0: the worker's maximum rate on phase 1's mix
-        max_rate = math.nan
+        max_rate = live_max = math.nan
         if args.rate is None:
             max_rate, cpu_rate = max_rate_on_mix(metrics_port, events, worker, rng, args.max_events)
-            rate = args.load * max_rate
             say(
                 f"phase 0: the worker drained {args.max_events} events at {max_rate:,.0f} "
-                f"events/s ({cpu_rate:,.0f} per CPU-second); phase 1 at {args.load:.0%}: "
-                f"{rate:,.0f} events/s"
+                f"events/s ({cpu_rate:,.0f} per CPU-second, {max_rate / cpu_rate:.2f} of a core)"
             )
             wait_for("the worker to catch up", lambda: progress.committed() >= events.n, 60, worker)
             time.sleep(PHASE0_SETTLE_S)  # the dispatcher's share of phase 0, expiries
+            live_max, live_cpu, backlog = max_rate_overloaded(
+                metrics_port, events, worker, rng, args.overload * max_rate, args.overload_s
+            )
+            say(
+                f"phase 0b: produced live at {args.overload:.0%} of that for "
+                f"{args.overload_s:g} s, the worker consumed {live_max:,.0f} events/s "
+                f"({live_cpu:,.0f} per CPU-second, {live_max / live_cpu:.2f} of a core)"
+                + ("" if backlog else "; it kept up: a lower bound")
+            )
+            events.flush()
+            wait_for(
+                "the worker to catch up", lambda: progress.committed() >= events.n, 120, worker
+            )
+            time.sleep(PHASE0_SETTLE_S)
+            base_rate = max_rate if args.max_from == "backlog" else live_max
+            rate = args.load * base_rate
+            say(f"phase 1 at {args.load:.0%} of phase 0{'b' * (args.max_from == 'live')}'s: "
+                f"{rate:,.0f} events/s")  # fmt: skip
         else:
             rate = args.rate
             say(f"worker live (pid {worker.pid}); phase 1: {rate:.0f} events/s (given)")
@@ -594,6 +647,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         )
         return [
             ("max_rate_per_s", f"{max_rate:.0f}"),
+            ("max_rate_live_per_s", f"{live_max:.0f}"),
             ("latency_rate_per_s", f"{rate:.0f}"),
             ("decisions_measured", str(len(decision_ms))),
             ("decision_p50_ms", f"{percentile(decision_ms, 50):.0f}"),
@@ -635,6 +689,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--max-events", type=int, default=60_000, help="phase 0's backlog, events (60000)"
+    )
+    parser.add_argument(
+        "--overload",
+        type=float,
+        default=1.5,
+        help="phase 0b's live rate as a share of phase 0's drain rate (1.5)",
+    )
+    parser.add_argument("--overload-s", type=float, default=6.0, help="phase 0b seconds (6)")
+    parser.add_argument(
+        "--max-from",
+        choices=("live", "backlog"),
+        default="live",
+        help="the maximum phase 1's --load applies to: phase 0b's (live) or phase 0's (backlog)",
     )
     parser.add_argument("--latency-s", type=float, default=10.0, help="phase 1 seconds (10)")
     parser.add_argument(

@@ -100,7 +100,8 @@ class Ticks:
         its partition."""
         if not self.pending:
             return
-        pending, self.pending = self.pending, {}
+        pending = dict(self.pending)
+        self.pending.clear()  # the same dict: the agent holds it
         if not self.clients.reading:
             return
         owned, now, delay = self.clients.reader.owned, self.clock.now_ms(), metrics.TICK_DELAY

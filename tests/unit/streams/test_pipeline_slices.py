@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from processors import metrics
@@ -14,6 +14,7 @@ from processors.settings import Settings
 from processors.simulate import generate
 from streams.agents import TriggerShell
 from streams.pipeline import SLICE
+from streams.ticks import encode_tick
 from tests.support.worker_replay import PARTITIONS, Reader, Record, Recorder
 
 
@@ -93,3 +94,56 @@ def test_apply_moves_owned_partitions_to_their_newest_tick_only() -> None:
     assert shell.ticks.pending == {}
     assert metrics.sample_value("nudgeflow_tick_delay_seconds_count") == delays + 1
     assert metrics.sample_value("nudgeflow_tick_delay_seconds_sum") >= 0.5
+
+
+class Tick:
+    """What the ticks agent reads of a Faust event: its partition and value."""
+
+    def __init__(self, partition: int, value: bytes) -> None:
+        self.message = self
+        self.partition, self.value = partition, value
+
+
+class TickStream:
+    """A Faust stream of ticks as the ticks agent iterates it; at each ``None`` the read loop
+    gets a turn (``between``) before the next tick."""
+
+    def __init__(self, ticks: list[Tick | None], between: Callable[[], Awaitable[None]]) -> None:
+        self.ticks, self.between = ticks, between
+
+    async def events(self) -> AsyncIterator[Tick]:
+        for tick in self.ticks:
+            if tick is None:
+                await self.between()
+            else:
+                yield tick
+
+
+def test_the_agent_keeps_the_newest_tick_of_each_partition_across_applies() -> None:
+    shell = _shell("worker-agent")
+    shell.clients._reader = Reader()  # type: ignore[assignment]
+    ticks, lateness_ms = shell.ticks, shell.ticks.lateness_ms
+    now = shell.clock.now_ms()
+    older, newest, later = encode_tick(now - 300), encode_tick(now - 100), encode_tick(now)
+    watermarks: list[dict[int, int]] = []
+
+    async def read_loop_turn() -> None:
+        await ticks.apply()
+        watermarks.append(dict(shell.steps.tick_watermarks))
+
+    stream = TickStream(
+        [
+            Tick(0, older),
+            Tick(0, newest),
+            Tick(0, older),
+            Tick(1, b"x"),
+            None,
+            Tick(1, later),
+            None,
+        ],
+        read_loop_turn,
+    )
+    asyncio.run(ticks.agent(stream))  # type: ignore[arg-type]
+    first = {0: now - 100 - lateness_ms}
+    assert watermarks == [first, {**first, 1: now - lateness_ms}]
+    assert shell.stats.ticks == 4  # the malformed one is not counted
