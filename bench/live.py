@@ -307,8 +307,11 @@ def stalls(before: dict[str, float], after: dict[str, float]) -> str:
         for k in after
         if k.startswith("nudgeflow_tick_delay_seconds_bucket") and "+Inf" not in k
     )
-    p99 = next((le for le, c in tick_buckets if c >= 0.99 * ticks), math.inf) if ticks else 0.0
-    parts.append(f"{ticks:.0f} ticks, p99 delay <= {p99:g} s")
+    p50, p99 = (
+        next((le for le, c in tick_buckets if c >= q * ticks), math.inf) if ticks else 0.0
+        for q in (0.5, 0.99)
+    )
+    parts.append(f"{ticks:.0f} ticks applied, delay p50 <= {p50:g} s p99 <= {p99:g} s")
     return "; ".join(parts)
 
 

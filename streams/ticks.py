@@ -3,9 +3,10 @@
 Live clock: the group leader writes the wall clock to every partition of the ticks topic every
 :data:`TICK_INTERVAL_S` (:meth:`Ticks.send`); the ticks agent (:meth:`Ticks.agent`, a Faust
 agent: the ticks topic carries the partition assignment) keeps the newest tick of each partition
-and the read loop applies them between slices of its batches and between polls
-(:meth:`Ticks.apply`): a partition this worker reads moves its watermark to ``tick - allowed
-lateness`` and every user whose timer is due takes a step (:meth:`streams.steps.Steps.on_time`).
+and applies it at once if the worker's lock is free, else the read loop applies it after the
+slice of a batch it is processing (:meth:`Ticks.apply`): a partition this worker reads moves
+its watermark to ``tick - allowed lateness`` and every user whose timer is due takes a step
+(:meth:`streams.steps.Steps.on_time`).
 Only the newest tick of a partition matters, so ticks that queued up while the worker was busy
 cost one move of time, not one wait for the worker's lock each. The event clock ignores
 tick values. End of input (a flush control record) commits every pending timer of the
@@ -79,8 +80,9 @@ class Ticks:
         """Partition -> its newest tick not yet applied (epoch ms)."""
 
     async def agent(self, stream: faust.StreamT) -> None:
-        """The ticks agent: keeps each partition's newest tick for :meth:`apply`."""
-        pending = self.pending
+        """The ticks agent: keeps each partition's newest tick and applies it at once when the
+        worker's lock is free (the read loop waits for a fetch or a checkpoint)."""
+        pending, busy = self.pending, self.busy
         async for event in stream.events():
             if not self.live:
                 continue  # the event clock moves with the events and flush records only
@@ -93,6 +95,9 @@ class Ticks:
             self.stats.ticks += 1
             if now_ms > pending.get(partition, -1):
                 pending[partition] = now_ms
+            if not busy.locked():  # else the read loop applies it after its slice
+                async with busy:
+                    await self.apply()
 
     async def apply(self) -> None:
         """Move time with the ticks kept since the last call (the caller holds the worker's

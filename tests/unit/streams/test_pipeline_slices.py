@@ -147,3 +147,23 @@ def test_the_agent_keeps_the_newest_tick_of_each_partition_across_applies() -> N
     first = {0: now - 100 - lateness_ms}
     assert watermarks == [first, {**first, 1: now - lateness_ms}]
     assert shell.stats.ticks == 4  # the malformed one is not counted
+
+
+def test_the_agent_applies_a_tick_itself_only_while_the_lock_is_free() -> None:
+    shell = _shell("worker-agent-lock")
+    shell.clients._reader = Reader()  # type: ignore[assignment]
+    ticks, lateness_ms = shell.ticks, shell.ticks.lateness_ms
+    now = shell.clock.now_ms()
+
+    async def nothing() -> None:
+        return None
+
+    async def run() -> None:
+        async with shell.busy:  # the read loop is processing a slice
+            await ticks.agent(TickStream([Tick(0, encode_tick(now))], nothing))  # type: ignore[arg-type]
+            assert shell.steps.tick_watermarks == {} and ticks.pending == {0: now}
+        await ticks.agent(TickStream([Tick(1, encode_tick(now))], nothing))  # type: ignore[arg-type]
+
+    asyncio.run(run())
+    assert shell.steps.tick_watermarks == {0: now - lateness_ms, 1: now - lateness_ms}
+    assert ticks.pending == {}
