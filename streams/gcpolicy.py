@@ -6,7 +6,7 @@ young: everything alive at start-up is frozen (Faust, the campaigns, the codecs)
 checkpoint is taken whatever survived the last interval is frozen too (:meth:`GcPolicy.settle`),
 so a pass scans only what was made since. Frozen objects are still freed by reference counting;
 only a reference cycle that was alive at a freeze and dies later is never collected, which is
-why the soak's memory growth is a benchmark target (docs/adr/0037-gc-freeze-per-checkpoint.md).
+why the soak's memory growth is a benchmark target (ADR 37, docs/adr/0037-*.md).
 
 Every pass is timed through :data:`gc.callbacks` into ``nudgeflow_gc_pause_seconds``.
 """

@@ -90,7 +90,7 @@ class Pipeline:
                 if writer.full():
                     await writer.finish()  # backpressure: memory stays bounded
                 # Time moves between slices of a batch: a due timer or expiry waits for at most
-                # one slice, and the lock is let go between them (rebalances, flushes).
+                # one slice, and the lock is let go between them (ticks, rebalance handlers).
                 for start in range(0, len(msgs), SLICE):
                     async with busy:
                         await self.process(msgs[start : start + SLICE])
