@@ -2,20 +2,25 @@
 
 One embedded stack, one worker (live clock, every example campaign plus phase 2's absence
 campaigns, changelog on, allowed lateness 2 s, state TTL 10 s via ``NUDGEFLOW_STATE_TTL_S``) and
-one in-process dispatcher whose gateway answers after 20 ms (``_common.FakeGateway``). Four
-phases, each waiting for the worker to catch up (committed offsets) before the next:
+one in-process dispatcher whose gateway answers after 20 ms (``_common.FakeGateway``). Phases,
+each waiting for the worker to catch up (committed offsets) before the next:
 
-0. **Maximum rate** (``--max-events``, default 60,000): a backlog of phase 1's mix produced at
+0. **Drain rate** (``--max-events``, default 60,000): a backlog of phase 1's mix produced at
    once; the worker's rate while it drains it, from its own ``nudgeflow_events_consumed_total``
    (as ``trigger_throughput.py``). The drain outlasts the 10 s TTL, so the expiry of the users
    it created is in the rate, as it is at a steady load.
-1. **Latency** (``--load`` x that rate, default 80%, for ``--latency-s`` 10 s; ``--rate`` gives
-   a fixed rate instead): page views of returning users, ``points_earned`` (gold, 4%) and
-   ``event_signup`` (1%) of users without contacts (decided, then suppressed by the dispatcher),
-   and ``event_signup`` of opted-in users at 10/s (decided and texted, under the 30/s gateway
-   limit). ``decision_p99_ms``: the decision's Kafka CreateTime minus the event time (events
-   are stamped when produced). ``send_p99_ms``: the fake gateway's arrival time minus the event
-   time, for the texted signups.
+   **0b. Maximum rate**: phase 1's mix produced live at ``--overload`` (150%) of the drain rate
+   for ``--overload-s`` (6 s) while the dispatcher runs, as in phase 1; the worker's rate from
+   the same counter while the producer runs (``max_rate_live_per_s``).
+1. **Latency** (``--load`` x phase 0b's rate, default 80%, for ``--latency-s`` 10 s;
+   ``--max-from backlog``: x phase 0's; ``--rate`` gives a fixed rate instead); also the
+   worker's own rate and share of a core while the producer runs. Page views of returning
+   users, ``points_earned`` (gold, 4%) and ``event_signup`` (1%) of users without contacts
+   (decided, then suppressed by the dispatcher), and ``event_signup`` of opted-in users at
+   10/s (decided and texted, under the 30/s gateway limit). ``decision_p99_ms``: the
+   decision's Kafka CreateTime minus the event time (events are stamped when produced).
+   ``send_p99_ms``: the fake gateway's arrival time minus the event time, for the texted
+   signups.
 2. **Timers** (about 1,000,000 open episodes): ``--timer-users`` distinct users (100,000) at
    ``--episode-rate`` (2,000/s) each open an episode in each of ``--held-campaigns`` (10)
    absence campaigns held for an hour, and 1 in ``--measured-every`` (2) of them also one in
@@ -31,6 +36,8 @@ phases, each waiting for the worker to catch up (committed offsets) before the n
    the end over its RSS a third into the soak; ``soak_lag_events``: soak events the worker had
    not checkpointed when the soak ended.
 
+After phases 1-3 the worker's GC passes by generation and its ticks' delay over the phase are
+printed ("stalls", from its ``nudgeflow_gc_pause_seconds`` and ``nudgeflow_tick_delay_seconds``).
 Every phase produces with librdkafka's default 5 ms linger (the event time is stamped before
 it, so the latency figures include that wait).
 """
