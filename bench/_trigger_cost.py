@@ -208,10 +208,10 @@ def main(argv: Iterable[str] | None = None) -> int:
             else:
                 states[click.user_id] = step.state
 
-    from streams.pipeline import GC_THRESHOLDS
+    from streams.gcpolicy import GC_THRESHOLDS
 
     gc.collect()
-    gc.freeze()  # as the worker does after start-up (streams/pipeline.py)
+    gc.freeze()  # as the worker does after start-up (streams/gcpolicy.py)
     gc.set_threshold(*GC_THRESHOLDS)
     n = len(records)
     only = set(filter(None, args.only.split(",")))

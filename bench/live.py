@@ -2,20 +2,25 @@
 
 One embedded stack, one worker (live clock, every example campaign plus phase 2's absence
 campaigns, changelog on, allowed lateness 2 s, state TTL 10 s via ``NUDGEFLOW_STATE_TTL_S``) and
-one in-process dispatcher whose gateway answers after 20 ms (``_common.FakeGateway``). Four
-phases, each waiting for the worker to catch up (committed offsets) before the next:
+one in-process dispatcher whose gateway answers after 20 ms (``_common.FakeGateway``). Phases,
+each waiting for the worker to catch up (committed offsets) before the next:
 
-0. **Maximum rate** (``--max-events``, default 60,000): a backlog of phase 1's mix produced at
+0. **Drain rate** (``--max-events``, default 60,000): a backlog of phase 1's mix produced at
    once; the worker's rate while it drains it, from its own ``nudgeflow_events_consumed_total``
    (as ``trigger_throughput.py``). The drain outlasts the 10 s TTL, so the expiry of the users
    it created is in the rate, as it is at a steady load.
-1. **Latency** (``--load`` x that rate, default 80%, for ``--latency-s`` 10 s; ``--rate`` gives
-   a fixed rate instead): page views of returning users, ``points_earned`` (gold, 4%) and
-   ``event_signup`` (1%) of users without contacts (decided, then suppressed by the dispatcher),
-   and ``event_signup`` of opted-in users at 10/s (decided and texted, under the 30/s gateway
-   limit). ``decision_p99_ms``: the decision's Kafka CreateTime minus the event time (events
-   are stamped when produced). ``send_p99_ms``: the fake gateway's arrival time minus the event
-   time, for the texted signups.
+   **0b. Maximum rate**: phase 1's mix produced live at ``--overload`` (150%) of the drain rate
+   for ``--overload-s`` (6 s) while the dispatcher runs, as in phase 1; the worker's rate from
+   the same counter while the producer runs (``max_rate_live_per_s``).
+1. **Latency** (``--load`` x phase 0b's rate, default 80%, for ``--latency-s`` 10 s;
+   ``--max-from backlog``: x phase 0's; ``--rate`` gives a fixed rate instead); also the
+   worker's own rate and share of a core while the producer runs. Page views of returning
+   users, ``points_earned`` (gold, 4%) and ``event_signup`` (1%) of users without contacts
+   (decided, then suppressed by the dispatcher), and ``event_signup`` of opted-in users at
+   10/s (decided and texted, under the 30/s gateway limit). ``decision_p99_ms``: the
+   decision's Kafka CreateTime minus the event time (events are stamped when produced).
+   ``send_p99_ms``: the fake gateway's arrival time minus the event time, for the texted
+   signups.
 2. **Timers** (about 1,000,000 open episodes): ``--timer-users`` distinct users (100,000) at
    ``--episode-rate`` (2,000/s) each open an episode in each of ``--held-campaigns`` (10)
    absence campaigns held for an hour, and 1 in ``--measured-every`` (2) of them also one in
@@ -31,6 +36,8 @@ phases, each waiting for the worker to catch up (committed offsets) before the n
    the end over its RSS a third into the soak; ``soak_lag_events``: soak events the worker had
    not checkpointed when the soak ended.
 
+After phases 1-3 the worker's GC passes by generation and its ticks' delay over the phase are
+printed ("stalls", from its ``nudgeflow_gc_pause_seconds`` and ``nudgeflow_tick_delay_seconds``).
 Every phase produces with librdkafka's default 5 ms linger (the event time is stamped before
 it, so the latency figures include that wait).
 """
@@ -83,7 +90,7 @@ from processors.devstack import EmbeddedStack, create_topics
 from processors.dispatcher import Dispatcher
 from processors.settings import Settings
 from schemas.codec import Codec
-from streams.reader import offsets_group
+from streams.reader import BATCH_MAX, offsets_group
 
 LATENESS_S = 2.0
 TTL_MS = 10_000
@@ -214,6 +221,43 @@ def max_rate_on_mix(
     return done / (last.t - first.t), (done / cpu if cpu > 0 else math.nan)
 
 
+def max_rate_overloaded(
+    port: int, events: Events, worker: Worker, rng: random.Random, rate: float, seconds: float
+) -> tuple[float, float, bool]:
+    """Phase 0b: phase 1's mix produced live at ``rate`` (above what the worker drains) for
+    ``seconds`` while the dispatcher runs, as in phase 1; the worker's rate (and per CPU-second)
+    from its own ``nudgeflow_events_consumed_total`` sampled every 0.25 s while the producer
+    runs (its first batch left out). Also whether it had a backlog to the end (if not, the rate
+    is only a lower bound of its maximum)."""
+    base = events_consumed(port)
+    if base is None:
+        raise BenchError("the worker's /metrics did not answer")
+    total = int(rate * seconds)
+    values = [(user, events.encode(user, kind, props)) for user, kind, props in
+              (mix(i, rng, "o") for i in range(total))]  # fmt: skip
+    samples: list[Sample] = []  # ``committed``: events produced so far
+    last = [0.0]
+
+    def emit(i: int) -> None:
+        events.produce(*values[i])
+        t = time.monotonic()
+        if t - last[0] >= 0.25:
+            last[0] = t
+            consumed = events_consumed(port)
+            if consumed is not None:
+                samples.append(Sample(t, i + 1, process_cpu_s(worker.pid), consumed - base))
+
+    paced(rate, seconds, emit)
+    busy = [s for s in samples if s.consumed]
+    if len(busy) < 2 or busy[-1].t - busy[0].t < 1.0:
+        raise BenchError("phase 0b was too short to measure; use more --overload-s")
+    first, final = busy[0], busy[-1]
+    done = float(cast(int, final.consumed) - cast(int, first.consumed))
+    cpu = final.cpu - first.cpu
+    backlog = final.committed - cast(int, final.consumed) > BATCH_MAX
+    return done / (final.t - first.t), (done / cpu if cpu > 0 else math.nan), backlog
+
+
 def open_episodes_on(port: int, prefix: str) -> int:
     """The worker's ``nudgeflow_open_episodes``, summed over the campaigns named ``prefix*``
     (-1 when its ``/metrics`` does not answer)."""
@@ -227,6 +271,55 @@ def open_episodes_on(port: int, prefix: str) -> int:
         if line.startswith(f'nudgeflow_open_episodes{{campaign="{prefix}'):
             total += float(line.rsplit(" ", 1)[1])
     return int(total)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The worker's ``/metrics`` samples (``name{labels}`` -> value; empty if it does not
+    answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2.0) as answer:
+            text = answer.read().decode()
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("nudgeflow_"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def stalls(before: dict[str, float], after: dict[str, float]) -> str:
+    """What stopped the worker between two :func:`scrape` s: its GC passes by generation
+    (count, total and the longest bucket reached) and its ticks' delay (p99 bucket)."""
+
+    def grown(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    parts = []
+    for gen in "012":
+        n = grown(f'nudgeflow_gc_pause_seconds_count{{generation="{gen}"}}')
+        total = grown(f'nudgeflow_gc_pause_seconds_sum{{generation="{gen}"}}')
+        buckets = sorted(
+            (float(k.split('le="')[1].rstrip('"}')), grown(k))
+            for k in after
+            if k.startswith(f'nudgeflow_gc_pause_seconds_bucket{{generation="{gen}"')
+            and "+Inf" not in k
+        )
+        longest = next((le for le, c in buckets if c >= n), math.inf) if n else 0.0
+        parts.append(f"gen{gen} {n:.0f} passes {total:.2f} s (longest <= {longest:g} s)")
+    ticks = grown("nudgeflow_tick_delay_seconds_count")
+    tick_buckets = sorted(
+        (float(k.split('le="')[1].rstrip('"}')), grown(k))
+        for k in after
+        if k.startswith("nudgeflow_tick_delay_seconds_bucket") and "+Inf" not in k
+    )
+    p50, p99 = (
+        next((le for le, c in tick_buckets if c >= q * ticks), math.inf) if ticks else 0.0
+        for q in (0.5, 0.99)
+    )
+    parts.append(f"{ticks:.0f} ticks applied, delay p50 <= {p50:g} s p99 <= {p99:g} s")
+    return "; ".join(parts)
 
 
 def wait_for(what: str, check: Any, timeout_s: float, worker: Worker, describe: Any = None) -> None:
@@ -384,17 +477,33 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         rng = random.Random(7)
 
         # ---- phase 0: the worker's maximum rate on phase 1's mix
-        max_rate = math.nan
+        max_rate = live_max = math.nan
         if args.rate is None:
             max_rate, cpu_rate = max_rate_on_mix(metrics_port, events, worker, rng, args.max_events)
-            rate = args.load * max_rate
             say(
                 f"phase 0: the worker drained {args.max_events} events at {max_rate:,.0f} "
-                f"events/s ({cpu_rate:,.0f} per CPU-second); phase 1 at {args.load:.0%}: "
-                f"{rate:,.0f} events/s"
+                f"events/s ({cpu_rate:,.0f} per CPU-second, {max_rate / cpu_rate:.2f} of a core)"
             )
             wait_for("the worker to catch up", lambda: progress.committed() >= events.n, 60, worker)
             time.sleep(PHASE0_SETTLE_S)  # the dispatcher's share of phase 0, expiries
+            live_max, live_cpu, backlog = max_rate_overloaded(
+                metrics_port, events, worker, rng, args.overload * max_rate, args.overload_s
+            )
+            say(
+                f"phase 0b: produced live at {args.overload:.0%} of that for "
+                f"{args.overload_s:g} s, the worker consumed {live_max:,.0f} events/s "
+                f"({live_cpu:,.0f} per CPU-second, {live_max / live_cpu:.2f} of a core)"
+                + ("" if backlog else "; it kept up: a lower bound")
+            )
+            events.flush()
+            wait_for(
+                "the worker to catch up", lambda: progress.committed() >= events.n, 120, worker
+            )
+            time.sleep(PHASE0_SETTLE_S)
+            base_rate = max_rate if args.max_from == "backlog" else live_max
+            rate = args.load * base_rate
+            say(f"phase 1 at {args.load:.0%} of phase 0{'b' * (args.max_from == 'live')}'s: "
+                f"{rate:,.0f} events/s")  # fmt: skip
         else:
             rate = args.rate
             say(f"worker live (pid {worker.pid}); phase 1: {rate:.0f} events/s (given)")
@@ -404,6 +513,8 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         texted: list[str] = []
         text_every = max(100, int(rate / TEXTS_PER_S))  # texts stay under the gateway limit
         t1 = now_ms()
+        scraped = scrape(metrics_port)
+        p1_start = (time.monotonic(), process_cpu_s(worker.pid), events_consumed(metrics_port))
 
         def emit(i: int) -> None:
             if i % text_every == 0:
@@ -416,8 +527,17 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         paced(rate, args.latency_s, emit)
         events.flush()
         t1_end = now_ms()
+        p1_end = (time.monotonic(), process_cpu_s(worker.pid), events_consumed(metrics_port))
+        p1_s, p1_cpu = p1_end[0] - p1_start[0], p1_end[1] - p1_start[1]
+        p1_done = (p1_end[2] or 0) - (p1_start[2] or 0)
+        say(
+            f"phase 1: while producing, the worker consumed {p1_done / p1_s:,.0f} events/s on "
+            f"{p1_cpu / p1_s:.2f} of a core ({p1_done / p1_cpu if p1_cpu > 0 else math.nan:,.0f} "
+            f"per CPU-second)"
+        )
         wait_for("the worker to catch up", lambda: progress.committed() >= events.n, 180, worker)
         caught_up_s = (now_ms() - t1_end) / 1000
+        say(f"phase 1 stalls: {stalls(scraped, scrape(metrics_port))}")
         wait_for("the phase-1 texts", lambda: len(gateway.arrivals) >= len(texted), 60, worker)
         decided = {
             r["decision_id"]: (r, created)
@@ -459,6 +579,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
             f"opening, the rest held"
         )
         produced_at = time.monotonic()
+        scraped = scrape(metrics_port)
         events.flush()
         paced(
             args.episode_rate,
@@ -496,6 +617,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
             )
         lateness_s = [(c - (r["fire_at"] + LATENESS_S * 1000)) / 1000 for r, c in done]
         ingest_s = time.monotonic() - produced_at
+        say(f"phase 2 stalls: {stalls(scraped, scrape(metrics_port))}")
         wait_for("the worker to catch up", lambda: progress.committed() >= events.n, 60, worker)
         say(
             f"phase 2: {len(lateness_s)} timers fired within {ingest_s:.0f} s; lateness p50 "
@@ -507,6 +629,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         events.flush()
         say(f"phase 3: {args.soak_rate:.0f} new users/s for {args.soak_s:.0f} s (TTL 10 s)")
         samples: list[tuple[float, int]] = []
+        scraped = scrape(metrics_port)
         start = time.monotonic()
         last_sample = [0.0]
 
@@ -521,6 +644,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         events.flush()
         samples.append((time.monotonic() - start, rss_bytes(worker.pid)))
         soak_lag = events.n - progress.committed()
+        say(f"phase 3 stalls: {stalls(scraped, scrape(metrics_port))}")
         progress.close()
         settled = [rss for t, rss in samples if t >= args.soak_s / 3]
         base, end = settled[0], settled[-1]
@@ -533,6 +657,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         )
         return [
             ("max_rate_per_s", f"{max_rate:.0f}"),
+            ("max_rate_live_per_s", f"{live_max:.0f}"),
             ("latency_rate_per_s", f"{rate:.0f}"),
             ("decisions_measured", str(len(decision_ms))),
             ("decision_p50_ms", f"{percentile(decision_ms, 50):.0f}"),
@@ -574,6 +699,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--max-events", type=int, default=60_000, help="phase 0's backlog, events (60000)"
+    )
+    parser.add_argument(
+        "--overload",
+        type=float,
+        default=1.5,
+        help="phase 0b's live rate as a share of phase 0's drain rate (1.5)",
+    )
+    parser.add_argument("--overload-s", type=float, default=6.0, help="phase 0b seconds (6)")
+    parser.add_argument(
+        "--max-from",
+        choices=("live", "backlog"),
+        default="live",
+        help="the maximum phase 1's --load applies to: phase 0b's (live) or phase 0's (backlog)",
     )
     parser.add_argument("--latency-s", type=float, default=10.0, help="phase 1 seconds (10)")
     parser.add_argument(

@@ -113,6 +113,21 @@ CHECKPOINT = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
     registry=REGISTRY,
 )
+GC_PAUSE = Histogram(
+    "nudgeflow_gc_pause_seconds",
+    "Trigger worker: one pass of Python's cyclic garbage collector, which stops the event loop "
+    "(streams/gcpolicy.py), by generation.",
+    ["generation"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=REGISTRY,
+)
+TICK_DELAY = Histogram(
+    "nudgeflow_tick_delay_seconds",
+    "Live clock only, trigger worker: wall clock when a tick starts moving its partition's time "
+    "minus the tick's own time (its trip through the ticks topic and its wait for the worker).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    registry=REGISTRY,
+)
 TIMER_LATENESS = Histogram(
     "nudgeflow_timer_lateness_seconds",
     "Live clock only: wall clock when a timer decision was produced minus (fire_at + allowed "

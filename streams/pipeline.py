@@ -5,13 +5,14 @@ lock (:meth:`Pipeline.process`): every record is classified by :func:`streams.in
 (bad data is dead-lettered byte for byte with a reason; a registry outage is waited out, never
 dead-lettered), events go to :meth:`streams.steps.Steps.on_click`, end-of-input records to
 :meth:`streams.ticks.Ticks.flush_partition`, and the partition's position advances past the
-record. Checkpoints are started between batches (:mod:`streams.state.writer`).
+record. Batches are processed in slices of :data:`SLICE` records; between slices the live
+clock's newest ticks move time (:meth:`streams.ticks.Ticks.apply`) and the lock is let go.
+Checkpoints are started between batches (:mod:`streams.state.writer`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,6 +24,7 @@ from processors.core.events import ClickEvent
 from schemas.codec import Codec
 from streams.clients import Clients
 from streams.emit import Emitter
+from streams.gcpolicy import GcPolicy
 from streams.intake import EndOfInput, Intake, Rejected, intake
 from streams.state.writer import CheckpointWriter
 from streams.stats import WorkerStats
@@ -32,7 +34,7 @@ from streams.ticks import Ticks
 log = logging.getLogger(__name__)
 
 YIELD_EVERY = 1000  # records between turns given to the event loop (heartbeats)
-GC_THRESHOLDS = (20_000, 20, 20)  # the engine makes many short-lived dicts: fewer gen-0 passes
+SLICE = 1000  # records per hold of the worker's lock: a due timer waits for at most one slice
 _REGISTRY_RETRY_MAX_S = 30.0
 
 
@@ -65,6 +67,7 @@ class Pipeline:
         self.vocabulary = vocabulary
         self.fail = fail
         self.running = False
+        self.gc = GcPolicy()
         self._reading: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
@@ -73,22 +76,30 @@ class Pipeline:
         batches are processed."""
         self.running = True
         self._reading = asyncio.current_task()
-        # Faust, the campaigns and the codecs are alive for good: take them out of the cyclic
-        # GC's scans, whose full passes stopped the event loop for ~80 ms (decision p99).
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(*GC_THRESHOLDS)
-        writer = self.writer
+        self.gc.install()
+        try:
+            await self._loop()
+        finally:
+            self.gc.uninstall()
+
+    async def _loop(self) -> None:
+        writer, busy, ticks = self.writer, self.busy, self.ticks
         while self.running:
             try:
                 msgs = await self.clients.reader.poll()
                 if writer.full():
                     await writer.finish()  # backpressure: memory stays bounded
-                async with self.busy:
-                    if msgs:
-                        await self.process(msgs)
+                # Time moves between slices of a batch: a due timer or expiry waits for at most
+                # one slice, and the lock is let go between them (ticks, rebalance handlers).
+                for start in range(0, len(msgs), SLICE):
+                    async with busy:
+                        await self.process(msgs[start : start + SLICE])
+                        await ticks.apply()
+                async with busy:
+                    await ticks.apply()
                     if writer.due():
                         writer.start()
+                        self.gc.settle()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

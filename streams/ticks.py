@@ -2,9 +2,13 @@
 
 Live clock: the group leader writes the wall clock to every partition of the ticks topic every
 :data:`TICK_INTERVAL_S` (:meth:`Ticks.send`); the ticks agent (:meth:`Ticks.agent`, a Faust
-agent: the ticks topic carries the partition assignment) receives the tick of a partition this
-worker reads and moves that partition's watermark to ``tick - allowed lateness``: every user
-whose timer is due takes a step (:meth:`streams.steps.Steps.on_time`). The event clock ignores
+agent: the ticks topic carries the partition assignment) keeps the newest tick of each partition
+and applies it at once if the worker's lock is free, else the read loop applies it after the
+slice of a batch it is processing (:meth:`Ticks.apply`): a partition this worker reads moves
+its watermark to ``tick - allowed lateness`` and every user whose timer is due takes a step
+(:meth:`streams.steps.Steps.on_time`).
+Only the newest tick of a partition matters, so ticks that queued up while the worker was busy
+cost one move of time, not one wait for the worker's lock each. The event clock ignores
 tick values. End of input (a flush control record) commits every pending timer of the
 partition's users and forwards the marker to every ``sms-decisions`` partition.
 """
@@ -17,6 +21,7 @@ import struct
 
 import faust
 
+from processors import metrics
 from processors.core.clock import Clock
 from processors.core.engine import FLUSH_MS
 from processors.kafka.control import flush_headers
@@ -71,9 +76,13 @@ class Ticks:
         self.clock = clock
         self.live = settings.clock == "live"
         self.lateness_ms = int(settings.allowed_lateness_s * 1000)
+        self.pending: dict[int, int] = {}
+        """Partition -> its newest tick not yet applied (epoch ms)."""
 
     async def agent(self, stream: faust.StreamT) -> None:
-        """The ticks agent: each tick of a partition this worker reads moves its watermark."""
+        """The ticks agent: keeps each partition's newest tick and applies it at once when the
+        worker's lock is free (the read loop waits for a fetch or a checkpoint)."""
+        pending, busy = self.pending, self.busy
         async for event in stream.events():
             if not self.live:
                 continue  # the event clock moves with the events and flush records only
@@ -84,10 +93,27 @@ class Ticks:
                 log.warning("ignoring a malformed tick on partition %d", partition)
                 continue
             self.stats.ticks += 1
-            async with self.busy:
-                if not self.clients.reading or partition not in self.clients.reader.owned:
-                    continue  # not (yet) ours on the clickstream side
-                await self.advance_partition(partition, now_ms - self.lateness_ms)
+            if now_ms > pending.get(partition, -1):
+                pending[partition] = now_ms
+            if not busy.locked():  # else the read loop applies it after its slice
+                async with busy:
+                    await self.apply()
+
+    async def apply(self) -> None:
+        """Move time with the ticks kept since the last call (the caller holds the worker's
+        lock); ``nudgeflow_tick_delay_seconds``: how long after its own time each tick moved
+        its partition."""
+        if not self.pending:
+            return
+        pending = dict(self.pending)
+        self.pending.clear()  # the same dict: the agent holds it
+        if not self.clients.reading:
+            return
+        owned, now, delay = self.clients.reader.owned, self.clock.now_ms(), metrics.TICK_DELAY
+        for partition, tick_ms in pending.items():
+            if partition in owned:  # else: not (yet) ours on the clickstream side
+                delay.observe(max(0, now - tick_ms) / 1000)
+                await self.advance_partition(partition, tick_ms - self.lateness_ms)
 
     async def send(self) -> None:
         """Leader only: one tick per partition of the ticks topic (co-partitioned)."""
