@@ -97,6 +97,8 @@ class Rules:
             cs = states.get(cid)
             if cs is None:
                 cs = states[cid] = CampaignState()
+            elif cs.shared:  # copy on write (Core.clone)
+                cs = states[cid] = cs.clone()
             fires, cancelled = machine.on_event(cs, ev, gap)
             deadline = cs.next_deadline()
             if deadline is None:
@@ -147,6 +149,8 @@ class Rules:
             campaign, base = self.machines[index]
             machine, variant = self.pick(campaign, base, user_id)
             cs = core.campaigns[cid]
+            if cs.shared:  # copy on write (Core.clone)
+                cs = core.campaigns[cid] = cs.clone()
             for fire in machine.fire_due(cs, before):
                 d = self.decide(campaign, variant, user_id, fire, core.facts, emit)
                 if d is not None:
