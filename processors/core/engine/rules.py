@@ -14,7 +14,6 @@ from processors.core.events import ClickEvent
 from processors.core.segment import Facts
 from processors.core.trigger import CampaignState, Fire, Machine, machine_for
 
-
 _VARIANTS_KEPT = 1 << 16  # users whose variant Rules.pick remembers, per campaign
 
 
