@@ -82,17 +82,22 @@ def _play(
             state = states[user] = UserState.from_bytes(state.to_bytes())
         return state
 
+    def held(user: str) -> UserState:
+        state = fresh(user)
+        assert state is not None
+        return state
+
     for kind, item in schedule:
         if kind == "reload":
             states = {u: UserState.from_bytes(s.to_bytes()) for u, s in states.items()}
         elif kind == "tick":
             tick_wm = item
             for _due, user in sorted((w, u) for u, w in wake.items() if w <= item):
-                keep(user, engine.on_time(fresh(user), item))  # type: ignore[arg-type]
+                keep(user, engine.on_time(held(user), item))
         else:
             keep(item.user_id, engine.on_event(fresh(item.user_id), item, tick_wm))
     for user in sorted(states):
-        keep(user, engine.on_time(fresh(user), FLUSH_MS))  # type: ignore[arg-type]
+        keep(user, engine.on_time(held(user), FLUSH_MS))
     return answers
 
 
