@@ -29,7 +29,8 @@ HOUR_MS = 3_600_000
 
 @dataclass(slots=True, init=False)
 class HourCount:
-    """Events in one hour (epoch hours)."""
+    """Events in one hour (epoch hours). Never changed once made: :meth:`Facts.clone` shares
+    them."""
 
     hour: int
     count: int
@@ -72,7 +73,7 @@ class Facts:
     def clone(self) -> Facts:
         return Facts(
             self.purchases, self.first_seen, self.last_seen, self.last_purchase,
-            [HourCount(b.hour, b.count) for b in self.recent], self.session_id,
+            list(self.recent), self.session_id,
             self.session_intent,
         )  # fmt: skip
 
@@ -102,7 +103,7 @@ def observe(facts: Facts, ev: ClickEvent) -> int | None:
     hour = ts // HOUR_MS
     recent = facts.recent
     if recent and recent[-1].hour == hour:
-        recent[-1].count += 1
+        recent[-1] = HourCount(hour, recent[-1].count + 1)  # never changed in place: shared
     else:
         if recent and recent[0].hour <= hour - 24:
             recent = facts.recent = [b for b in recent if b.hour > hour - 24]

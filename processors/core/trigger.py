@@ -110,6 +110,7 @@ class CampaignState:
     group_fired: dict[str, int] = field(default_factory=dict)
     last_scheduled: int | None = None
     pending: list[Pending] = field(default_factory=list)
+    shared: bool = field(default=False, compare=False, repr=False)
 
     def __init__(
         self,
@@ -126,9 +127,10 @@ class CampaignState:
         self.group_fired = {} if group_fired is None else group_fired
         self.last_scheduled = last_scheduled
         self.pending = [] if pending is None else pending
+        self.shared = False
 
     def clone(self) -> CampaignState:
-        """A copy sharing only immutable parts."""
+        """A copy sharing only immutable parts (not shared)."""
         ep = self.episode
         return CampaignState(
             None if ep is None else ep.clone(),

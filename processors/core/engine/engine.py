@@ -49,7 +49,6 @@ from processors.core.trigger import last_fire_at
 FLUSH_MS = 2**62  # watermark meaning "end of input": commit everything, fire every timer
 DEDUP_WINDOW_MS = 24 * 3_600_000
 DEFAULT_STATE_TTL_MS = 30 * 86_400_000
-_REUSE_MIN = 2  # tail events a commit must save to take the head when a clone follows
 EXIT = "x:"  # spec key prefix: an exit emitted from the head, not yet committed
 
 
@@ -263,12 +262,12 @@ class Engine:
                 st.quiet
                 and head is not None
                 and self.reuse_head
-                and (n == len(tail) if not fresh else n == len(tail) - 1 and n >= _REUSE_MIN)
+                and n == (len(tail) - 1 if fresh else len(tail))
             ):
                 # The whole (applied) tail: replaying it on the committed core would give the
                 # head and emit nothing but the head's speculative decisions, which it confirms.
-                # With a fresh event the head must then be cloned again (one clone costs about
-                # one replayed event), so that takes a longer tail.
+                # With a fresh event the head is then cloned again (copy on write: cheaper than
+                # one replayed event).
                 core = st.committed = head
                 st.head = None
                 st.quiet = False

@@ -14,6 +14,8 @@ from processors.core.events import ClickEvent
 from processors.core.segment import Facts
 from processors.core.trigger import CampaignState, Fire, Machine, machine_for
 
+_VARIANTS_KEPT = 1 << 16  # users whose variant Rules.pick remembers, per campaign
+
 
 class Rules:
     """Applies the campaigns to a core. ``dropped`` is set when applying on the head (no
@@ -35,6 +37,11 @@ class Rules:
             c.id: {v.id: machine_for(c, v.trigger) for v in c.variants}
             for c in self.campaigns
             if c.variants
+        }
+        # campaign id -> user id -> the user's variant id (a pure function of the two, hashed
+        # once per user instead of at every event; emptied when it reaches _VARIANTS_KEPT)
+        self.variant_ids: dict[str, dict[str, str | None]] = {
+            cid: {} for cid in self.variant_machines
         }
         self.clock = clock
         self.clock_name = clock_name
@@ -65,7 +72,13 @@ class Rules:
         variants = self.variant_machines.get(campaign.id)
         if variants is None:
             return machine, None
-        vid = experiment.variant_id(campaign, user_id)
+        known = self.variant_ids[campaign.id]
+        if user_id in known:
+            vid = known[user_id]
+        else:
+            if len(known) >= _VARIANTS_KEPT:
+                known.clear()
+            vid = known[user_id] = experiment.variant_id(campaign, user_id)
         return variants.get(vid or "", machine), vid
 
     def apply(self, core: Core, ev: ClickEvent, emit: Step | None) -> list[Decision]:
@@ -97,6 +110,8 @@ class Rules:
             cs = states.get(cid)
             if cs is None:
                 cs = states[cid] = CampaignState()
+            elif cs.shared:  # copy on write (Core.clone)
+                cs = states[cid] = cs.clone()
             fires, cancelled = machine.on_event(cs, ev, gap)
             deadline = cs.next_deadline()
             if deadline is None:
@@ -147,6 +162,8 @@ class Rules:
             campaign, base = self.machines[index]
             machine, variant = self.pick(campaign, base, user_id)
             cs = core.campaigns[cid]
+            if cs.shared:  # copy on write (Core.clone)
+                cs = core.campaigns[cid] = cs.clone()
             for fire in machine.fire_due(cs, before):
                 d = self.decide(campaign, variant, user_id, fire, core.facts, emit)
                 if d is not None:

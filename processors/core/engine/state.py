@@ -40,12 +40,13 @@ class Core:
         self.deadlines = {} if deadlines is None else deadlines
 
     def clone(self) -> Core:
-        """A deep copy (immutable parts shared)."""
-        return Core(
-            self.facts.clone(),
-            {cid: cs.clone() for cid, cs in self.campaigns.items()},
-            dict(self.deadlines),
-        )
+        """A copy whose changes never show in this core (nor this core's in it): the facts and
+        the dicts are copied; the campaign states are shared, marked ``shared``, and copied by
+        whichever core changes one first (:class:`~processors.core.engine.rules.Rules`)."""
+        campaigns = self.campaigns
+        for cs in campaigns.values():
+            cs.shared = True
+        return Core(self.facts.clone(), dict(campaigns), dict(self.deadlines))
 
     def is_new(self) -> bool:
         """No event applied yet."""

@@ -54,7 +54,11 @@ def schedules(draw: st.DrawFn) -> tuple[bool, list[tuple[str, Any]]]:
     return live, schedule
 
 
-def _play(engine: Engine, live: bool, schedule: list[tuple[str, Any]]) -> list[Any]:
+def _play(
+    engine: Engine, live: bool, schedule: list[tuple[str, Any]], rebuild: bool = False
+) -> list[Any]:
+    """``rebuild``: every state is decoded from its bytes before each call, so no object is
+    shared between calls or between a state's cores."""
     states: dict[str, UserState] = {}
     wake: dict[str, int] = {}
     tick_wm: int | None = None
@@ -72,17 +76,28 @@ def _play(engine: Engine, live: bool, schedule: list[tuple[str, Any]]) -> list[A
             else:
                 wake[user] = step.wake_at
 
+    def fresh(user: str) -> UserState | None:
+        state = states.get(user)
+        if rebuild and state is not None:
+            state = states[user] = UserState.from_bytes(state.to_bytes())
+        return state
+
+    def held(user: str) -> UserState:
+        state = fresh(user)
+        assert state is not None
+        return state
+
     for kind, item in schedule:
         if kind == "reload":
             states = {u: UserState.from_bytes(s.to_bytes()) for u, s in states.items()}
         elif kind == "tick":
             tick_wm = item
             for _due, user in sorted((w, u) for u, w in wake.items() if w <= item):
-                keep(user, engine.on_time(states[user], item))
+                keep(user, engine.on_time(held(user), item))
         else:
-            keep(item.user_id, engine.on_event(states.get(item.user_id), item, tick_wm))
+            keep(item.user_id, engine.on_event(fresh(item.user_id), item, tick_wm))
     for user in sorted(states):
-        keep(user, engine.on_time(states[user], FLUSH_MS))
+        keep(user, engine.on_time(held(user), FLUSH_MS))
     return answers
 
 
@@ -97,6 +112,40 @@ def test_taking_the_head_answers_as_replaying_the_tail(
         CSET, allowed_lateness_ms=LATENESS, state_ttl_ms=TTL, lazy_commit=lazy, reuse_head=False
     )
     assert _play(fast, live, schedule) == _play(reference, live, schedule)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schedules(), st.booleans())
+def test_cores_that_share_campaign_states_answer_as_independent_ones(
+    drawn: tuple[bool, list[tuple[str, Any]]], lazy: bool
+) -> None:
+    """``Core.clone`` shares the campaign states until one core changes one (copy on write):
+    the engine keeping its states between calls answers as the replaying reference whose states
+    are all rebuilt from their bytes before every call."""
+    live, schedule = drawn
+    fast = Engine(CSET, allowed_lateness_ms=LATENESS, state_ttl_ms=TTL, lazy_commit=lazy)
+    reference = Engine(
+        CSET, allowed_lateness_ms=LATENESS, state_ttl_ms=TTL, lazy_commit=lazy, reuse_head=False
+    )
+    assert _play(fast, live, schedule) == _play(reference, live, schedule, rebuild=True)
+
+
+def test_an_event_that_commits_the_tail_before_it_takes_the_head() -> None:
+    """Event clock, events further apart than the lateness: each commits the one before by
+    taking the head (no replay); the new head shares the campaign states until it changes one."""
+    engine = Engine(CSET, allowed_lateness_ms=LATENESS, state_ttl_ms=TTL)
+    st = engine.on_event(None, ClickEvent("e1", "u", "a", T0, None, {})).state
+    assert st is not None and st.quiet and st.head is not None
+    head = st.head
+    cart = head.campaigns["cart"]
+    engine.on_event(st, ClickEvent("e2", "u", "x", T0 + 6 * M, None, {}))
+    assert st.committed is head and [e.event.event_id for e in st.tail] == ["e2"]
+    assert st.head is not None and st.head.campaigns["cart"] is cart and cart.shared
+    step = engine.on_event(st, ClickEvent("e3", "u", "b", T0 + 9 * M, None, {}))  # cancels
+    assert step.decisions == [] and "cart" not in st.head.campaigns  # the episode closed
+    assert st.committed.campaigns["cart"] is cart and cart.episode is not None
+    flush = engine.on_time(st, FLUSH_MS)
+    assert flush.decisions == [] and "cart" not in st.committed.campaigns
 
 
 def test_a_quiet_tail_is_committed_without_replaying_it() -> None:

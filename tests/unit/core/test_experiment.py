@@ -110,3 +110,23 @@ def test_bad_experiment_config_names_campaign_and_field(change: dict, message: s
     with pytest.raises(CampaignError, match="campaign 'cart-recovery'") as err:
         parse_campaigns(doc)
     assert message in str(err.value)
+
+
+def test_the_engine_remembers_each_users_variant_as_assigned() -> None:
+    """``Rules.pick`` hashes a user's variant once and then remembers it (a bounded memo): the
+    remembered answer, and the one after the memo is emptied, are ``variant_id``'s."""
+    from processors.core.engine import rules as rules_module
+
+    campaigns = parse_campaigns(DOC)
+    rules = rules_module.Rules(campaigns, None, "event")
+    campaign, base = rules.machines[rules.index["cart-recovery"]]
+    users = [f"u{i}" for i in range(300)]
+    expected = {u: experiment.variant_id(campaign, u) for u in users}
+    assert set(expected.values()) == {"quick", "patient"}
+    for _ in range(2):
+        for u in users:
+            machine, variant = rules.pick(campaign, base, u)
+            assert variant == expected[u]
+            assert machine is rules.variant_machines["cart-recovery"][variant]
+    rules.variant_ids["cart-recovery"].clear()
+    assert [rules.pick(campaign, base, u)[1] for u in users] == [expected[u] for u in users]
