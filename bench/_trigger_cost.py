@@ -208,7 +208,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             else:
                 states[click.user_id] = step.state
 
-    from streams.gcpolicy import GC_THRESHOLDS
+    from processors.collector import GC_THRESHOLDS
 
     gc.collect()
     gc.freeze()  # as the worker does after start-up (streams/gcpolicy.py)

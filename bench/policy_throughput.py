@@ -26,12 +26,12 @@ from _common import EXAMPLE_CAMPAIGNS, FakeGateway, bench_settings, write_contac
 from confluent_kafka import Producer
 from trigger_throughput import BenchError, run_main, say
 
+from processors.collector import settle_collector
 from processors.commands.contacts import import_contacts
 from processors.core.campaign import load_campaigns
 from processors.core.decision import Decision
 from processors.devstack import EmbeddedStack, create_topics
 from processors.dispatcher import Dispatcher
-from processors.dispatcher.service import settle_collector
 from schemas.codec import Codec
 
 

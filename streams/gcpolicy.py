@@ -18,8 +18,7 @@ import time
 from typing import Any
 
 from processors import metrics
-
-GC_THRESHOLDS = (20_000, 20, 20)  # the engine makes many short-lived dicts: fewer gen-0 passes
+from processors.collector import GC_THRESHOLDS, settle_collector
 
 
 class GcPolicy:
@@ -43,9 +42,7 @@ class GcPolicy:
         self._installed = True
         self._previous = gc.get_threshold()
         self._unfreeze = gc.get_freeze_count() == 0  # a caller's own frozen objects stay so
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(*self.thresholds)
+        settle_collector(self.thresholds)
         gc.callbacks.append(self._on_gc)
 
     def uninstall(self) -> None:

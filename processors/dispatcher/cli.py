@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 from processors import arguments, metrics
+from processors.collector import settle_collector
 from processors.core.campaign import CampaignError, load_campaigns
 from processors.core.policy import RetryPolicy
 from processors.dispatcher.gateway import make_gateway
-from processors.dispatcher.service import DEFAULT_RATE_PER_S, Dispatcher, settle_collector
+from processors.dispatcher.service import DEFAULT_RATE_PER_S, Dispatcher
 from processors.redis import DEFAULT_PREFIX
 from processors.settings import Settings
 

@@ -8,7 +8,6 @@ finishes the in-flight sends and commits before a partition is let go.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -46,19 +45,6 @@ CONSUME_MAX = 1024
 backlog, a run of as many decisions; each run waits for its first two Redis round trips."""
 RUN_MAX = 1024
 """Most consecutive decisions taken from the inbox at once (decided batch after batch)."""
-GC_THRESHOLDS = (20_000, 20, 20)
-"""The cyclic collector's thresholds in a dispatcher process (:func:`settle_collector`)."""
-
-
-def settle_collector() -> None:
-    """For a process whose work is one dispatcher, once it is built: what is loaded by then
-    (libraries, campaigns, templates, clients) lives as long as the process, so it is frozen
-    out of the cyclic collector's passes, and the young passes run less often (a decision
-    makes many short-lived objects and no reference cycles). Process-wide: never call it in
-    a process that runs other work beside the dispatcher (tests)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 class Dispatcher:

@@ -8,7 +8,7 @@ import sys
 
 PROBE = """
 import gc
-from processors.dispatcher.service import GC_THRESHOLDS, settle_collector
+from processors.collector import GC_THRESHOLDS, settle_collector
 assert gc.get_freeze_count() == 0
 settle_collector()
 assert gc.get_freeze_count() > 1000, gc.get_freeze_count()

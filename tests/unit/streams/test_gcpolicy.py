@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from processors import metrics
-from streams.gcpolicy import GC_THRESHOLDS, GcPolicy
+from processors.collector import GC_THRESHOLDS
+from streams.gcpolicy import GcPolicy
 
 
 def _passes(generation: int) -> float:
