@@ -27,7 +27,9 @@ from processors.settings import Settings
 
 log = logging.getLogger("nudgeflow.dispatcher")
 
-PROBE_MAX_S = 5.0
+PROBE_MAX_S = 1.0
+"""Longest wait between Redis probes (and retries) in an outage: the dispatcher resumes at most
+this long after Redis answers again; a ping a second costs nothing."""
 
 REDIS_DOWN: tuple[type[Exception], ...] = (
     redis.exceptions.ConnectionError,
