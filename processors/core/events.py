@@ -24,12 +24,12 @@ from typing import Any, Final, cast
 
 # Sanity bounds: events outside 2000-01-01 .. 2100-01-01 are almost certainly unit mistakes
 # (seconds instead of milliseconds, or microseconds).
-MIN_TS_MS = 946_684_800_000
-MAX_TS_MS = 4_102_444_800_000
-MAX_PROPERTIES = 64
-MAX_KEY_LEN = 128
-MAX_VALUE_LEN = 2_048
-MAX_ID_LEN = 256
+MIN_TS_MS: Final = 946_684_800_000
+MAX_TS_MS: Final = 4_102_444_800_000
+MAX_PROPERTIES: Final = 64
+MAX_KEY_LEN: Final = 128
+MAX_VALUE_LEN: Final = 2_048
+MAX_ID_LEN: Final = 256
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DIGITS = re.compile(r"-?[0-9]+")  # ASCII only: str.isdigit() also accepts "²" and "٣"
 
