@@ -68,7 +68,8 @@ def test_the_oracle_and_property_checks_pass_on_the_compiled_build() -> None:
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=append",
          "tests/unit/core/test_engine_property.py", "tests/unit/core/test_engine.py",
-         "tests/unit/core/test_engine_reuse.py",
+         "tests/unit/core/test_engine_reuse.py", "tests/unit/core/test_event_validation.py",
+         "tests/unit/core/test_event_parsing.py",
          "tests/unit/streams/test_state_format.py"],
         env=_compiled_env(), cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip

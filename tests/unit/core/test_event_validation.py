@@ -7,8 +7,10 @@ of those checks, because the reason is the dead-letter header.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
+import pickle
 from typing import Any
 
 import pytest
@@ -159,3 +161,22 @@ def test_from_record_copies_properties_and_validates() -> None:
     with pytest.raises(EventError) as exc:
         ClickEvent.from_record({**record, "user_id": "\x00u1"})
     assert exc.value.reason == "bad_user_id"
+
+
+def test_an_event_pickles_copies_and_stays_frozen() -> None:
+    event = ClickEvent("e1", "u1", "add_to_cart", T0, None, {"p": "1"})
+    for other in (
+        pickle.loads(pickle.dumps(event)),
+        copy.copy(event),
+        copy.deepcopy(event),
+        dataclasses.replace(event),
+    ):
+        assert type(other) is ClickEvent
+        assert other == event
+        assert repr(other) == repr(event)
+    assert ClickEvent("e1", "u1", "v", T0).properties == {}
+    assert (
+        ClickEvent("e1", "u1", "v", T0).properties is not ClickEvent("e1", "u1", "v", T0).properties
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.properties = {}  # type: ignore[misc]
