@@ -29,6 +29,7 @@ MODULES = [
     "processors/core/engine/state_format.py",
     "processors/core/trigger.py",
     "processors/core/segment.py",
+    "processors/core/events.py",
     "streams/intake.py",
     "streams/pipeline.py",
     "streams/steps.py",

@@ -19,16 +19,17 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from types import MemberDescriptorType
+from typing import Any, Final, cast
 
 # Sanity bounds: events outside 2000-01-01 .. 2100-01-01 are almost certainly unit mistakes
 # (seconds instead of milliseconds, or microseconds).
-MIN_TS_MS = 946_684_800_000
-MAX_TS_MS = 4_102_444_800_000
-MAX_PROPERTIES = 64
-MAX_KEY_LEN = 128
-MAX_VALUE_LEN = 2_048
-MAX_ID_LEN = 256
+MIN_TS_MS: Final = 946_684_800_000
+MAX_TS_MS: Final = 4_102_444_800_000
+MAX_PROPERTIES: Final = 64
+MAX_KEY_LEN: Final = 128
+MAX_VALUE_LEN: Final = 2_048
+MAX_ID_LEN: Final = 256
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DIGITS = re.compile(r"-?[0-9]+")  # ASCII only: str.isdigit() also accepts "²" and "٣"
 
@@ -42,8 +43,12 @@ class EventError(ValueError):
         self.detail = detail
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class ClickEvent:
+    """One clickstream event, immutable. Equality and ``repr`` by fields (the dataclass's);
+    pickles and copies by its fields. The compiled build makes it a native class, which
+    interpreted code cannot subclass."""
+
     event_id: str
     user_id: str
     event_type: str
@@ -51,30 +56,67 @@ class ClickEvent:
     session_id: str | None = None
     properties: dict[str, str] = field(default_factory=dict)
 
+    def __init__(
+        self,
+        event_id: str,
+        user_id: str,
+        event_type: str,
+        ts: int,
+        session_id: str | None = None,
+        properties: dict[str, str] | None = None,
+    ) -> None:
+        """Every field as given (``properties`` a new empty dict when left out); no validation."""
+        if properties is None:
+            properties = {}
+        if _SLOT_FIELDS:  # interpreted: the frozen dataclass refuses ``self.x =``, a slot does not
+            _set_event_id(self, event_id)
+            _set_user_id(self, user_id)
+            _set_event_type(self, event_type)
+            _set_ts(self, ts)
+            _set_session_id(self, session_id)
+            _set_properties(self, properties)
+            return
+        # compiled: plain stores into the native instance (only Python-level setattr is refused)
+        self.event_id = event_id  # type: ignore[misc]
+        self.user_id = user_id  # type: ignore[misc]
+        self.event_type = event_type  # type: ignore[misc]
+        self.ts = ts  # type: ignore[misc]
+        self.session_id = session_id  # type: ignore[misc]
+        self.properties = properties  # type: ignore[misc]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (
+            self.event_id,
+            self.user_id,
+            self.event_type,
+            self.ts,
+            self.session_id,
+            self.properties,
+        )
+
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> ClickEvent:
-        """From a decoded Avro ``ClickEvent`` dict (already typed); validates the content."""
+        """From a decoded Avro ``ClickEvent`` dict (already typed); validates the content (the
+        checks of :func:`validate`, on the values before the event is built)."""
+        event_id = record["event_id"]
+        user_id = record["user_id"]
+        event_type = record["event_type"]
+        ts = int(record["ts"])
+        session_id = record.get("session_id")
+        properties = dict(record.get("properties") or {})
+        _check(event_id, user_id, event_type, ts, session_id, properties)
         if cls is not ClickEvent:  # a subclass: its own __init__ may matter
             return validate(
                 cls(
-                    event_id=record["event_id"],
-                    user_id=record["user_id"],
-                    event_type=record["event_type"],
-                    ts=int(record["ts"]),
-                    session_id=record.get("session_id"),
-                    properties=dict(record.get("properties") or {}),
+                    event_id=event_id,
+                    user_id=user_id,
+                    event_type=event_type,
+                    ts=ts,
+                    session_id=session_id,
+                    properties=properties,
                 )
             )
-        return validate(
-            make_event(
-                record["event_id"],
-                record["user_id"],
-                record["event_type"],
-                int(record["ts"]),
-                record.get("session_id"),
-                dict(record.get("properties") or {}),
-            )
-        )
+        return ClickEvent(event_id, user_id, event_type, ts, session_id, properties)
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -95,7 +137,8 @@ def _slot_setter(name: str) -> Callable[[ClickEvent, Any], None]:
     return cast(Callable[[ClickEvent, Any], None], vars(ClickEvent)[name].__set__)
 
 
-_new = object.__new__
+# Slots (member descriptors) in the interpreted build; a native class's fields in the compiled one.
+_SLOT_FIELDS: Final = isinstance(vars(ClickEvent)["event_id"], MemberDescriptorType)
 _set_event_id = _slot_setter("event_id")
 _set_user_id = _slot_setter("user_id")
 _set_event_type = _slot_setter("event_type")
@@ -112,17 +155,8 @@ def make_event(
     session_id: str | None,
     properties: dict[str, str],
 ) -> ClickEvent:
-    """``ClickEvent(...)`` with every field given, at half the cost of the frozen dataclass's
-    ``__init__`` (which goes through ``object.__setattr__``): the engine rebuilds an event from
-    its stored record for every commit. No validation, like the constructor."""
-    event = _new(ClickEvent)
-    _set_event_id(event, event_id)
-    _set_user_id(event, user_id)
-    _set_event_type(event, event_type)
-    _set_ts(event, ts)
-    _set_session_id(event, session_id)
-    _set_properties(event, properties)
-    return event
+    """``ClickEvent(...)`` with every field given. No validation, like the constructor."""
+    return ClickEvent(event_id, user_id, event_type, ts, session_id, properties)
 
 
 def iso_ms(ms: int) -> str:
@@ -273,7 +307,7 @@ def _plain_event(obj: dict[str, Any]) -> ClickEvent | None:
         ts = round(dt.timestamp() * 1000)
     else:
         return None
-    return make_event(event_id, user_id, event_type, ts, session_id, properties)
+    return ClickEvent(event_id, user_id, event_type, ts, session_id, properties)
 
 
 CSV_COLUMNS = ("event_id", "user_id", "event_type", "ts", "session_id")
@@ -291,7 +325,27 @@ def parse_csv_row(row: dict[str, str]) -> ClickEvent:
 
 def validate(event: ClickEvent) -> ClickEvent:
     """Bounds every event must satisfy, whatever path it came by (file, Avro, tests)."""
-    event_id, user_id, event_type = event.event_id, event.user_id, event.event_type
+    _check(
+        event.event_id,
+        event.user_id,
+        event.event_type,
+        event.ts,
+        event.session_id,
+        event.properties,
+    )
+    return event
+
+
+def _check(
+    event_id: object,
+    user_id: object,
+    event_type: object,
+    ts: int,
+    session_id: object,
+    properties: dict[Any, Any],
+) -> None:
+    """:func:`validate`'s checks on an event's values: they may be of any type (a record's
+    values are checked before a compiled ``ClickEvent``, whose fields are typed, is built)."""
     # Fast path (every valid event): plain non-blank strings within bounds. Anything else takes
     # the checks below, in their documented order, so each bad event gets the same reason.
     if not (
@@ -305,25 +359,32 @@ def validate(event: ClickEvent) -> ClickEvent:
         and not user_id.isspace()
         and not event_type.isspace()
     ):
-        for name in ("event_id", "user_id", "event_type"):
-            value = getattr(event, name)
+        for name, value in (
+            ("event_id", event_id),
+            ("user_id", user_id),
+            ("event_type", event_type),
+        ):
             if not isinstance(value, str) or not value.strip():
                 raise EventError(f"missing_{name}", f"{name} is missing or empty")
             if len(value) > MAX_ID_LEN:
                 raise EventError(f"bad_{name}", f"{name} is longer than {MAX_ID_LEN} characters")
-    if user_id.startswith("\x00"):  # NUL-prefixed keys are the worker's own state keys
+    if cast(str, user_id).startswith("\x00"):  # NUL-prefixed keys are the worker's own state keys
         raise EventError("bad_user_id", "user_id starts with a NUL character")
-    if not MIN_TS_MS <= event.ts < MAX_TS_MS:
+    if session_id is not None and not isinstance(session_id, str):
         raise EventError(
-            "ts_out_of_range", f"ts {event.ts} is outside 2000..2100 (epoch milliseconds expected)"
+            "bad_session_id", f"session_id must be a string, got {type(session_id).__name__}"
         )
-    properties = event.properties
+    if not MIN_TS_MS <= ts < MAX_TS_MS:
+        raise EventError(
+            "ts_out_of_range", f"ts {ts} is outside 2000..2100 (epoch milliseconds expected)"
+        )
     if len(properties) > MAX_PROPERTIES:
         raise EventError("oversized_properties", f"more than {MAX_PROPERTIES} properties")
     for key, value in properties.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise EventError("bad_properties", f"property {key!r} must be a string")
         if len(key) > MAX_KEY_LEN or len(value) > MAX_VALUE_LEN:
             raise EventError(
                 "oversized_properties",
                 f"property {key[:40]!r} exceeds {MAX_KEY_LEN}/{MAX_VALUE_LEN} characters",
             )
-    return event

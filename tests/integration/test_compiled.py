@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, cast
 
 import pytest
 
+from tests.support.event_outcomes import event_outcomes
 from tests.support.replay import replay
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,6 +29,7 @@ COMPILED_MODULES = [
     "processors.core.engine.state_format",
     "processors.core.trigger",
     "processors.core.segment",
+    "processors.core.events",
     "streams.intake",
     "streams.pipeline",
     "streams.steps",
@@ -65,7 +68,8 @@ def test_the_oracle_and_property_checks_pass_on_the_compiled_build() -> None:
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=append",
          "tests/unit/core/test_engine_property.py", "tests/unit/core/test_engine.py",
-         "tests/unit/core/test_engine_reuse.py",
+         "tests/unit/core/test_engine_reuse.py", "tests/unit/core/test_event_validation.py",
+         "tests/unit/core/test_event_parsing.py",
          "tests/unit/streams/test_state_format.py"],
         env=_compiled_env(), cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
@@ -121,3 +125,39 @@ def test_the_compiled_worker_path_produces_what_the_interpreted_one_does() -> No
     assert compiled["store"] == interpreted["store"]
     assert compiled["open_episodes"] == interpreted["open_episodes"]
     assert compiled["dead_letters"] == interpreted["dead_letters"]
+
+
+def test_compiled_and_interpreted_events_agree() -> None:
+    """Every reader of a record gives the same event (fields and ``repr``) or the same reason in
+    both builds, and an event pickled by either build is the same event in the other."""
+    script = (
+        "import json, pickle, sys; sys.path.append(sys.argv[1]); "
+        "from tests.support.event_outcomes import event_outcomes; "
+        "theirs = [repr(pickle.loads(bytes.fromhex(h))) for h in json.load(sys.stdin)]; "
+        "print(json.dumps({**event_outcomes(), 'unpickled': theirs}))"
+    )
+    interpreted = event_outcomes()
+    compiled = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", script, str(ROOT)],
+            env=_compiled_env(),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            input=json.dumps(interpreted["pickled"]),
+        ).stdout  # fmt: skip
+    )
+    for reader in ("parse_event", "parse_any_event", "from_record"):
+        kinds = {outcome[0] for outcome in interpreted[reader]}
+        reasons = {outcome[1] for outcome in interpreted[reader] if outcome[0] == "refused"}
+        assert {"event", "refused"} <= kinds, kinds
+        assert {"missing_user_id", "bad_event_id", "ts_out_of_range"} <= reasons, reasons
+        assert compiled[reader] == interpreted[reader], reader
+    assert {"bad_session_id", "bad_properties"} <= {
+        outcome[1] for outcome in interpreted["from_record"] if outcome[0] == "refused"
+    }
+    assert len(interpreted["pickled"]) == 50
+    mine = [pickle.loads(bytes.fromhex(h)) for h in interpreted["pickled"]]
+    assert compiled["unpickled"] == [repr(e) for e in mine]
+    assert [pickle.loads(bytes.fromhex(h)) for h in compiled["pickled"]] == mine
