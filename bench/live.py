@@ -473,6 +473,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
         events.send("warm-up", "points_earned", {"tier": "gold", "points": "1"})
         events.flush()
         wait_for("the worker's first decision", lambda: watcher.snapshot(), 90, worker)
+        say(f"worker ready (pid {worker.pid})")
         progress = Progress(settings)
         rng = random.Random(7)
 
@@ -566,6 +567,20 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
             f"{caught_up_s:.1f} s after the last event"
         )
 
+        latency = [
+            ("max_rate_per_s", f"{max_rate:.0f}"),
+            ("max_rate_live_per_s", f"{live_max:.0f}"),
+            ("latency_rate_per_s", f"{rate:.0f}"),
+            ("decisions_measured", str(len(decision_ms))),
+            ("decision_p50_ms", f"{percentile(decision_ms, 50):.0f}"),
+            ("decision_p99_ms", f"{percentile(decision_ms, 99):.0f}"),
+            ("sends_measured", str(len(send_ms))),
+            ("send_p50_ms", f"{percentile(send_ms, 50):.0f}"),
+            ("send_p99_ms", f"{percentile(send_ms, 99):.0f}"),
+        ]
+        if args.until == 1:
+            return latency
+
         # Phases 2 and 3 measure the worker alone: the dispatcher would only compete with it for
         # the CPU (100k suppressions of contact-less timer decisions).
         dispatcher.stop()
@@ -656,15 +671,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str]]:
             )
         )
         return [
-            ("max_rate_per_s", f"{max_rate:.0f}"),
-            ("max_rate_live_per_s", f"{live_max:.0f}"),
-            ("latency_rate_per_s", f"{rate:.0f}"),
-            ("decisions_measured", str(len(decision_ms))),
-            ("decision_p50_ms", f"{percentile(decision_ms, 50):.0f}"),
-            ("decision_p99_ms", f"{percentile(decision_ms, 99):.0f}"),
-            ("sends_measured", str(len(send_ms))),
-            ("send_p50_ms", f"{percentile(send_ms, 50):.0f}"),
-            ("send_p99_ms", f"{percentile(send_ms, 99):.0f}"),
+            *latency,
             ("timer_episodes", str(episodes)),
             ("timer_open_episodes", str(open_episodes)),
             ("timer_fired", str(len(lateness_s))),
@@ -714,6 +721,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the maximum phase 1's --load applies to: phase 0b's (live) or phase 0's (backlog)",
     )
     parser.add_argument("--latency-s", type=float, default=10.0, help="phase 1 seconds (10)")
+    parser.add_argument(
+        "--until",
+        type=int,
+        choices=(1, 3),
+        default=3,
+        help="the last phase to run: 1 (the maximum rate and latency only) or 3 (all)",
+    )
     parser.add_argument(
         "--timer-users", type=int, default=100_000, help="users opening episodes (100000)"
     )
