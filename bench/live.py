@@ -10,8 +10,10 @@ each waiting for the worker to catch up (committed offsets) before the next:
    (as ``trigger_throughput.py``). The drain outlasts the 10 s TTL, so the expiry of the users
    it created is in the rate, as it is at a steady load.
    **0b. Maximum rate**: phase 1's mix produced live at ``--overload`` (150%) of the drain rate
-   for ``--overload-s`` (6 s) while the dispatcher runs, as in phase 1; the worker's rate from
-   the same counter while the producer runs (``max_rate_live_per_s``).
+   for ``--overload-s`` (6 s) while the dispatcher runs, as in phase 1, and by the same path
+   (each event encoded and stamped as it is produced: the benchmark's own CPU beside the worker
+   is phase 1's); the worker's rate from the same counter while the producer runs
+   (``max_rate_live_per_s``).
 1. **Latency** (``--load`` x phase 0b's rate, default 80%, for ``--latency-s`` 10 s;
    ``--max-from backlog``: x phase 0's; ``--rate`` gives a fixed rate instead); also the
    worker's own rate and share of a core while the producer runs. Page views of returning
@@ -232,14 +234,11 @@ def max_rate_overloaded(
     base = events_consumed(port)
     if base is None:
         raise BenchError("the worker's /metrics did not answer")
-    total = int(rate * seconds)
-    values = [(user, events.encode(user, kind, props)) for user, kind, props in
-              (mix(i, rng, "o") for i in range(total))]  # fmt: skip
     samples: list[Sample] = []  # ``committed``: events produced so far
     last = [0.0]
 
     def emit(i: int) -> None:
-        events.produce(*values[i])
+        events.send(*mix(i, rng, "o"))  # encoded and stamped when produced, as in phase 1
         t = time.monotonic()
         if t - last[0] >= 0.25:
             last[0] = t
