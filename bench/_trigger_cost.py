@@ -81,6 +81,9 @@ class NullOutput:
     def send(self, *args: Any, **kwargs: Any) -> None:
         return None
 
+    def send_many(self, *args: Any) -> None:
+        return None
+
     def barrier(self) -> int:
         return 0
 
