@@ -169,6 +169,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     async def checkpoint() -> None:
         started = time.process_time()
         await checkpointer.checkpoint()
+        gc.freeze()  # the worker's GcPolicy.settle() after each checkpoint is taken
         spent[0] += time.process_time() - started
 
     async def replay() -> None:
@@ -211,11 +212,14 @@ def main(argv: Iterable[str] | None = None) -> int:
             else:
                 states[click.user_id] = step.state
 
-    from processors.collector import GC_THRESHOLDS
+    try:
+        from streams.gcpolicy import WORKER_GC_THRESHOLDS as thresholds
+    except ImportError:  # a build from before ADR 42
+        from processors.collector import GC_THRESHOLDS as thresholds
 
     gc.collect()
     gc.freeze()  # as the worker does after start-up (streams/gcpolicy.py)
-    gc.set_threshold(*GC_THRESHOLDS)
+    gc.set_threshold(*thresholds)
     n = len(records)
     only = set(filter(None, args.only.split(",")))
     runs = {"decode_us": decode_all, "intake_us": intake_all, "engine_us": engine_all}
