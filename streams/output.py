@@ -127,13 +127,17 @@ class Output:
         fraction of the Python work per record (a checkpoint's changelog records)."""
         callback = self._epoch_callback
         produce = self._producer.produce
-        for key, value in records:
-            try:
-                produce(topic, value, key, partition, callback)
-            except BufferError:
-                self._produce_when_room(topic, value, key, partition, callback, None)
-        self._produced[self._epoch] += len(records)
-        self._sent(len(records))
+        queued = 0
+        try:
+            for key, value in records:
+                try:
+                    produce(topic, value, key, partition, callback)
+                except BufferError:
+                    self._produce_when_room(topic, value, key, partition, callback, None)
+                queued += 1
+        finally:  # counted even when produce refuses one (e.g. too large): wait() stays exact
+            self._produced[self._epoch] += queued
+            self._sent(queued)
 
     def _produce_when_room(
         self,
