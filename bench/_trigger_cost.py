@@ -10,7 +10,8 @@
 * ``engine_us``: ``Engine.on_event`` alone on the decoded events, states in a dict (as backtest);
 * ``worker_us``: the worker's real batch path, ``streams.pipeline.Pipeline.process`` over batches
   of 2,000 records, with a checkpoint (``Checkpointer.take`` + ``write``: state encoding, the store
-  applied) every ``--checkpoint-every`` records, the producer a no-op;
+  applied) every ``--checkpoint-every`` records, the producer a no-op, under the worker's GC
+  policy (its thresholds, the survivors frozen after each checkpoint);
 * ``floor_us``: the same with ``Engine.on_event`` replaced by a stand-in that keeps an empty state:
   what the worker costs besides the engine and the engine's state;
 * ``worker_checkpoint_us``, ``floor_checkpoint_us``: the part of the last replay's CPU spent in
