@@ -10,7 +10,8 @@
 * ``engine_us``: ``Engine.on_event`` alone on the decoded events, states in a dict (as backtest);
 * ``worker_us``: the worker's real batch path, ``streams.pipeline.Pipeline.process`` over batches
   of 2,000 records, with a checkpoint (``Checkpointer.take`` + ``write``: state encoding, the store
-  applied) every ``--checkpoint-every`` records, the producer a no-op;
+  applied) every ``--checkpoint-every`` records, the producer a no-op, under the worker's GC
+  policy (its thresholds, the survivors frozen after each checkpoint);
 * ``floor_us``: the same with ``Engine.on_event`` replaced by a stand-in that keeps an empty state:
   what the worker costs besides the engine and the engine's state;
 * ``worker_checkpoint_us``, ``floor_checkpoint_us``: the part of the last replay's CPU spent in
@@ -79,6 +80,9 @@ class NullOutput:
     """The worker's producer, minus Kafka: everything is accepted and at once "delivered"."""
 
     def send(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def send_many(self, *args: Any) -> None:
         return None
 
     def barrier(self) -> int:
@@ -166,6 +170,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     async def checkpoint() -> None:
         started = time.process_time()
         await checkpointer.checkpoint()
+        gc.freeze()  # the worker's GcPolicy.settle() after each checkpoint is taken
         spent[0] += time.process_time() - started
 
     async def replay() -> None:
@@ -208,11 +213,14 @@ def main(argv: Iterable[str] | None = None) -> int:
             else:
                 states[click.user_id] = step.state
 
-    from processors.collector import GC_THRESHOLDS
+    try:
+        from streams.gcpolicy import WORKER_GC_THRESHOLDS as thresholds
+    except ImportError:  # a build from before ADR 42
+        from processors.collector import GC_THRESHOLDS as thresholds
 
     gc.collect()
     gc.freeze()  # as the worker does after start-up (streams/gcpolicy.py)
-    gc.set_threshold(*GC_THRESHOLDS)
+    gc.set_threshold(*thresholds)
     n = len(records)
     only = set(filter(None, args.only.split(",")))
     runs = {"decode_us": decode_all, "intake_us": intake_all, "engine_us": engine_all}

@@ -29,31 +29,85 @@ def _varint(n: int) -> bytes:
 _SMALL = tuple(_varint(i) for i in range(-64, 64))  # one byte each
 
 
+def _write_kind(schema: Any) -> int | None:
+    """The kind of a (non-union) field type the plain-Python writer handles, else None."""
+    if isinstance(schema, dict):
+        kind = schema.get("type")
+        if kind == "array":
+            return _W_STRINGS if _write_kind(schema.get("items")) == _W_STR else None
+        if kind == "map":
+            return _W_MAP if _write_kind(schema.get("values")) == _W_STR else None
+        if set(schema) != {"type"}:
+            return None  # e.g. a logical type fastavro would convert
+        schema = kind
+    return (
+        {"string": _W_STR, "int": _W_INT, "long": _W_LONG}.get(schema)
+        if isinstance(schema, str)
+        else None
+    )
+
+
+_W_STR, _W_INT, _W_LONG, _W_STRINGS, _W_MAP = range(5)
+
+
+def _string(value: str) -> bytes:
+    raw = value.encode()
+    size = len(raw)
+    return (_SMALL[size + 64] if size < 64 else _varint(size)) + raw
+
+
+def _strings(value: Any, kind: int) -> bytes | None:
+    """An array of strings or a map of strings to strings (one block), None if it is not."""
+    if kind == _W_STRINGS:
+        if type(value) is not list and type(value) is not tuple:
+            return None
+        items = value
+    else:
+        if type(value) is not dict:
+            return None
+        items = [x for pair in value.items() for x in pair]
+    if not items:
+        return b"\x00"
+    out = [_varint(len(value))]
+    for item in items:
+        if type(item) is not str:
+            return None
+        out.append(_string(item))
+    out.append(b"\x00")
+    return b"".join(out)
+
+
 def flat_writer(record_schema: Mapping[str, Any]) -> FlatWriter | None:
-    """A plain-Python writer for a record whose fields are all string/int/long or a union of
-    null and one of those (``SmsOutcome``, ``DecisionCancelled``): ~2.5x faster than fastavro's
-    per-call set-up, same bytes. Returns None for other schemas; the writer returns None for a
-    record it does not handle exactly (wrong type, missing or unknown field, out of range), so
-    that fastavro writes it or raises the usual :class:`RecordInvalid`."""
+    """A plain-Python writer for a record whose fields are all string/int/long, a union of null
+    and one of those, an array of strings or a map of strings (``SmsOutcome``,
+    ``TriggerDecision``, ...): several times faster than fastavro's per-call set-up, same
+    bytes. A field left out takes its schema default, as fastavro's ``strict_allow_default``.
+    Returns None for other schemas; the writer returns None for a record it does not handle
+    exactly (wrong type, missing field without default, unknown field, out of range), so that
+    fastavro writes it or raises the usual :class:`RecordInvalid`."""
     specs = []
     for field in record_schema["fields"]:
         kind_of = field["type"]
-        branches = kind_of if isinstance(kind_of, list) else [kind_of]
-        kinds = [b if isinstance(b, str) else b.get("type") for b in branches]
+        null_tag: bytes | None = None
+        tag = b""
         if isinstance(kind_of, list):
+            kinds = [b if isinstance(b, str) else b.get("type") for b in kind_of]
             if len(kinds) != 2 or "null" not in kinds or field.get("default", None) is not None:
                 return None
             other = 1 - kinds.index("null")
-            kind, null_tag, tag = kinds[other], _varint(1 - other), _varint(other)
-        else:
-            if "default" in field:
-                return None  # fastavro fills in a missing field's default
-            kind, null_tag, tag = kinds[0], None, b""
-        if kind not in ("string", "int", "long"):
+            kind_of, null_tag, tag = kind_of[other], _varint(1 - other), _varint(other)
+        kind = _write_kind(kind_of)
+        if kind is None or (null_tag is not None and kind not in (_W_STR, _W_INT, _W_LONG)):
             return None
-        low, high = INT_RANGES.get(kind, (0, 0))
-        required = "default" not in field
-        specs.append((field["name"], kind == "string", low, high, null_tag, tag, required))
+        low, high = INT_RANGES["int" if kind == _W_INT else "long"]
+        default: bytes | None = None
+        if "default" in field and null_tag is None:
+            default = _value(field["default"], kind, low, high)
+            if default is None:
+                return None  # a default of the wrong type: fastavro decides
+        elif "default" in field:
+            default = null_tag  # a union's default is null (checked above)
+        specs.append((field["name"], kind, low, high, null_tag, tag, default))
     names = frozenset(spec[0] for spec in specs)
     fields = tuple(specs)
     small = _SMALL
@@ -63,18 +117,28 @@ def flat_writer(record_schema: Mapping[str, Any]) -> FlatWriter | None:
         if not record.keys() <= names:
             return None
         out = [header]
-        for name, is_str, low, high, null_tag, tag, required in fields:
+        for name, kind, low, high, null_tag, tag, default in fields:
             value = record.get(name)
             if value is None:
-                if null_tag is None or (required and name not in record):
+                if name not in record:
+                    if default is None:
+                        return None
+                    out.append(default)
+                    continue
+                if null_tag is None:
                     return None
                 out.append(null_tag)
-            elif is_str:
+            elif kind == _W_STR:
                 if type(value) is not str:
                     return None
                 raw = value.encode()
                 size = len(raw)
                 out += (tag, small[size + 64] if size < 64 else _varint(size), raw)
+            elif kind >= _W_STRINGS:
+                block = _strings(value, kind)
+                if block is None:
+                    return None
+                out.append(block)
             else:
                 if type(value) is not int or not low <= value <= high:
                     return None
@@ -90,6 +154,15 @@ def flat_writer(record_schema: Mapping[str, Any]) -> FlatWriter | None:
         return b"".join(out)
 
     return write
+
+
+def _value(value: Any, kind: int, low: int, high: int) -> bytes | None:
+    """The bytes of a (non-null) default, None if it does not fit ``kind``."""
+    if kind == _W_STR:
+        return _string(value) if type(value) is str else None
+    if kind >= _W_STRINGS:
+        return _strings(value, kind)
+    return _varint(value) if type(value) is int and low <= value <= high else None
 
 
 FlatReader = Callable[[bytes], dict[str, Any] | None]

@@ -18,13 +18,18 @@ import time
 from typing import Any
 
 from processors import metrics
-from processors.collector import GC_THRESHOLDS, settle_collector
+from processors.collector import settle_collector
+
+WORKER_GC_THRESHOLDS = (100_000, 20, 20)
+"""The worker's thresholds: a young pass only once more tracked objects survive than a
+checkpoint interval leaves at the worker's rate (~4-5 per event); each checkpoint freezes them
+(:meth:`GcPolicy.settle`) unscanned. The read loop makes no reference cycles (ADR 42)."""
 
 
 class GcPolicy:
     """Installs the thresholds and the pause timer; :meth:`settle` freezes the survivors."""
 
-    def __init__(self, thresholds: tuple[int, int, int] = GC_THRESHOLDS) -> None:
+    def __init__(self, thresholds: tuple[int, int, int] = WORKER_GC_THRESHOLDS) -> None:
         self.thresholds = thresholds
         self.passes = 0
         self.longest_s = 0.0

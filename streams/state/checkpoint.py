@@ -281,13 +281,12 @@ class Checkpointer:
         try:
             await self.output.wait(barrier)  # 1. what the states presume is on its topics
             await self.encode_taken(taken)  # a no-op when take() encoded them
-            sent = 0
+            send_many, topic = self.output.send_many, self.changelog_topic
             for p, items in batch.items():
-                for key, value in list(items.items()):
-                    self.output.send(self.changelog_topic, _encoded(value), key, partition=p)
-                    sent += 1
-                    if sent % ENCODE_CHUNK == 0:
-                        await asyncio.sleep(0)  # steps go on between chunks
+                records = [(key, _encoded(value)) for key, value in items.items()]
+                for start in range(0, len(records), ENCODE_CHUNK):
+                    send_many(topic, p, records[start : start + ENCODE_CHUNK])
+                    await asyncio.sleep(0)  # steps go on between chunks
             delivered: dict[int, int] = {}
 
             def on_delivery(err: Any, msg: Any) -> None:

@@ -72,6 +72,12 @@ class Recorder:
         hexed = None if value is None else value.hex()
         self.sent.append([topic, None if key is None else key.hex(), hexed, partition, pairs])
 
+    def send_many(
+        self, topic: str, partition: int, records: list[tuple[bytes, bytes | None]]
+    ) -> None:
+        for key, value in records:
+            self.send(topic, value, key, partition=partition)
+
     def barrier(self) -> int:
         return 0
 

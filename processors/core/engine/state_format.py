@@ -62,6 +62,9 @@ _PACKED = 0x03
 _PACKED_LZ4 = 0x04
 _PACKED_JSON = 0x05
 COMPRESS_MIN = 128  # smaller packed states gain nothing from LZ4
+_PACKER = msgpack.Packer()
+"""``msgpack.packb`` makes a Packer, with a 256 KiB buffer, per call; this one is reused (its
+``pack`` runs in C under the GIL and resets its buffer, also after an error)."""
 
 
 class StateFormatError(ValueError):
@@ -99,7 +102,7 @@ def encode_state(st: UserState) -> bytes:
     """The state's bytes (tag 0x03, 0x04 or 0x05)."""
     fields = _pack(st)
     try:
-        body = msgpack.packb(fields)
+        body = _PACKER.pack(fields)
     except OverflowError:  # an int beyond 64 bits: JSON keeps it exact
         return bytes([_PACKED_JSON]) + json.dumps(fields, separators=(",", ":")).encode()
     if len(body) < COMPRESS_MIN:

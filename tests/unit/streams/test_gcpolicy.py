@@ -10,8 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from processors import metrics
-from processors.collector import GC_THRESHOLDS
-from streams.gcpolicy import GcPolicy
+from streams.gcpolicy import WORKER_GC_THRESHOLDS, GcPolicy
 
 
 def _passes(generation: int) -> float:
@@ -34,7 +33,7 @@ def test_every_pass_is_timed_by_generation(policy: GcPolicy) -> None:
     before = [_passes(g) for g in range(3)]
     total = metrics.sample_value("nudgeflow_gc_pause_seconds_sum", {"generation": "2"})
     policy.install()
-    assert gc.get_threshold() == GC_THRESHOLDS
+    assert gc.get_threshold() == WORKER_GC_THRESHOLDS
     gc.disable()  # only the passes below (callbacks still see explicit collections)
     passes = policy.passes
     gc.collect(0)
@@ -63,3 +62,51 @@ def test_settle_freezes_survivors_and_uninstall_stops_timing(policy: GcPolicy) -
     assert gc.get_threshold() == thresholds
     if ours:  # nothing was frozen before install: everything is scanned again
         assert gc.get_freeze_count() == 0
+
+
+def test_the_read_loop_and_checkpoints_make_no_reference_cycles() -> None:
+    """What the worker's GC thresholds rely on: the batch path and the checkpoints leave no
+    cyclic garbage behind (it would be frozen, never collected), however many events pass."""
+    import asyncio
+    import zlib
+
+    from processors.settings import Settings
+    from processors.simulate import generate
+    from streams.worker import build
+    from tests.support.worker_replay import PARTITIONS, Reader, Record, Recorder
+
+    settings = Settings.load(profile="dev", clock="event", worker_id="worker-cycles")
+    _app, shell = build(settings)
+    shell.clients._output = Recorder()  # type: ignore[assignment]
+    shell.clients._reader = Reader()  # type: ignore[assignment]
+    offsets = [0] * PARTITIONS
+    records: list[Record] = []
+    for click in generate(2_000, 8_000, 5):
+        key = click.user_id.encode()
+        partition = zlib.crc32(key) % PARTITIONS
+        value = shell.codec.encode("ClickEvent", click.to_record())
+        records.append(Record(key, value, offsets[partition], partition))
+        offsets[partition] += 1
+
+    async def replay(batch: list[Record]) -> None:
+        for start in range(0, len(batch), 500):
+            await shell.pipeline.process(batch[start : start + 500])  # type: ignore[arg-type]
+            if start % 2_000 == 0:
+                await shell.clients.checkpointer.checkpoint()
+        await shell.clients.checkpointer.checkpoint()
+
+    loop = asyncio.new_event_loop()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        loop.run_until_complete(replay(records[:1_000]))  # first use: caches, metrics children
+        gc.collect()
+        loop.run_until_complete(replay(records[1_000:]))
+        found = gc.collect()
+    finally:
+        loop.close()
+        if enabled:
+            gc.enable()
+    assert shell.stats.events == len(records)
+    assert shell.stats.decisions > 0
+    assert found < 100, f"{found} objects in reference cycles after {len(records) - 1_000} events"
