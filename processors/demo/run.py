@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,15 +26,14 @@ from processors.demo.collect import Collected, collect
 from processors.demo.inbound import load_inbound
 from processors.demo.shoppers import Performed, shoppers_respond
 from processors.demo.summary import summary_table
+from processors.devstack.processes import free_ports
 from processors.settings import REPO_ROOT, Settings
 
 EXAMPLES = REPO_ROOT / "examples"
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def scrape_metrics(ports: Iterable[int], path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,13 +16,38 @@ from processors.devstack.info import StackError
 STOP_TIMEOUT_S = 15.0
 
 
-def free_ports(n: int) -> list[int]:
-    """Ask the kernel for ``n`` distinct free loopback ports (held open together so they differ)."""
-    socks = []
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LISTEN_PORTS_FROM = 20_000  # the lowest port handed out below the ephemeral range
+
+
+def _ephemeral_low() -> int:
+    """The kernel's lowest ephemeral port (32768 where it cannot be read)."""
     try:
-        for _ in range(n):
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports for listeners, held open together so they differ.
+
+    Taken below the kernel's ephemeral range when there is room: a port the kernel hands out
+    (``bind(0)``) can be taken again by any outgoing connection before the listener binds it,
+    while one below the range is only ever taken by another listener asking for it by number.
+    """
+    low, high = LISTEN_PORTS_FROM, _ephemeral_low()
+    socks: list[socket.socket] = []
+    try:
+        tries = 0
+        while len(socks) < n:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
+            tries += 1
+            port = random.randrange(low, high) if high - low >= 1_000 and tries <= 200 else 0
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
