@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from processors.devstack import (
     topic_specs,
 )
 from processors.devstack.broker import kafka_version
+from processors.devstack.processes import free_ports
 from processors.redis.client import connect, is_cluster
 from processors.settings import REPO_ROOT, Settings
 
@@ -46,9 +46,7 @@ def _running(pid: int) -> bool:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 @pytest.fixture

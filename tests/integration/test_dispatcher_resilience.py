@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import socket
 import subprocess
 import time
 from collections import Counter
@@ -33,6 +32,7 @@ from processors.core.outcome import SmsOutcome
 from processors.core.policy import Policy, RetryPolicy, SendPlan, Step, deliver
 from processors.core.policy.memory import InMemoryStore
 from processors.core.quiet_hours import QuietHours, quiet_until
+from processors.devstack.processes import free_ports
 from processors.dispatcher import make_gateway
 from processors.gateways.base import (
     AmbiguousGatewayError,
@@ -332,9 +332,7 @@ def test_dispatcher_ends_an_ambiguous_send_as_unknown_without_dead_letter(
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 class OwnRedis:

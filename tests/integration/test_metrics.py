@@ -8,7 +8,6 @@ table and the flush fires every timer exactly once.
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
 from processors import metrics
+from processors.devstack.processes import free_ports
 from processors.settings import Settings
 from schemas.codec import Codec
 from streams.reader import offsets_group
@@ -50,9 +50,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def scrape(port: int) -> tuple[str, Samples]:
